@@ -1,0 +1,340 @@
+"""Optimizers for stacked ensembles: N members' parameters updated at once, each with its own hyperparameters.
+
+The only rule these optimizers know is that **dim 0 of every parameter is the member index** (as in
+``FusedEnsemble.parameters()`` or a ``torch.func.stack_module_state`` stack): ``p[i]`` is member i's tensor.
+Every hyperparameter may be one number for all members or a length-N sequence. Per-member values become
+``[N, 1, ..., 1]`` tensors that broadcast over each parameter, and the update is a handful of
+``torch._foreach_*`` ops over all parameters of a group: the number of kernels is that of ONE member's
+optimizer, whatever N is. (Where parameter shapes differ, CUDA runs the foreach ops one kernel per tensor.)
+
+The arithmetic follows ``torch.optim.SGD`` / ``torch.optim.AdamW`` (single-tensor path) operation by
+operation, so member i ends up equal, to fp32 rounding, to a torch optimizer run on member i alone.
+
+``freeze(i)`` stops member i: its parameters stay bitwise unchanged and its optimizer state (moments, step
+count) does not advance, until ``unfreeze(i)``. Frozen members are saved in ``state_dict()``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from fused_ensemble.member_values import MemberValue, check_range, per_member
+
+__all__ = ["SGD", "AdamW", "MemberOptimizer"]
+
+
+def _first_tensor(params: list):
+    """The first parameter tensor in what an optimizer accepts (tensors, (name, tensor) pairs or groups)."""
+    for item in params:
+        if isinstance(item, dict):
+            group = item["params"]
+            group = [group] if isinstance(group, torch.Tensor) else list(group)
+            found = _first_tensor(group)
+        elif isinstance(item, tuple):
+            found = item[1]
+        else:
+            found = item
+        if found is not None:
+            return found
+    return None
+
+
+class MemberOptimizer(torch.optim.Optimizer):
+    """Base class: parameter checks, per-member hyperparameter tensors and member freezing.
+
+    Subclasses implement ``_init_state(p, state, group)`` and ``_update(group, params, grads, states, hp)``,
+    where ``hp(name)`` gives per-parameter ``[N, 1, ...]`` views of a per-member value.
+    """
+
+    #: hyperparameters that may be given per member (``betas`` is handled by AdamW itself)
+    member_keys: tuple[str, ...] = ()
+
+    def __init__(self, params: Iterable, defaults: dict, num_members: int | None = None):
+        params = list(params)
+        if num_members is None:
+            first = _first_tensor(params)
+            if first is None:
+                raise ValueError("optimizer got an empty parameter list")
+            if first.dim() == 0:
+                raise ValueError("parameters must have a leading member dim (dim 0 = member index); "
+                                 "the first parameter is a scalar")
+            num_members = first.shape[0]
+        if num_members < 1:
+            raise ValueError(f"num_members must be at least 1, got {num_members}")
+        self.num_members = int(num_members)
+        self._frozen = torch.zeros(self.num_members, dtype=torch.bool)
+        super().__init__(params, defaults)
+
+    # -- parameter groups -----------------------------------------------------------------------------------
+    def add_param_group(self, param_group: dict) -> None:
+        """Adds a group after checking that every parameter has N members and every hyperparameter fits."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        names = group.get("param_names")
+        for index, p in enumerate(group["params"]):
+            label = f"parameter {names[index]!r}" if names else f"parameter {index}"
+            where = f"{label} of param group {len(self.param_groups) - 1}"
+            if p.dim() == 0 or p.shape[0] != self.num_members:
+                raise ValueError(f"{where} has shape {tuple(p.shape)}: dim 0 must be the member index "
+                                 f"of size {self.num_members} (the ensemble's number of members)")
+        try:
+            self._check_group(group)
+        except (TypeError, ValueError):
+            self.param_groups.pop()
+            raise
+
+    def _check_group(self, group: dict) -> dict:
+        """Validates the group's hyperparameters; returns the per-member lists (float64 math later)."""
+        return {key: per_member(group[key], key, self.num_members) for key in self.member_keys}
+
+    # -- freezing -------------------------------------------------------------------------------------------
+    def _member_index(self, member: int) -> int:
+        if isinstance(member, bool) or not isinstance(member, int):
+            raise TypeError(f"member must be an int, got {type(member).__name__}")
+        if not -self.num_members <= member < self.num_members:
+            raise IndexError(f"member {member} is out of range for an ensemble of {self.num_members} members")
+        return member % self.num_members
+
+    def freeze(self, member: int) -> None:
+        """Stops updating ``member``: its parameters and optimizer state stay bitwise as they are."""
+        self._frozen[self._member_index(member)] = True
+
+    def unfreeze(self, member: int) -> None:
+        """Resumes updating ``member`` from the state it had when frozen."""
+        self._frozen[self._member_index(member)] = False
+
+    @property
+    def frozen_members(self) -> list[int]:
+        """Indices of the frozen members, ascending."""
+        return self._frozen.nonzero().flatten().tolist()
+
+    def state_dict(self) -> dict:
+        """``torch.optim.Optimizer.state_dict()`` plus ``"frozen_members"``."""
+        state = super().state_dict()
+        state["frozen_members"] = self.frozen_members
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Loads a ``state_dict()``, frozen members included."""
+        state_dict = dict(state_dict)
+        frozen = state_dict.pop("frozen_members", [])
+        super().load_state_dict(state_dict)
+        self._frozen.zero_()
+        for member in frozen:
+            self.freeze(member)
+
+    # -- the step -------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Performs one optimization step for every member that is not frozen."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        frozen = self._frozen.nonzero().flatten()
+        for group in self.param_groups:
+            values = self._check_group(group)
+            by_device_dtype: dict[tuple, list] = {}
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                by_device_dtype.setdefault((p.device, p.dtype), []).append(p)
+            for (device, dtype), params in by_device_dtype.items():
+                states = []
+                for p in params:
+                    state = self.state[p]
+                    if not state:
+                        self._init_state(p, state, group)
+                    states.append(state)
+                saved = _snapshot(params, states, frozen) if len(frozen) else None
+                hp = _MemberTensors(values, params, states, device, dtype)
+                self._update(group, params, [p.grad for p in params], states, hp)
+                if saved is not None:
+                    _restore(params, states, frozen, saved)
+        return loss
+
+    def _init_state(self, p: torch.Tensor, state: dict, group: dict) -> None:
+        raise NotImplementedError
+
+    def _update(self, group, params, grads, states, hp) -> None:
+        raise NotImplementedError
+
+
+class _MemberTensors:
+    """Per-member hyperparameters as ``[N, 1, ..., 1]`` tensors, one view per parameter.
+
+    Derived quantities (``1 - lr * wd``, bias corrections) are computed in float64 on the host, as Python
+    floats are in torch.optim, then rounded once to the parameters' dtype: that keeps the fused update within
+    rounding of the per-member torch.optim update.
+    """
+
+    def __init__(self, values: dict, params: list, states: list, device, dtype):
+        self.values = {k: torch.tensor(v, dtype=torch.float64) for k, v in values.items()}
+        self.params = params
+        self.states = states
+        self.device = device
+        self.dtype = dtype
+
+    def steps(self) -> torch.Tensor:
+        """The per-member step counts of every parameter, ``[P, N]`` float64 (after this step's increment)."""
+        return torch.stack([s["step"] for s in self.states]).to(torch.float64)
+
+    def views(self, value: torch.Tensor) -> list[torch.Tensor]:
+        """``value`` ([N] shared by all parameters, or [P, N] one row per parameter) as broadcastable views."""
+        value = value.to(device=self.device, dtype=self.dtype)
+        shared = value.dim() == 1
+        return [(value if shared else value[i]).view(-1, *([1] * (p.dim() - 1)))
+                for i, p in enumerate(self.params)]
+
+
+def _state_tensors(state: dict) -> list[tuple[str, torch.Tensor]]:
+    return [(k, v) for k, v in state.items() if isinstance(v, torch.Tensor)]
+
+
+def _snapshot(params, states, frozen):
+    """Copies of the frozen members' slices of every parameter and state tensor (all have member dim 0)."""
+    def take(t):
+        return t.index_select(0, frozen.to(t.device))
+    return [(take(p), {k: take(v) for k, v in _state_tensors(s)}) for p, s in zip(params, states)]
+
+
+def _restore(params, states, frozen, saved) -> None:
+    """Writes the frozen members' slices back, so they end bitwise as they started."""
+    for p, s, (p_saved, s_saved) in zip(params, states, saved):
+        p.index_copy_(0, frozen.to(p.device), p_saved)
+        for k, v in s_saved.items():
+            s[k].index_copy_(0, frozen.to(s[k].device), v)
+
+
+class SGD(MemberOptimizer):
+    """SGD with momentum, dampening, Nesterov momentum and (coupled) weight decay, per member.
+
+    Same update as ``torch.optim.SGD`` for each member i::
+
+        g = grad_i + weight_decay_i * p_i
+        buf_i = g (first step) or momentum_i * buf_i + (1 - dampening_i) * g
+        g = g + momentum_i * buf_i (nesterov) or buf_i (momentum_i != 0) or g
+        p_i -= lr_i * g
+
+    ``lr``, ``momentum``, ``dampening`` and ``weight_decay`` may each be a number or a length-N sequence.
+    ``params``: parameters whose dim 0 is the member index (e.g. ``fused.parameters()``); ``num_members``
+    defaults to dim 0 of the first parameter.
+    """
+
+    member_keys = ("lr", "momentum", "dampening", "weight_decay")
+
+    def __init__(self, params: Iterable, lr: MemberValue = 1e-3, momentum: MemberValue = 0.0,
+                 dampening: MemberValue = 0.0, weight_decay: MemberValue = 0.0, nesterov: bool = False,
+                 num_members: int | None = None):
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                        nesterov=nesterov)
+        super().__init__(params, defaults, num_members)
+
+    def _check_group(self, group):
+        values = super()._check_group(group)
+        check_range(values["lr"], "lr", 0.0)
+        check_range(values["momentum"], "momentum", 0.0)
+        check_range(values["weight_decay"], "weight_decay", 0.0)
+        if group["nesterov"]:
+            check_range(values["momentum"], "momentum (nesterov needs momentum > 0)", 0.0, low_inclusive=False)
+            check_range(values["dampening"], "dampening (nesterov needs zero dampening)", 0.0, 0.0)
+        return values
+
+    def _init_state(self, p, state, group):
+        if any(m != 0 for m in per_member(group["momentum"], "momentum", self.num_members)):
+            state["step"] = torch.zeros(self.num_members, dtype=torch.float32)
+            state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    def _update(self, group, params, grads, states, hp):
+        lr, momentum = hp.values["lr"], hp.values["momentum"]
+        weight_decay = hp.values["weight_decay"]
+        if bool((weight_decay != 0).any()):
+            grads = torch._foreach_add(grads, torch._foreach_mul(params, hp.views(weight_decay)))
+        if bool((momentum != 0).any()):
+            # torch.optim starts the buffer as a copy of the first gradient and ignores dampening when a
+            # member's momentum is 0: buffer = 0 * buffer + 1 * g reproduces both without branching on members.
+            first = hp.steps() == 0
+            buffer_decay = torch.where(first, 0.0, momentum)
+            grad_scale = 1 - torch.where(first | (momentum == 0), 0.0, hp.values["dampening"])
+            buffers = [s["momentum_buffer"] for s in states]
+            torch._foreach_mul_(buffers, hp.views(buffer_decay))
+            torch._foreach_add_(buffers, torch._foreach_mul(grads, hp.views(grad_scale)))
+            torch._foreach_add_([s["step"] for s in states], 1)
+            if group["nesterov"]:
+                grads = torch._foreach_add(grads, torch._foreach_mul(buffers, hp.views(momentum)))
+            else:
+                grads = buffers
+        torch._foreach_add_(params, torch._foreach_mul(grads, hp.views(-lr)))
+
+
+class AdamW(MemberOptimizer):
+    """AdamW (decoupled weight decay, optional AMSGrad), per member.
+
+    Same update as ``torch.optim.AdamW`` for each member i, with its own step count t_i::
+
+        p_i *= 1 - lr_i * weight_decay_i
+        m_i = lerp(m_i, g, 1 - beta1_i);  v_i = beta2_i * v_i + (1 - beta2_i) * g * g
+        p_i -= lr_i / (1 - beta1_i^t_i) * m_i / (sqrt(v_i) / sqrt(1 - beta2_i^t_i) + eps_i)
+
+    ``lr``, ``eps``, ``weight_decay`` may be numbers or length-N sequences; ``betas`` is a pair whose two
+    entries may each be a number or a length-N sequence. ``amsgrad`` is shared by all members.
+    """
+
+    member_keys = ("lr", "eps", "weight_decay")
+
+    def __init__(self, params: Iterable, lr: MemberValue = 1e-3, betas=(0.9, 0.999), eps: MemberValue = 1e-8,
+                 weight_decay: MemberValue = 1e-2, amsgrad: bool = False, num_members: int | None = None):
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad)
+        super().__init__(params, defaults, num_members)
+
+    def _check_group(self, group):
+        values = super()._check_group(group)
+        betas = group["betas"]
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError("betas must be a pair (beta1, beta2), each a number or one value per member")
+        values["beta1"] = per_member(betas[0], "betas[0]", self.num_members)
+        values["beta2"] = per_member(betas[1], "betas[1]", self.num_members)
+        check_range(values["lr"], "lr", 0.0)
+        check_range(values["eps"], "eps", 0.0)
+        check_range(values["weight_decay"], "weight_decay", 0.0)
+        check_range(values["beta1"], "betas[0]", 0.0, 1.0, high_inclusive=False)
+        check_range(values["beta2"], "betas[1]", 0.0, 1.0, high_inclusive=False)
+        return values
+
+    def _init_state(self, p, state, group):
+        state["step"] = torch.zeros(self.num_members, dtype=torch.float32)
+        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if group["amsgrad"]:
+            state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    def _update(self, group, params, grads, states, hp):
+        v = hp.values
+        lr, beta1, beta2 = v["lr"], v["beta1"], v["beta2"]
+        torch._foreach_add_([s["step"] for s in states], 1)
+        steps = hp.steps()
+        bias_correction1 = 1 - beta1 ** steps
+        bias_correction2_sqrt = (1 - beta2 ** steps).sqrt()
+
+        if bool((v["weight_decay"] != 0).any()):
+            torch._foreach_mul_(params, hp.views(1 - lr * v["weight_decay"]))
+        exp_avgs = [s["exp_avg"] for s in states]
+        exp_avg_sqs = [s["exp_avg_sq"] for s in states]
+        torch._foreach_lerp_(exp_avgs, grads, hp.views(1 - beta1))
+        torch._foreach_mul_(exp_avg_sqs, hp.views(beta2))
+        # (1 - beta2) * g first, then * g: the order torch's addcmul(g, g, value=1 - beta2) multiplies in.
+        torch._foreach_addcmul_(exp_avg_sqs, torch._foreach_mul(grads, hp.views(1 - beta2)), grads)
+        second_moments = exp_avg_sqs
+        if group["amsgrad"]:
+            second_moments = [s["max_exp_avg_sq"] for s in states]
+            torch._foreach_maximum_(second_moments, exp_avg_sqs)
+        denom = torch._foreach_sqrt(second_moments)
+        torch._foreach_div_(denom, hp.views(bias_correction2_sqrt))
+        torch._foreach_add_(denom, hp.views(v["eps"]))
+        update = torch._foreach_div(exp_avgs, denom)
+        torch._foreach_mul_(update, hp.views(-(lr / bias_correction1)))
+        torch._foreach_add_(params, update)

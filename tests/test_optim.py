@@ -1,0 +1,280 @@
+"""Per-member optimizers on hand-made stacked parameters, against N separate torch.optim runs."""
+
+import pytest
+import torch
+
+from fused_ensemble import optim
+
+N = 4
+SHAPES = [(5, 3), (5,), (2, 3, 3, 3)]  # one member's parameter shapes: linear weight, bias, conv weight
+
+
+def make_members(n=N, shapes=SHAPES):
+    return [[torch.randn(s, dtype=torch.float32, requires_grad=True) for s in shapes] for _ in range(n)]
+
+
+def stack(members):
+    """Leaf tensors with the member dim first, the layout of FusedEnsemble.parameters()."""
+    return [torch.stack([m[j].detach() for m in members]).requires_grad_() for j in range(len(members[0]))]
+
+
+def run_both(fused_cls, torch_cls, fused_kwargs, member_kwargs, steps=5, frozen_steps=None):
+    """Runs the fused optimizer and N torch optimizers on the same random gradients; returns both.
+
+    ``frozen_steps``: {step: [members frozen during that step]}; frozen members' torch optimizers skip it.
+    """
+    members = make_members()
+    stacked = stack(members)
+    fused_opt = fused_cls(stacked, **fused_kwargs)
+    torch_opts = [torch_cls(m, **member_kwargs(i)) for i, m in enumerate(members)]
+    for step in range(steps):
+        frozen = (frozen_steps or {}).get(step, [])
+        for i in range(N):
+            (fused_opt.freeze if i in frozen else fused_opt.unfreeze)(i)
+        grads = [torch.randn_like(p) for p in stacked]
+        for p, g in zip(stacked, grads):
+            p.grad = g.clone()
+        fused_opt.step()
+        for i, (m, opt) in enumerate(zip(members, torch_opts)):
+            if i in frozen:
+                continue
+            for p, g in zip(m, grads):
+                p.grad = g[i].clone()
+            opt.step()
+    return stacked, members, fused_opt, torch_opts
+
+
+def assert_members_equal(stacked, members):
+    for j, p in enumerate(stacked):
+        for i, m in enumerate(members):
+            torch.testing.assert_close(p[i], m[j], rtol=1.3e-6, atol=1e-6,
+                                       msg=lambda s: f"member {i}, parameter {j}: {s}")
+
+
+SGD_CASES = {
+    "plain": (dict(lr=0.1), lambda i: dict(lr=0.1)),
+    "lr_wd_per_member": (dict(lr=[0.1, 0.05, 0.02, 0.2], weight_decay=[0.0, 1e-2, 1e-3, 0.1]),
+                         lambda i: dict(lr=[0.1, 0.05, 0.02, 0.2][i], weight_decay=[0.0, 1e-2, 1e-3, 0.1][i])),
+    "momentum_dampening": (dict(lr=0.05, momentum=[0.9, 0.0, 0.5, 0.99], dampening=[0.1, 0.3, 0.0, 0.5]),
+                           lambda i: dict(lr=0.05, momentum=[0.9, 0.0, 0.5, 0.99][i],
+                                          dampening=[0.1, 0.3, 0.0, 0.5][i])),
+    "nesterov_wd": (dict(lr=[0.1, 0.01, 0.03, 0.3], momentum=[0.9, 0.8, 0.7, 0.95], nesterov=True,
+                         weight_decay=5e-4),
+                    lambda i: dict(lr=[0.1, 0.01, 0.03, 0.3][i], momentum=[0.9, 0.8, 0.7, 0.95][i],
+                                   nesterov=True, weight_decay=5e-4)),
+}
+
+
+@pytest.mark.parametrize("case", list(SGD_CASES))
+def test_sgd_matches_torch_per_member(case):
+    fused_kwargs, member_kwargs = SGD_CASES[case]
+    stacked, members, _, _ = run_both(optim.SGD, torch.optim.SGD, fused_kwargs, member_kwargs)
+    assert_members_equal(stacked, members)
+
+
+ADAMW_CASES = {
+    "defaults": (dict(), lambda i: dict()),
+    "lr_wd_per_member": (dict(lr=[1e-3, 3e-4, 1e-2, 3e-3], weight_decay=[0.0, 1e-2, 0.1, 0.5]),
+                         lambda i: dict(lr=[1e-3, 3e-4, 1e-2, 3e-3][i], weight_decay=[0.0, 1e-2, 0.1, 0.5][i])),
+    "betas_eps_per_member": (dict(lr=1e-2, betas=([0.9, 0.8, 0.5, 0.0], 0.99), eps=[1e-8, 1e-6, 1e-3, 1e-8]),
+                             lambda i: dict(lr=1e-2, betas=([0.9, 0.8, 0.5, 0.0][i], 0.99),
+                                            eps=[1e-8, 1e-6, 1e-3, 1e-8][i])),
+    "amsgrad": (dict(lr=[1e-2, 1e-3, 3e-3, 3e-2], betas=(0.9, [0.999, 0.99, 0.9, 0.5]), amsgrad=True),
+                lambda i: dict(lr=[1e-2, 1e-3, 3e-3, 3e-2][i], betas=(0.9, [0.999, 0.99, 0.9, 0.5][i]),
+                               amsgrad=True)),
+}
+
+
+@pytest.mark.parametrize("case", list(ADAMW_CASES))
+def test_adamw_matches_torch_per_member(case):
+    fused_kwargs, member_kwargs = ADAMW_CASES[case]
+    stacked, members, fused_opt, torch_opts = run_both(optim.AdamW, torch.optim.AdamW, fused_kwargs, member_kwargs)
+    assert_members_equal(stacked, members)
+    for j, p in enumerate(stacked):
+        state = fused_opt.state[p]
+        for i in range(N):
+            ref = torch_opts[i].state[members[i][j]]
+            torch.testing.assert_close(state["exp_avg"][i], ref["exp_avg"], rtol=1.3e-6, atol=1e-7)
+            torch.testing.assert_close(state["exp_avg_sq"][i], ref["exp_avg_sq"], rtol=1.3e-6, atol=1e-7)
+            assert state["step"][i].item() == ref["step"].item()
+
+
+@pytest.mark.parametrize("cls, torch_cls, kwargs", [
+    (optim.SGD, torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=1e-2)),
+    (optim.AdamW, torch.optim.AdamW, dict(lr=1e-2)),
+])
+def test_frozen_member_is_bitwise_unchanged_and_resumes(cls, torch_cls, kwargs):
+    members = make_members()
+    stacked = stack(members)
+    opt = cls(stacked, **kwargs)
+    for p in stacked:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    opt.freeze(2)
+    before = [p.detach().clone() for p in stacked]
+    state_before = [{k: v.clone() for k, v in opt.state[p].items()} for p in stacked]
+    for p in stacked:
+        p.grad = torch.randn_like(p)
+        p.grad[2] = float("nan")  # a diverged member must not leak into the others or itself
+    opt.step()
+    assert opt.frozen_members == [2]
+    for p, b, s_before in zip(stacked, before, state_before):
+        assert torch.equal(p[2], b[2])
+        assert not torch.equal(p[1], b[1])
+        for k, v in opt.state[p].items():
+            assert torch.equal(v[2], s_before[k][2]), k
+        assert torch.isfinite(p).all()
+
+    # Frozen at step 1 (0-based) only: member 2 must match a torch run that skipped that step.
+    stacked_after, members_after, _, _ = run_both(cls, torch_cls, kwargs, lambda i: kwargs,
+                                                  steps=4, frozen_steps={1: [2], 2: [0, 2]})
+    assert_members_equal(stacked_after, members_after)
+
+
+def test_frozen_from_the_start_then_unfrozen_matches_a_fresh_torch_run():
+    kwargs = dict(lr=0.1, momentum=0.9, dampening=0.2)
+    stacked, members, _, _ = run_both(optim.SGD, torch.optim.SGD, kwargs, lambda i: kwargs,
+                                      steps=4, frozen_steps={0: [1], 1: [1]})
+    assert_members_equal(stacked, members)
+
+
+def test_param_groups_have_their_own_per_member_values():
+    members = make_members()
+    stacked = stack(members)
+    lrs = ([0.1, 0.2, 0.3, 0.4], [0.01, 0.02, 0.03, 0.04])
+    opt = optim.SGD([{"params": stacked[:1], "lr": lrs[0]}, {"params": stacked[1:], "lr": lrs[1]}])
+    refs = [torch.optim.SGD([{"params": m[:1], "lr": lrs[0][i]}, {"params": m[1:], "lr": lrs[1][i]}])
+            for i, m in enumerate(members)]
+    for _ in range(2):
+        grads = [torch.randn_like(p) for p in stacked]
+        for p, g in zip(stacked, grads):
+            p.grad = g.clone()
+        opt.step()
+        for i, (m, ref) in enumerate(zip(members, refs)):
+            for p, g in zip(m, grads):
+                p.grad = g[i].clone()
+            ref.step()
+    assert_members_equal(stacked, members)
+
+
+def test_parameters_without_grad_are_skipped_and_zero_grad_works():
+    stacked = stack(make_members())
+    opt = optim.AdamW(stacked, lr=0.1)
+    before = stacked[1].detach().clone()
+    stacked[0].grad = torch.randn_like(stacked[0])
+    opt.step()
+    assert torch.equal(stacked[1], before)
+    assert stacked[1] not in opt.state
+    opt.zero_grad()
+    assert stacked[0].grad is None
+
+
+def test_state_dict_round_trip_continues_identically():
+    def fresh():
+        torch.manual_seed(1)
+        stacked = stack(make_members())
+        return stacked, optim.AdamW(stacked, lr=[1e-2, 2e-2, 3e-2, 4e-2], weight_decay=[0.1, 0, 0, 0.2])
+
+    grads = [[torch.randn_like(p) for p in fresh()[0]] for _ in range(4)]
+
+    def take_step(stacked, opt, g):
+        for p, gi in zip(stacked, g):
+            p.grad = gi.clone()
+        opt.step()
+
+    a, opt_a = fresh()
+    opt_a.freeze(3)
+    for g in grads:
+        take_step(a, opt_a, g)
+
+    b, opt_b = fresh()
+    opt_b.freeze(3)
+    for g in grads[:2]:
+        take_step(b, opt_b, g)
+    saved = opt_b.state_dict()
+    assert saved["frozen_members"] == [3]
+    c = [p.detach().clone().requires_grad_() for p in b]
+    opt_c = optim.AdamW(c, lr=0.5)
+    opt_c.load_state_dict(saved)
+    assert opt_c.frozen_members == [3]
+    assert opt_c.param_groups[0]["lr"] == [1e-2, 2e-2, 3e-2, 4e-2]
+    for g in grads[2:]:
+        take_step(c, opt_c, g)
+    for pa, pc in zip(a, c):
+        assert torch.equal(pa, pc)
+
+
+def test_works_on_torch_func_stack_module_state():
+    modules = [torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2)) for _ in range(N)]
+    params, _ = torch.func.stack_module_state(modules)
+    opt = optim.SGD(params.values(), lr=[0.1, 0.2, 0.3, 0.4], momentum=0.9)
+    x = torch.randn(N, 5, 3)
+    base = modules[0]
+
+    def loss_fn(p, xi):
+        return torch.func.functional_call(base, p, (xi,)).square().sum()
+
+    loss = torch.vmap(loss_fn)(params, x).sum()
+    loss.backward()
+    opt.step()
+    refs = [torch.optim.SGD(m.parameters(), lr=0.1 * (i + 1), momentum=0.9) for i, m in enumerate(modules)]
+    for i, (m, ref) in enumerate(zip(modules, refs)):
+        m(x[i]).square().sum().backward()
+        ref.step()
+        for name, p in m.named_parameters():
+            torch.testing.assert_close(params[name][i], p, rtol=1.3e-6, atol=1e-6)
+
+
+def test_update_has_no_python_loop_over_members():
+    """The number of torch ops per step must not grow with N (counted with a dispatch mode)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += 1
+            return func(*args, **(kwargs or {}))
+
+    counts = []
+    for n in (2, 16):
+        stacked = stack(make_members(n))
+        opt = optim.AdamW(stacked, lr=[1e-3] * n, weight_decay=[0.1] * n)
+        for p in stacked:
+            p.grad = torch.randn_like(p)
+        opt.step()  # creates the state
+        with CountOps() as counter:
+            opt.step()
+        counts.append(counter.count)
+    assert counts[0] == counts[1]
+
+
+def test_errors_name_the_problem():
+    stacked = stack(make_members())
+    with pytest.raises(ValueError, match=r"lr has 3 values, but the ensemble has 4 members"):
+        optim.SGD(stacked, lr=[0.1, 0.2, 0.3])
+    with pytest.raises(ValueError, match=r"betas\[1\] has 2 values"):
+        optim.AdamW(stacked, betas=(0.9, [0.99, 0.9]))
+    with pytest.raises(ValueError, match=r"member 2: weight_decay=-1.0"):
+        optim.AdamW(stacked, weight_decay=[0.0, 0.1, -1.0, 0.0])
+    with pytest.raises(ValueError, match=r"parameter 1 of param group 0 has shape \(3, 2\): dim 0 must be the "
+                                         r"member index of size 4"):
+        optim.SGD([stacked[0], torch.zeros(3, 2, requires_grad=True)], lr=0.1)
+    with pytest.raises(ValueError, match=r"parameter 'b' of param group 0 has shape \(\)"):
+        optim.SGD([("a", stacked[0]), ("b", torch.zeros((), requires_grad=True))], lr=0.1)
+    with pytest.raises(ValueError, match="nesterov needs momentum > 0"):
+        optim.SGD(stacked, lr=0.1, momentum=[0.9, 0.9, 0.0, 0.9], nesterov=True)
+    with pytest.raises(TypeError, match="lr must be a number or a sequence"):
+        optim.SGD(stacked, lr="fast")
+    with pytest.raises(IndexError, match="member 4 is out of range for an ensemble of 4 members"):
+        optim.SGD(stacked, lr=0.1).freeze(4)
+    opt = optim.SGD(stacked, lr=0.1)
+    opt.param_groups[0]["lr"] = [0.1] * 5  # e.g. a scheduler for the wrong ensemble
+    before = [p.detach().clone() for p in stacked]
+    for p in stacked:
+        p.grad = torch.randn_like(p)
+    with pytest.raises(ValueError, match="lr has 5 values"):
+        opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(stacked, before))  # nothing half-updated
