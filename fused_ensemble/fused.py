@@ -1,0 +1,100 @@
+"""FusedEnsemble: N member networks of one architecture run as one network."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from fused_ensemble.graph_runner import FusedGraph
+from fused_ensemble.layout import Layout
+from fused_ensemble.reference import check_reduction
+from fused_ensemble.stacking import check_members, stack_members, unstack_member
+
+
+def _trace(stacked: nn.Module, training: bool) -> fx.Graph:
+    """Traces the member forward in one mode: code that reads ``self.training`` is specialized per mode."""
+    was_training = stacked.training
+    stacked.train(training)
+    try:
+        return fx.Tracer().trace(stacked)
+    except Exception as error:
+        raise TypeError(
+            f"cannot fuse {type(stacked).__qualname__}: torch.fx could not trace its forward "
+            f"({type(error).__name__}: {error}). FusedEnsemble needs a forward whose Python control flow does not "
+            f"depend on tensor values (if/for over tensors, .item(), data-dependent shapes).") from error
+    finally:
+        stacked.train(was_training)
+
+
+class FusedEnsemble(nn.Module):
+    """N networks of one architecture (different weights) run as one network.
+
+    The members' forward is traced once with torch.fx and rewritten layer by layer: convolutions become one
+    grouped convolution over all members' channels (the first layer, fed the shared input, one dense convolution
+    with N * C_out outputs), linear layers one batched matmul, BatchNorm/GroupNorm one normalization over N * C
+    channels with per-member statistics, dropout draws independent masks per member, and every other op runs
+    once for all members (see graph_runner). There is no per-member Python loop in the forward pass.
+
+    Args:
+        members: N ``nn.Module`` of the same class with parameters and buffers of equal names, shapes, dtypes and
+            devices. They are copied: later changes to them do not reach the fused module.
+        reduction: how the member outputs ``[N, B, ...]`` are combined: ``"none"`` (return them),
+            ``"mean"``, ``"mean_probs"`` (mean of member softmaxes, the deep-ensemble default),
+            ``"softmax_of_mean"`` or ``"log_mean_probs"``; the last three treat the last dim as classes and
+            return float32 (float64 for float64 models), see ``ensemble_reduce``.
+        member_inputs: if False every member sees the same input ``[B, ...]``; if True the input is
+            ``[N, B, ...]`` and member i sees ``x[i]`` (bagging, members trained on different batches).
+
+    Every parameter and buffer of the fused module is the stack of the members' tensors (dim 0 is the member
+    index), under the member's own name prefixed with ``stacked.``; ``to_members()`` splits them back.
+    """
+
+    def __init__(self, members: Iterable[nn.Module], reduction: str = "mean_probs", member_inputs: bool = False):
+        super().__init__()
+        if reduction != "none":
+            check_reduction(reduction)
+        if not isinstance(member_inputs, bool):
+            raise TypeError(f"member_inputs must be a bool, got {type(member_inputs).__name__}")
+        members = check_members(members)
+        stacked = stack_members(members)
+        graphs = {mode: FusedGraph(_trace(stacked, mode), stacked, len(members)) for mode in (True, False)}
+        self.num_members = len(members)
+        self.reduction = reduction
+        self.member_inputs = member_inputs
+        self.stacked = stacked
+        self._graphs = graphs
+        self.train(members[0].training)
+
+    def extra_repr(self) -> str:
+        return f"num_members={self.num_members}, reduction={self.reduction!r}, member_inputs={self.member_inputs}"
+
+    def forward(self, *inputs: torch.Tensor):
+        layout = Layout.MEMBER if self.member_inputs else Layout.SHARED
+        if self.member_inputs:
+            for position, x in enumerate(inputs):
+                if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[0] != self.num_members:
+                    shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+                    raise ValueError(f"member_inputs=True expects input {position} of shape [N, B, ...] with "
+                                     f"N={self.num_members} members, got {shape}")
+        outputs = self._graphs[self.training].run([(x, layout) for x in inputs])
+        return self.reduce(outputs)
+
+    def reduce(self, outputs: torch.Tensor) -> torch.Tensor:
+        """Applies this ensemble's ``reduction`` to member outputs ``[N, B, ...]``."""
+        if self.reduction == "none":
+            return outputs
+        if not isinstance(outputs, torch.Tensor):
+            raise TypeError(f"reduction={self.reduction!r} needs the members to return one tensor, got "
+                            f"{type(outputs).__name__}; use reduction='none'")
+        if self.reduction == "mean":
+            return outputs.mean(0)
+        from fused_ensemble.ensemble_reduce import ensemble_reduce
+
+        return ensemble_reduce(outputs, self.reduction, dim=0)
+
+    def to_members(self) -> list[nn.Module]:
+        """The N members as ordinary modules, with this module's current weights, buffers, device and mode."""
+        return [unstack_member(self.stacked, index) for index in range(self.num_members)]

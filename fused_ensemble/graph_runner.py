@@ -1,0 +1,352 @@
+"""Runs a member's traced forward (a torch.fx graph) once for all N members.
+
+Every value carries a ``Layout`` (see layout.py). Layers with a rule in module_rules run as one fused op
+(grouped convolution, batched matmul, BatchNorm over N * C channels). Everything else runs through one of three
+generic paths, none of which loops over members in Python:
+
+- values every member shares (no member tensor among the inputs) are computed once, as the member would;
+- elementwise and per-channel ops on channel-packed or member-first tensors run unchanged;
+- any other op runs under ``torch.vmap`` over the member dim (with independent randomness per member), and a
+  layer with parameters but no rule runs as ``vmap(functional_call)`` over the stacked parameters.
+"""
+
+from __future__ import annotations
+
+import builtins
+import operator
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+
+from fused_ensemble import module_rules
+from fused_ensemble.layout import Layout, convert, to_member
+
+_ELEMENTWISE_FUNCTIONS = {
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, operator.iadd, operator.isub,
+    operator.imul, operator.itruediv, torch.add, torch.sub, torch.mul, torch.div, torch.neg, torch.relu,
+    torch.sigmoid, torch.tanh, torch.exp, torch.sqrt, torch.abs, torch.clamp, torch.where, F.relu, F.relu6,
+    F.gelu, F.silu, F.sigmoid, F.tanh, F.hardswish, F.hardsigmoid, F.hardtanh, F.leaky_relu, F.elu, F.selu,
+    F.mish, F.softplus, F.dropout,
+    "add", "sub", "mul", "div", "neg", "relu", "sigmoid", "tanh", "exp", "sqrt", "abs", "clamp",
+    "add_", "sub_", "mul_", "div_", "relu_", "sigmoid_", "clamp_",
+}
+# Ops on [B, C, *spatial] that treat every channel on its own.
+_CHANNELWISE_FUNCTIONS = {
+    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d,
+    F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.interpolate, F.dropout1d, F.dropout2d, F.dropout3d,
+}
+# Ops that draw random numbers: on a shared input each member must still get its own draw.
+_RANDOM_FUNCTIONS = {
+    F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
+    torch.bernoulli, torch.rand_like, torch.randn_like, torch.randint_like,
+}
+try:
+    from torchvision.ops import stochastic_depth as _stochastic_depth
+
+    _RANDOM_FUNCTIONS.add(_stochastic_depth)
+except ImportError:  # torchvision is optional for the runner
+    pass
+
+_CONCATENATE_FUNCTIONS = {torch.cat, torch.concat, torch.concatenate}
+
+ELEMENTWISE, CHANNELWISE, CONCATENATE, RANDOM = "elementwise", "channelwise", "concatenate", "random"
+
+
+def _function_category(target) -> str | None:
+    if target in _ELEMENTWISE_FUNCTIONS:
+        return ELEMENTWISE
+    if target in _CHANNELWISE_FUNCTIONS:
+        return CHANNELWISE
+    if target in _CONCATENATE_FUNCTIONS:
+        return CONCATENATE
+    if target in _RANDOM_FUNCTIONS:
+        return RANDOM
+    return None
+
+
+_SHAPE_METHODS = {"size", "dim", "numel", "nelement", "ndimension"}
+_SHAPE_ATTRIBUTES = {"shape", "ndim", "dtype", "device", "is_cuda", "requires_grad", "layout"}
+
+
+class _Ref:
+    """Placeholder for the value of the node at ``index`` inside a node's (args, kwargs)."""
+
+    __slots__ = ("index",)
+
+    def __init__(self, index: int):
+        self.index = index
+
+
+class _NotATensor:
+    pass
+
+
+_NOT_A_TENSOR = _NotATensor()
+
+
+class FusedGraph:
+    """One traced member forward, compiled into a list of steps that run all N members at once."""
+
+    def __init__(self, graph: fx.Graph, stacked: nn.Module, num_members: int):
+        self.num_members = num_members
+        self.stacked = stacked
+        index = {}
+        self._steps: list[Callable[[list], tuple[Any, Layout]]] = []
+        self._placeholders: list[tuple[int, Any]] = []
+        self._output: Any = None
+        for node in graph.nodes:
+            index[node] = len(index)
+            refs = fx.node.map_arg((node.args, node.kwargs), lambda n: _Ref(index[n]))
+            if node.op == "placeholder":
+                default = node.args[0] if node.args else _NOT_A_TENSOR
+                self._placeholders.append((index[node], default))
+                self._steps.append(None)
+            elif node.op == "output":
+                self._output = refs[0][0]
+                self._steps.append(None)
+            else:
+                self._steps.append(self._compile(node, refs))
+
+    # ---- building -------------------------------------------------------------------------------------------
+
+    def _compile(self, node: fx.Node, refs) -> Callable[[list], tuple[Any, Layout]]:
+        args, kwargs = refs
+        if node.op == "get_attr":
+            stacked_names = {name for name, _ in self.stacked.named_parameters()}
+            stacked_names |= {name for name, _ in self.stacked.named_buffers()}
+            layout = Layout.MEMBER if node.target in stacked_names else Layout.SHARED
+            atoms = node.target.split(".")
+
+            def fetch_attribute(env):
+                value = self.stacked
+                for atom in atoms:
+                    value = getattr(value, atom)
+                return value, layout
+            return fetch_attribute
+        if node.op == "call_function":
+            if node.target is builtins.getattr and args[1] in _SHAPE_ATTRIBUTES:
+                return self._shape_query(lambda t, name: getattr(t, name), args, kwargs)
+            return self._call(node.target, _function_category(node.target), args, kwargs)
+        if node.op == "call_method":
+            name = node.target
+            method = _method_caller(name)
+            if name in _SHAPE_METHODS:
+                return self._shape_query(method, args, kwargs)
+            return self._call(method, _function_category(name), args, kwargs)
+        if node.op == "call_module":
+            return self._compile_module(node, args, kwargs)
+        raise NotImplementedError(f"unexpected fx node {node.op}")
+
+    def _compile_module(self, node: fx.Node, args, kwargs):
+        path = node.target
+        module = self.stacked.get_submodule(path)
+        reason = module_rules.unsupported_reason(module)
+        if reason is not None:
+            raise TypeError(f"cannot fuse layer '{path}' ({type(module).__name__}): {reason}")
+        rule = module_rules.rule_for(module)
+        if rule is not None:
+            if len(args) != 1 or kwargs:
+                raise TypeError(f"cannot fuse layer '{path}' ({type(module).__name__}): expected one positional "
+                                f"input, got {len(args)} and keyword arguments {sorted(kwargs)}")
+            (arg,) = args
+
+            def run_rule(env):
+                value, layout = env[arg.index]
+                return rule(module, value, layout, self.num_members)
+            return run_rule
+        has_parameters = any(True for _ in module.parameters())
+        has_buffers = any(True for _ in module.buffers())
+        if has_buffers:
+            raise TypeError(f"cannot fuse layer '{path}' ({type(module).__name__}): it keeps buffers (state) and "
+                            f"FusedEnsemble has no rule for this layer type")
+        if not has_parameters:
+            category = None
+            if isinstance(module, module_rules.ELEMENTWISE_MODULES):
+                category = ELEMENTWISE
+            elif isinstance(module, module_rules.CHANNELWISE_MODULES):
+                category = CHANNELWISE
+            return self._call(module, category, args, kwargs)
+        # A layer with parameters and no rule: vmap its functional form over the stacked parameters.
+        names = [name for name, _ in module.named_parameters()]
+
+        def functional(*inputs, **keywords):
+            params = dict(zip(names, inputs[:len(names)]))
+            return torch.func.functional_call(module, params, inputs[len(names):], keywords)
+
+        param_refs = tuple(_Param(module, name) for name in names)
+        return self._call(functional, None, param_refs + tuple(args), kwargs)
+
+    # ---- running --------------------------------------------------------------------------------------------
+
+    def _resolve(self, env, refs):
+        """(values, layouts) for a node's argument structure; layouts mirror values leaf for leaf."""
+        values = fx.node.map_aggregate(refs, lambda a: _resolve_leaf(a, env))
+        layouts = fx.node.map_aggregate(refs, lambda a: _layout_leaf(a, env))
+        return values, layouts
+
+    def _shape_query(self, query, args, kwargs):
+        def run(env):
+            (tensor, *rest), keywords = self._resolve(env, (args, kwargs))[0]
+            value, layout = env[args[0].index]
+            if layout is not Layout.SHARED and isinstance(value, torch.Tensor):
+                tensor = to_member(value, layout, self.num_members)[0]
+            return query(tensor, *rest, **keywords), Layout.SHARED
+        return run
+
+    def _call(self, function, category, args, kwargs):
+        n = self.num_members
+
+        def run(env):
+            (values, keywords), (layouts, keyword_layouts) = self._resolve(env, (args, kwargs))
+            leaves, spec = tree_flatten((values, keywords))
+            leaf_layouts, _ = tree_flatten((layouts, keyword_layouts))
+            tensor_layouts = {lay for lay in leaf_layouts if isinstance(lay, Layout)}
+            if tensor_layouts <= {Layout.SHARED}:
+                if category is RANDOM and _random_call_is_live(values, keywords):
+                    leaf_layouts = _expand_first_tensor(leaves, leaf_layouts, n)
+                else:
+                    return function(*values, **keywords), Layout.SHARED
+            else:
+                if category is CONCATENATE:
+                    fused = _concatenate_channel_packed(values, keywords, leaf_layouts, n)
+                    if fused is not None:
+                        return fused, Layout.CHANNEL
+                fast = _same_layout_fast_path(category, leaves, leaf_layouts)
+                if fast is not None:
+                    return function(*values, **keywords), fast
+            in_dims = []
+            for i, (leaf, layout) in enumerate(zip(leaves, leaf_layouts)):
+                if isinstance(layout, Layout) and layout is not Layout.SHARED:
+                    leaves[i] = convert(leaf, layout, Layout.MEMBER, n)
+                    in_dims.append(0)
+                else:
+                    in_dims.append(None)
+
+            def call_one_member(*member_leaves):
+                member_args, member_kwargs = tree_unflatten(list(member_leaves), spec)
+                return function(*member_args, **member_kwargs)
+
+            out = torch.vmap(call_one_member, in_dims=tuple(in_dims), randomness="different")(*leaves)
+            return out, Layout.MEMBER
+        return run
+
+    def run(self, inputs: list[tuple[torch.Tensor, Layout]]):
+        """Runs the graph on (value, layout) inputs; returns the output with every tensor member-first."""
+        env: list = [None] * len(self._steps)
+        if len(inputs) > len(self._placeholders):
+            raise TypeError(f"the member forward takes {len(self._placeholders)} inputs, got {len(inputs)}")
+        for position, (slot, default) in enumerate(self._placeholders):
+            if position < len(inputs):
+                env[slot] = inputs[position]
+            elif default is not _NOT_A_TENSOR:
+                env[slot] = (default, Layout.SHARED)
+            else:
+                raise TypeError(f"the member forward takes {len(self._placeholders)} inputs, got {len(inputs)}")
+        for slot, step in enumerate(self._steps):
+            if step is not None:
+                env[slot] = step(env)
+        values, layouts = self._resolve(env, self._output)
+        leaves, spec = tree_flatten(values)
+        leaf_layouts, _ = tree_flatten(layouts)
+        return tree_unflatten([convert(leaf, layout, Layout.MEMBER, self.num_members) if isinstance(layout, Layout)
+                               else leaf for leaf, layout in zip(leaves, leaf_layouts)], spec)
+
+
+class _Param:
+    """Argument placeholder for a stacked parameter of a module run through vmap(functional_call)."""
+
+    __slots__ = ("module", "name")
+
+    def __init__(self, module: nn.Module, name: str):
+        self.module = module
+        self.name = name
+
+
+def _resolve_leaf(a, env):
+    if isinstance(a, _Ref):
+        return env[a.index][0]
+    if isinstance(a, _Param):
+        return a.module.get_parameter(a.name)
+    return a
+
+
+def _layout_leaf(a, env):
+    if isinstance(a, _Ref):
+        value, layout = env[a.index]
+        return tree_map(lambda v: layout if isinstance(v, torch.Tensor) else _NOT_A_TENSOR, value)
+    if isinstance(a, _Param):
+        return Layout.MEMBER
+    return tree_map(lambda v: Layout.SHARED if isinstance(v, torch.Tensor) else _NOT_A_TENSOR, a)
+
+
+def _method_caller(name: str):
+    def call_method(self, *args, **kwargs):
+        return getattr(self, name)(*args, **kwargs)
+    call_method.__name__ = name
+    return call_method
+
+
+def _random_call_is_live(values, keywords) -> bool:
+    """False for a dropout called with training=False (then it is the identity and needs no per-member draw)."""
+    training = keywords.get("training", values[2] if len(values) > 2 else True)
+    return bool(training) if isinstance(training, bool) else True
+
+
+def _expand_first_tensor(leaves, leaf_layouts, n):
+    for i, leaf in enumerate(leaves):
+        if isinstance(leaf, torch.Tensor):
+            leaf_layouts = list(leaf_layouts)
+            leaf_layouts[i] = Layout.MEMBER
+            leaves[i] = leaf.unsqueeze(0).expand(n, *leaf.shape)
+            return leaf_layouts
+    return leaf_layouts
+
+
+def _same_layout_fast_path(category, leaves, leaf_layouts) -> Layout | None:
+    """The layout an op can run in unchanged, or None when it needs vmap.
+
+    Elementwise ops run unchanged when every tensor operand has the same non-shared layout, ndim and member/channel
+    size (scalars and 0-dim shared tensors broadcast fine). Channelwise ops run unchanged on one channel-packed
+    tensor.
+    """
+    tensors = [(leaf, lay) for leaf, lay in zip(leaves, leaf_layouts) if isinstance(lay, Layout)]
+    packed = [(t, lay) for t, lay in tensors if not (lay is Layout.SHARED and t.dim() == 0)]
+    if not packed:
+        return None
+    layout = packed[0][1]
+    if layout is Layout.SHARED or any(lay is not layout for _, lay in packed):
+        return None
+    if category is ELEMENTWISE:
+        ndim, size = packed[0][0].dim(), packed[0][0].shape[:2]
+        key_dim = 1 if layout is Layout.CHANNEL else 0
+        if all(t.dim() == ndim and t.shape[key_dim] == size[key_dim] for t, _ in packed):
+            return layout
+        return None
+    if category is CHANNELWISE and layout is Layout.CHANNEL and len(packed) == 1:
+        return layout
+    return None
+
+
+def _concatenate_channel_packed(values, keywords, leaf_layouts, n) -> torch.Tensor | None:
+    """``torch.cat`` of channel-packed tensors (DenseNet, SqueezeNet): along the channel dim each member's
+    channels must stay together, so cat the [B, N, C_i, ...] views along C; along any other dim it is a plain cat.
+    Returns None when the operands are not all channel-packed."""
+    tensors = values[0] if values else keywords.get("tensors")
+    dim = values[1] if len(values) > 1 else keywords.get("dim", 0)
+    if not isinstance(tensors, (list, tuple)) or not tensors:
+        return None
+    if any(lay is not Layout.CHANNEL for lay in leaf_layouts if isinstance(lay, Layout)):
+        return None
+    ndim = tensors[0].dim()
+    if any(t.dim() != ndim for t in tensors) or ndim < 2:
+        return None
+    dim = dim % ndim
+    if dim != 1:
+        return torch.cat(tensors, dim)
+    views = [t.unflatten(1, (n, t.shape[1] // n)) for t in tensors]
+    return torch.cat(views, 2).flatten(1, 2)

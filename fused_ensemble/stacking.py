@@ -1,0 +1,115 @@
+"""Checking that N members can be fused, stacking their tensors, and splitting them apart again.
+
+The fused network keeps a copy of member 0's module tree in which every parameter and buffer is replaced by the
+stack of all members' tensors (dim 0 is the member index). Splitting copies that tree once per member with the
+stacked tensors swapped for slices, so the members come back with the same keys, order and values.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Iterable
+
+import torch
+from torch import nn
+
+
+def check_members(members: Iterable[nn.Module]) -> list[nn.Module]:
+    """Returns the members as a list, or raises a TypeError/ValueError naming the first member that differs."""
+    if isinstance(members, nn.Module) and not isinstance(members, (nn.ModuleList, nn.Sequential)):
+        raise TypeError("members must be a sequence of nn.Modules (e.g. a list or nn.ModuleList), got a single "
+                        f"{type(members).__name__}")
+    members = list(members)
+    if not members:
+        raise ValueError("FusedEnsemble needs at least one member, got an empty list")
+    for i, member in enumerate(members):
+        if not isinstance(member, nn.Module):
+            raise TypeError(f"member {i} is a {type(member).__name__}, not an nn.Module")
+    _check_no_tied_tensors(members[0])
+    reference = members[0]
+    for i, member in enumerate(members[1:], start=1):
+        if type(member) is not type(reference):
+            raise TypeError(f"member {i} is a {type(member).__qualname__}, member 0 is a "
+                            f"{type(reference).__qualname__}; all members must share one architecture")
+        _check_same_modules(i, member, reference)
+        _check_same_tensors(i, "parameter", dict(member.named_parameters()), dict(reference.named_parameters()))
+        _check_same_tensors(i, "buffer", dict(member.named_buffers()), dict(reference.named_buffers()))
+    return members
+
+
+def _check_no_tied_tensors(member: nn.Module) -> None:
+    seen = {}
+    for name, tensor in list(member.named_parameters(remove_duplicate=False)) + list(
+            member.named_buffers(remove_duplicate=False)):
+        if id(tensor) in seen:
+            raise ValueError(f"member 0: {name} is the same tensor as {seen[id(tensor)]}; tied parameters are not "
+                             f"supported by FusedEnsemble")
+        seen[id(tensor)] = name
+
+
+def _check_same_modules(index: int, member: nn.Module, reference: nn.Module) -> None:
+    ours = dict(member.named_modules())
+    theirs = dict(reference.named_modules())
+    if list(ours) != list(theirs):
+        missing = [p for p in theirs if p not in ours]
+        extra = [p for p in ours if p not in theirs]
+        raise ValueError(f"member {index}: submodules differ from member 0 (missing {missing}, extra {extra})")
+    for path, module in ours.items():
+        other = theirs[path]
+        where = path or "<root>"
+        if type(module) is not type(other):
+            raise TypeError(f"member {index}: {where} is a {type(module).__qualname__}, member 0 has a "
+                            f"{type(other).__qualname__}")
+        # extra_repr holds the configuration that is not a tensor (stride, eps, momentum, ...).
+        if module.extra_repr() != other.extra_repr():
+            raise ValueError(f"member {index}: {where} is configured as {type(module).__name__}"
+                             f"({module.extra_repr()}), member 0 has ({other.extra_repr()})")
+
+
+def _check_same_tensors(index: int, kind: str, ours: dict, theirs: dict) -> None:
+    if list(ours) != list(theirs):
+        missing = [n for n in theirs if n not in ours]
+        extra = [n for n in ours if n not in theirs]
+        raise ValueError(f"member {index}: {kind} names differ from member 0 (missing {missing}, extra {extra})")
+    for name, tensor in ours.items():
+        other = theirs[name]
+        for attribute in ("shape", "dtype", "device"):
+            mine, ref = getattr(tensor, attribute), getattr(other, attribute)
+            if mine != ref:
+                if attribute == "shape":
+                    mine, ref = tuple(mine), tuple(ref)
+                raise ValueError(f"member {index}: {name} has {attribute} {mine}, member 0 has {ref}")
+        if kind == "parameter" and tensor.requires_grad != other.requires_grad:
+            raise ValueError(f"member {index}: {name} has requires_grad={tensor.requires_grad}, member 0 has "
+                             f"{other.requires_grad}")
+
+
+def _owner(root: nn.Module, qualified_name: str) -> tuple[nn.Module, str]:
+    path, _, attribute = qualified_name.rpartition(".")
+    return (root.get_submodule(path) if path else root), attribute
+
+
+def stack_members(members: list[nn.Module]) -> nn.Module:
+    """A copy of member 0's module tree whose parameters and buffers are the stacks of all members' tensors."""
+    stacked = copy.deepcopy(members[0])
+    with torch.no_grad():
+        for name, parameter in members[0].named_parameters():
+            owner, attribute = _owner(stacked, name)
+            values = torch.stack([member.get_parameter(name).detach() for member in members])
+            owner._parameters[attribute] = nn.Parameter(values, requires_grad=parameter.requires_grad)
+        for name, _ in members[0].named_buffers():
+            owner, attribute = _owner(stacked, name)
+            owner._buffers[attribute] = torch.stack([member.get_buffer(name).detach() for member in members])
+    return stacked
+
+
+def unstack_member(stacked: nn.Module, index: int) -> nn.Module:
+    """Member ``index`` as an ordinary module: the same tree with every stacked tensor replaced by a copy of its
+    slice (so the result owns its memory and its state_dict matches the original member's bit for bit)."""
+    memo = {}
+    with torch.no_grad():
+        for parameter in stacked.parameters():
+            memo[id(parameter)] = nn.Parameter(parameter[index].clone(), requires_grad=parameter.requires_grad)
+        for buffer in stacked.buffers():
+            memo[id(buffer)] = buffer[index].clone()
+    return copy.deepcopy(stacked, memo)
