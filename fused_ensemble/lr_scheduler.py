@@ -1,0 +1,171 @@
+"""Per-member learning-rate schedules for ``fused_ensemble.optim`` optimizers.
+
+Each scheduler mirrors its ``torch.optim.lr_scheduler`` namesake, but every schedule parameter (``gamma``,
+``T_max``, ``step_size``, warmup length, ...) may be one value for all members or one value per member, and
+it writes ``group["lr"]`` as a list of N learning rates (one per member). Schedules are computed in closed
+form from each member's base learning rate (``group["initial_lr"]``), so they compose without drift:
+``SequentialLR`` switches each member to the next schedule at that member's own milestone.
+
+Use like torch's: build after the optimizer, call ``scheduler.step()`` once per epoch (or iteration) after
+``optimizer.step()``.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Sequence
+
+from fused_ensemble.member_values import MemberValue, check_range, per_member
+
+__all__ = ["MemberLRScheduler", "StepLR", "CosineAnnealingLR", "LinearLR", "SequentialLR", "warmup_cosine"]
+
+
+def _num_members(optimizer, scheduler_name: str) -> int:
+    if not hasattr(optimizer, "num_members"):
+        raise TypeError(f"{scheduler_name} needs a fused_ensemble.optim optimizer (with num_members), "
+                        f"got {type(optimizer).__name__}")
+    return optimizer.num_members
+
+
+class MemberLRScheduler:
+    """Base class: subclasses define ``member_lr(epoch, base_lr, member)``, the closed-form schedule."""
+
+    def __init__(self, optimizer, last_epoch: int = -1):
+        self.optimizer = optimizer
+        self.num_members = _num_members(optimizer, type(self).__name__)
+        for index, group in enumerate(optimizer.param_groups):
+            if last_epoch == -1:
+                group.setdefault("initial_lr", group["lr"])
+            elif "initial_lr" not in group:
+                raise KeyError(f"param group {index} has no 'initial_lr'; resuming (last_epoch={last_epoch}) "
+                               f"needs a scheduler that has run on this optimizer before")
+        self.base_lrs = [per_member(g["initial_lr"], "initial_lr", self.num_members)
+                         for g in optimizer.param_groups]
+        self.last_epoch = last_epoch
+        self.step()
+
+    def member_lr(self, epoch: int, base_lr: float, member: int) -> float:
+        """The learning rate of ``member`` at ``epoch`` for a base learning rate ``base_lr``."""
+        raise NotImplementedError
+
+    def lrs_at(self, epoch: int) -> list[list[float]]:
+        """Per param group, the N members' learning rates at ``epoch``."""
+        return [[self.member_lr(epoch, base, member) for member, base in enumerate(bases)]
+                for bases in self.base_lrs]
+
+    def step(self) -> None:
+        """Advances one epoch and writes each group's per-member learning rates."""
+        self.last_epoch += 1
+        self._last_lr = self.lrs_at(self.last_epoch)
+        for group, lrs in zip(self.optimizer.param_groups, self._last_lr):
+            group["lr"] = list(lrs)
+
+    def get_last_lr(self) -> list[list[float]]:
+        """Per param group, the N learning rates written by the last ``step()``."""
+        return self._last_lr
+
+    def state_dict(self) -> dict:
+        """The scheduler's state (everything but the optimizer and nested schedulers)."""
+        return {k: v for k, v in self.__dict__.items() if k not in ("optimizer", "schedulers")}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restores a ``state_dict()``."""
+        self.__dict__.update(state_dict)
+
+
+class StepLR(MemberLRScheduler):
+    """``lr = base_lr * gamma ** (epoch // step_size)``, with per-member ``step_size`` and ``gamma``."""
+
+    def __init__(self, optimizer, step_size: MemberValue, gamma: MemberValue = 0.1, last_epoch: int = -1):
+        n = _num_members(optimizer, type(self).__name__)
+        self.step_size = per_member(step_size, "step_size", n, int)
+        self.gamma = per_member(gamma, "gamma", n)
+        check_range(self.step_size, "step_size", 1)
+        super().__init__(optimizer, last_epoch)
+
+    def member_lr(self, epoch, base_lr, member):
+        return base_lr * self.gamma[member] ** (epoch // self.step_size[member])
+
+
+class CosineAnnealingLR(MemberLRScheduler):
+    """``lr = eta_min + (base_lr - eta_min) * (1 + cos(pi * epoch / T_max)) / 2``, per-member ``T_max``, ``eta_min``.
+
+    Past ``T_max`` the curve continues periodically, as torch's does.
+    """
+
+    def __init__(self, optimizer, T_max: MemberValue, eta_min: MemberValue = 0.0, last_epoch: int = -1):
+        n = _num_members(optimizer, type(self).__name__)
+        self.T_max = per_member(T_max, "T_max", n, int)
+        self.eta_min = per_member(eta_min, "eta_min", n)
+        check_range(self.T_max, "T_max", 1)
+        super().__init__(optimizer, last_epoch)
+
+    def member_lr(self, epoch, base_lr, member):
+        eta_min = self.eta_min[member]
+        return eta_min + (base_lr - eta_min) * (1 + math.cos(math.pi * epoch / self.T_max[member])) / 2
+
+
+class LinearLR(MemberLRScheduler):
+    """Linear warmup (or decay) of the factor from ``start_factor`` to ``end_factor`` over ``total_iters``."""
+
+    def __init__(self, optimizer, start_factor: MemberValue = 1.0 / 3, end_factor: MemberValue = 1.0,
+                 total_iters: MemberValue = 5, last_epoch: int = -1):
+        n = _num_members(optimizer, type(self).__name__)
+        self.start_factor = per_member(start_factor, "start_factor", n)
+        self.end_factor = per_member(end_factor, "end_factor", n)
+        self.total_iters = per_member(total_iters, "total_iters", n, int)
+        check_range(self.start_factor, "start_factor", 0.0, 1.0, low_inclusive=False)
+        check_range(self.end_factor, "end_factor", 0.0, 1.0)
+        check_range(self.total_iters, "total_iters", 1)
+        super().__init__(optimizer, last_epoch)
+
+    def member_lr(self, epoch, base_lr, member):
+        start, end, total = self.start_factor[member], self.end_factor[member], self.total_iters[member]
+        return base_lr * (start + (end - start) * min(epoch, total) / total)
+
+
+class SequentialLR(MemberLRScheduler):
+    """Runs ``schedulers[k]`` from milestone k-1 on, restarting its epoch count at each milestone.
+
+    ``milestones``: one entry per switch (``len(schedulers) - 1``), each an int or one int per member, so
+    members can switch at different epochs.
+    """
+
+    def __init__(self, optimizer, schedulers: Sequence[MemberLRScheduler], milestones: Sequence[MemberValue],
+                 last_epoch: int = -1):
+        n = _num_members(optimizer, type(self).__name__)
+        if len(schedulers) < 1 or len(milestones) != len(schedulers) - 1:
+            raise ValueError(f"SequentialLR needs len(milestones) == len(schedulers) - 1, got "
+                             f"{len(milestones)} milestones for {len(schedulers)} schedulers")
+        for index, scheduler in enumerate(schedulers):
+            if scheduler.optimizer is not optimizer:
+                raise ValueError(f"schedulers[{index}] drives a different optimizer")
+        per_switch = [per_member(m, f"milestones[{k}]", n, int) for k, m in enumerate(milestones)]
+        self.milestones = [list(member) for member in zip(*per_switch)] if per_switch else [[] for _ in range(n)]
+        for member, ms in enumerate(self.milestones):
+            if any(b <= a for a, b in zip(ms, ms[1:])) or (ms and ms[0] < 1):
+                raise ValueError(f"member {member}: milestones {ms} must be positive and increasing")
+        self.schedulers = list(schedulers)
+        super().__init__(optimizer, last_epoch)
+
+    def member_lr(self, epoch, base_lr, member):
+        ms = self.milestones[member]
+        k = bisect.bisect_right(ms, epoch)
+        start = ms[k - 1] if k else 0
+        return self.schedulers[k].member_lr(epoch - start, base_lr, member)
+
+
+def warmup_cosine(optimizer, warmup_iters: MemberValue, total_iters: MemberValue,
+                  start_factor: MemberValue = 0.1, eta_min: MemberValue = 0.0) -> SequentialLR:
+    """Linear warmup from ``start_factor * lr`` for ``warmup_iters``, then cosine decay to ``eta_min`` at
+    ``total_iters``: ``SequentialLR([LinearLR, CosineAnnealingLR], milestones=[warmup_iters])``, per member."""
+    n = optimizer.num_members
+    warmup = per_member(warmup_iters, "warmup_iters", n, int)
+    total = per_member(total_iters, "total_iters", n, int)
+    for member, (w, t) in enumerate(zip(warmup, total)):
+        if not 1 <= w < t:
+            raise ValueError(f"member {member}: need 1 <= warmup_iters < total_iters, got {w} and {t}")
+    linear = LinearLR(optimizer, start_factor=start_factor, end_factor=1.0, total_iters=warmup)
+    cosine = CosineAnnealingLR(optimizer, T_max=[t - w for w, t in zip(warmup, total)], eta_min=eta_min)
+    return SequentialLR(optimizer, [linear, cosine], milestones=[warmup])
