@@ -4,7 +4,8 @@
 normalization); ``ensemble_reduce`` / ``ensemble_stats`` reduce the member outputs in one fused pass.
 """
 
+from fused_ensemble.fused import FusedEnsemble
 from fused_ensemble.reference import REDUCTIONS, EnsembleStats
 
-__all__ = ["REDUCTIONS", "EnsembleStats"]
+__all__ = ["FusedEnsemble", "REDUCTIONS", "EnsembleStats"]
 __version__ = "0.1.0"
