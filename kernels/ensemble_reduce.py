@@ -1,0 +1,610 @@
+"""Triton kernels of the ensemble reduction: ``reduce_forward``, ``reduce_backward`` and ``stats_forward``.
+
+Every kernel sees logits ``x`` of shape ``[N, R, K]`` (N members, R rows, K classes) with arbitrary strides,
+zero strides from ``expand()`` included; x is never copied. Math runs in float32 whatever the input dtype
+(float32, float16, bfloat16). The contract (shapes, aux tensors, -inf behaviour) is the one of the C++ ops; the
+semantics are those of ``fused_ensemble.reference``.
+
+Two regimes, chosen by the launchers from K:
+
+- short rows (next_pow2(K) <= 8192): a program holds a ``[BLOCK_R, BLOCK_K]`` tile of BLOCK_R whole rows and
+  loops over the N members, so each member row is read exactly once and the result is written once. Several
+  rows per program keep the GPU busy when K is tiny (K=10 with 65536 rows).
+- long rows (vocabulary-sized K): one program per row loops over K in ``BLOCK_K`` chunks. Per member it makes
+  two passes, the first for the log-sum-exp (online max/sum with rescaling), the second (which finds the
+  member row in L2) to add the member's probabilities into the output row, which lives in global memory
+  between members. No chunk is larger than BLOCK_K, so nothing spills whatever K is.
+
+Index math is 64-bit: row and column offsets are int64 and members are reached by advancing a pointer.
+Launches go through ``torch.library.wrap_triton`` when torch has it, so that the op layer can wrap the
+launchers in ``torch.library.triton_op`` and ``torch.compile`` traces them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+REDUCTIONS = ("mean", "mean_probs", "softmax_of_mean", "log_mean_probs")
+
+MAX_SHORT_ROW_BLOCK = 8192
+"""Largest power-of-two row width that one tile holds; wider rows take the long-row (chunked) kernels."""
+
+SHORT_TILE_ELEMENTS = 2048
+"""Target tile size (rows x padded classes) of the short-row kernels."""
+
+LONG_ROW_BLOCK = 4096
+"""Chunk width of the long-row kernels."""
+
+_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_wrap_triton = getattr(torch.library, "wrap_triton", None)  # torch >= 2.6
+
+
+def _launch(kernel, grid, *args, **meta):
+    # wrap_triton makes the launch traceable by torch.compile / make_fx; it only knows compiled JIT functions
+    # (under TRITON_INTERPRET=1 older torch versions reject the interpreter's kernels), so others launch directly.
+    if _wrap_triton is not None and isinstance(kernel, triton.runtime.JITFunction):
+        kernel = _wrap_triton(kernel)
+    kernel[grid](*args, **meta)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Shared device helpers
+# ----------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tile_offsets(rows, cols, R, K, stride_r, stride_k):
+    """Element offsets and in-bounds mask of a [rows, cols] tile (rows, cols are int64 vectors)."""
+    mask = (rows[:, None] < R) & (cols[None, :] < K)
+    offs = rows[:, None] * stride_r + cols[None, :] * stride_k
+    return offs, mask
+
+
+@triton.jit
+def _online_lse_update(m_run, s_run, x):
+    """One chunk of an online log-sum-exp over axis 1: returns the new running (max, sum of exp(x - max)).
+
+    A running max of -inf (nothing finite seen yet) must not turn into NaN through -inf - -inf, so the
+    rescale factor and the shift are guarded; a row that is -inf everywhere keeps (max, sum) = (-inf, 0).
+    """
+    m_new = tl.maximum(m_run, tl.max(x, axis=1))
+    alpha = tl.where(m_run == m_new, 1.0, tl.exp(m_run - m_new))
+    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    s_new = s_run * alpha + tl.sum(tl.exp(x - shift[:, None]), axis=1)
+    return m_new, s_new
+
+
+@triton.jit
+def _logaddexp(a, b):
+    """log(exp(a) + exp(b)) with one exp and one log; -inf and -inf give -inf, NaN propagates."""
+    top = tl.maximum(a, b)
+    gap = tl.where(a == b, 0.0, -tl.abs(a - b))
+    return top + tl.log(1.0 + tl.exp(gap))
+
+
+@triton.jit
+def _plogp(p, log_p):
+    """p * log p with 0 log 0 = 0 (classes with -inf logits), like the reference's member entropy."""
+    return tl.where(p > 0, p * log_p, 0.0)
+
+
+@triton.jit
+def _entropy_terms(probs):
+    """probs * log(probs) with 0 log 0 = 0 and NaN kept (torch.special.xlogy semantics)."""
+    return tl.where(probs == 0, 0.0, probs * tl.log(probs))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Forward: "mean" (any K; 2D grid over row blocks and class blocks)
+# ----------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _mean_kernel(x_ptr, out_ptr, N, R, K, stride_n, stride_r, stride_k,
+                 BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs, mask = _tile_offsets(rows, cols, R, K, stride_r, stride_k)
+    acc = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
+    x_n = x_ptr
+    for _ in range(N):
+        acc += tl.load(x_n + offs, mask=mask, other=0.0).to(tl.float32)
+        x_n += stride_n
+    tl.store(out_ptr + rows[:, None] * K + cols[None, :], acc / N, mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Forward: "softmax_of_mean"
+# ----------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _softmax_of_mean_short_kernel(x_ptr, out_ptr, N, R, K, stride_n, stride_r, stride_k,
+                                  BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_K).to(tl.int64)
+    offs, mask = _tile_offsets(rows, cols, R, K, stride_r, stride_k)
+    acc = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
+    x_n = x_ptr
+    for _ in range(N):
+        acc += tl.load(x_n + offs, mask=mask, other=float("-inf")).to(tl.float32)
+        x_n += stride_n
+    logits = acc / N
+    e = tl.exp(logits - tl.max(logits, axis=1)[:, None])
+    tl.store(out_ptr + rows[:, None] * K + cols[None, :], e / tl.sum(e, axis=1)[:, None], mask=mask)
+
+
+@triton.jit
+def _softmax_of_mean_long_kernel(x_ptr, out_ptr, N, R, K, stride_n, stride_r, stride_k,
+                                 BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    # Pass 1 writes the mean logits into out while taking their online max/sum; pass 2 normalizes in place.
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    m_run = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+    s_run = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        offs, mask = _tile_offsets(rows, cols, R, K, stride_r, stride_k)
+        acc = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
+        x_n = x_ptr
+        for _ in range(N):
+            acc += tl.load(x_n + offs, mask=mask, other=float("-inf")).to(tl.float32)
+            x_n += stride_n
+        logits = acc / N
+        tl.store(out_ptr + rows[:, None] * K + cols[None, :], logits, mask=mask)
+        m_run, s_run = _online_lse_update(m_run, s_run, logits)
+    inv_s = 1.0 / s_run
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        mask = (rows[:, None] < R) & (cols[None, :] < K)
+        out_ptrs = out_ptr + rows[:, None] * K + cols[None, :]
+        logits = tl.load(out_ptrs, mask=mask, other=float("-inf"))
+        # An all -inf row gives exp(-inf - -inf) = NaN, as torch.softmax does.
+        tl.store(out_ptrs, tl.exp(logits - m_run[:, None]) * inv_s[:, None], mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Forward: "mean_probs" and "log_mean_probs" (LOG_OUTPUT), which also save each member row's lse
+# ----------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _member_probs_short_kernel(x_ptr, out_ptr, lse_ptr, N, R, K, stride_n, stride_r, stride_k, log_n,
+                               LOG_OUTPUT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_K).to(tl.int64)
+    offs, mask = _tile_offsets(rows, cols, R, K, stride_r, stride_k)
+    row_ok = rows < R
+    # mean_probs: acc is the sum of member probabilities. log_mean_probs: an online log-sum-exp over members
+    # of log p_n per class (top = running max, acc = sum of exp(log p - top)), exact where p underflows.
+    acc = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
+    top = tl.full([BLOCK_R, BLOCK_K], float("-inf"), dtype=tl.float32)
+    x_n = x_ptr
+    lse_n = lse_ptr
+    for _ in range(N):
+        x = tl.load(x_n + offs, mask=mask, other=float("-inf")).to(tl.float32)
+        m = tl.max(x, axis=1)
+        shifted = x - m[:, None]  # exact for large logits, unlike x - lse
+        e = tl.exp(shifted)
+        s = tl.sum(e, axis=1)
+        log_s = tl.log(s)
+        tl.store(lse_n + rows, m + log_s, mask=row_ok)
+        if LOG_OUTPUT:
+            log_p = shifted - log_s[:, None]
+            # One exp per element: the smaller of (top, log_p) is rescaled against the larger one.
+            gap = tl.where(log_p == top, 0.0, log_p - top)
+            w = tl.exp(-tl.abs(gap))
+            acc = tl.where(gap > 0, acc * w + 1.0, acc + w)
+            top = tl.maximum(top, log_p)
+        else:
+            acc += e * (1.0 / s)[:, None]
+        x_n += stride_n
+        lse_n += R
+    if LOG_OUTPUT:
+        result = top + tl.log(acc) - log_n
+    else:
+        result = acc / N
+    tl.store(out_ptr + rows[:, None] * K + cols[None, :], result, mask=mask)
+
+
+@triton.jit
+def _member_probs_long_kernel(x_ptr, out_ptr, lse_ptr, N, R, K, stride_n, stride_r, stride_k, log_n,
+                              LOG_OUTPUT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < R
+    x_n = x_ptr
+    lse_n = lse_ptr
+    for n in range(N):
+        m_run = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+        s_run = tl.zeros([BLOCK_R], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+            offs, mask = _tile_offsets(rows, cols, R, K, stride_r, stride_k)
+            x = tl.load(x_n + offs, mask=mask, other=float("-inf")).to(tl.float32)
+            m_run, s_run = _online_lse_update(m_run, s_run, x)
+        log_s = tl.log(s_run)
+        tl.store(lse_n + rows, m_run + log_s, mask=row_ok)
+        # The running result lives in out: a sum of probabilities (mean_probs) or log of that sum.
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+            offs, mask = _tile_offsets(rows, cols, R, K, stride_r, stride_k)
+            x = tl.load(x_n + offs, mask=mask, other=float("-inf")).to(tl.float32)
+            log_p = (x - m_run[:, None]) - log_s[:, None]
+            out_ptrs = out_ptr + rows[:, None] * K + cols[None, :]
+            if LOG_OUTPUT:
+                prev = tl.load(out_ptrs, mask=mask & (n > 0), other=float("-inf"))
+                result = _logaddexp(prev, log_p) - tl.where(n == N - 1, log_n, 0.0)
+            else:
+                prev = tl.load(out_ptrs, mask=mask & (n > 0), other=0.0)
+                result = (prev + tl.exp(log_p)) * tl.where(n == N - 1, 1.0 / N, 1.0)
+            tl.store(out_ptrs, result, mask=mask)
+        x_n += stride_n
+        lse_n += R
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Forward: ensemble statistics
+# ----------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _store_stats(rows, R, N, member_argmax, probs_entropy_sum, expected_entropy_sum, confidence, has_nan,
+                 prediction, entropy_ptr, expected_entropy_ptr, mutual_info_ptr, confidence_ptr, prediction_ptr,
+                 disagreement_ptr, BLOCK_N: tl.constexpr):
+    row_ok = rows < R
+    entropy = -probs_entropy_sum
+    expected_entropy = expected_entropy_sum / N
+    # tl.max may drop NaN on the GPU; torch's max of a NaN row is NaN.
+    confidence = tl.where(has_nan, float("nan"), confidence)
+    members = tl.arange(0, BLOCK_N)[None, :]
+    disagree = (member_argmax != prediction[:, None]) & (members < N)
+    disagreement = tl.sum(disagree.to(tl.float32), axis=1) / N
+    tl.store(entropy_ptr + rows, entropy, mask=row_ok)
+    tl.store(expected_entropy_ptr + rows, expected_entropy, mask=row_ok)
+    tl.store(mutual_info_ptr + rows, entropy - expected_entropy, mask=row_ok)
+    tl.store(confidence_ptr + rows, confidence, mask=row_ok)
+    tl.store(prediction_ptr + rows, prediction.to(tl.int64), mask=row_ok)
+    tl.store(disagreement_ptr + rows, disagreement, mask=row_ok)
+
+
+@triton.jit
+def _stats_short_kernel(x_ptr, probs_ptr, entropy_ptr, expected_entropy_ptr, mutual_info_ptr, confidence_ptr,
+                        prediction_ptr, disagreement_ptr, N, R, K, stride_n, stride_r, stride_k,
+                        BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_K).to(tl.int64)
+    offs, mask = _tile_offsets(rows, cols, R, K, stride_r, stride_k)
+    members = tl.arange(0, BLOCK_N)[None, :]
+    probs_sum = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
+    expected_entropy_sum = tl.zeros([BLOCK_R], dtype=tl.float32)
+    member_argmax = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.int32)
+    x_n = x_ptr
+    for n in range(N):
+        x = tl.load(x_n + offs, mask=mask, other=float("-inf")).to(tl.float32)
+        m = tl.max(x, axis=1)
+        shifted = x - m[:, None]
+        e = tl.exp(shifted)
+        s = tl.sum(e, axis=1)
+        p = e * (1.0 / s)[:, None]
+        log_p = shifted - tl.log(s)[:, None]
+        expected_entropy_sum -= tl.sum(_plogp(p, log_p), axis=1)
+        probs_sum += p
+        member_argmax = tl.where(members == n, tl.argmax(x, axis=1, tie_break_left=True)[:, None], member_argmax)
+        x_n += stride_n
+    probs = probs_sum / N
+    tl.store(probs_ptr + rows[:, None] * K + cols[None, :], probs, mask=mask)
+    probs_or_floor = tl.where(mask, probs, -1.0)  # padding must never win the max
+    confidence = tl.max(probs_or_floor, axis=1)
+    prediction = tl.argmax(probs_or_floor, axis=1, tie_break_left=True)
+    has_nan = tl.sum((probs != probs).to(tl.int32), axis=1) > 0
+    _store_stats(rows, R, N, member_argmax, tl.sum(_entropy_terms(probs), axis=1), expected_entropy_sum,
+                 confidence, has_nan, prediction, entropy_ptr, expected_entropy_ptr, mutual_info_ptr,
+                 confidence_ptr, prediction_ptr, disagreement_ptr, BLOCK_N)
+
+
+@triton.jit
+def _stats_long_kernel(x_ptr, probs_ptr, entropy_ptr, expected_entropy_ptr, mutual_info_ptr, confidence_ptr,
+                       prediction_ptr, disagreement_ptr, N, R, K, stride_n, stride_r, stride_k,
+                       BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    members = tl.arange(0, BLOCK_N)[None, :]
+    expected_entropy_sum = tl.zeros([BLOCK_R], dtype=tl.float32)
+    member_argmax = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.int32)
+    x_n = x_ptr
+    for n in range(N):
+        # Pass 1: log-sum-exp and the member's own argmax (first index on ties: only a strictly larger
+        # chunk maximum replaces the running one).
+        m_run = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+        s_run = tl.zeros([BLOCK_R], dtype=tl.float32)
+        best = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+        best_idx = tl.zeros([BLOCK_R], dtype=tl.int32)
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+            offs, mask = _tile_offsets(rows, cols, R, K, stride_r, stride_k)
+            x = tl.load(x_n + offs, mask=mask, other=float("-inf")).to(tl.float32)
+            m_run, s_run = _online_lse_update(m_run, s_run, x)
+            chunk_best = tl.max(x, axis=1)
+            chunk_idx = tl.argmax(x, axis=1, tie_break_left=True) + k0
+            better = chunk_best > best
+            best_idx = tl.where(better, chunk_idx, best_idx)
+            best = tl.where(better, chunk_best, best)
+        member_argmax = tl.where(members == n, best_idx[:, None], member_argmax)
+        # Pass 2: member entropy, and the member's probabilities added into the probs row.
+        log_s = tl.log(s_run)
+        plogp_sum = tl.zeros([BLOCK_R], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+            offs, mask = _tile_offsets(rows, cols, R, K, stride_r, stride_k)
+            x = tl.load(x_n + offs, mask=mask, other=float("-inf")).to(tl.float32)
+            log_p = (x - m_run[:, None]) - log_s[:, None]
+            p = tl.exp(log_p)
+            plogp_sum += tl.sum(_plogp(p, log_p), axis=1)
+            probs_ptrs = probs_ptr + rows[:, None] * K + cols[None, :]
+            prev = tl.load(probs_ptrs, mask=mask & (n > 0), other=0.0)
+            tl.store(probs_ptrs, prev + p, mask=mask)
+        expected_entropy_sum -= plogp_sum
+        x_n += stride_n
+    # Pass 3 over the probs row (in L2): scale by 1/N, predictive entropy, confidence and prediction.
+    entropy_sum = tl.zeros([BLOCK_R], dtype=tl.float32)
+    confidence = tl.full([BLOCK_R], -1.0, dtype=tl.float32)
+    prediction = tl.zeros([BLOCK_R], dtype=tl.int32)
+    nan_count = tl.zeros([BLOCK_R], dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        mask = (rows[:, None] < R) & (cols[None, :] < K)
+        probs_ptrs = probs_ptr + rows[:, None] * K + cols[None, :]
+        probs = tl.load(probs_ptrs, mask=mask, other=0.0) / N
+        tl.store(probs_ptrs, probs, mask=mask)
+        entropy_sum += tl.sum(_entropy_terms(probs), axis=1)
+        nan_count += tl.sum((probs != probs).to(tl.int32), axis=1)
+        probs_or_floor = tl.where(mask, probs, -1.0)
+        chunk_best = tl.max(probs_or_floor, axis=1)
+        chunk_idx = tl.argmax(probs_or_floor, axis=1, tie_break_left=True) + k0
+        better = chunk_best > confidence
+        prediction = tl.where(better, chunk_idx, prediction)
+        confidence = tl.where(better, chunk_best, confidence)
+    _store_stats(rows, R, N, member_argmax, entropy_sum, expected_entropy_sum, confidence, nan_count > 0,
+                 prediction, entropy_ptr, expected_entropy_ptr, mutual_info_ptr, confidence_ptr, prediction_ptr,
+                 disagreement_ptr, BLOCK_N)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Backward
+# ----------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _scale_kernel(src_ptr, dst_ptr, numel, scale, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    tl.store(dst_ptr + offs, tl.load(src_ptr + offs, mask=mask, other=0.0) * scale, mask=mask)
+
+
+@triton.jit
+def _softmax_of_mean_backward_kernel(grad_out_ptr, out_ptr, grad_ptr, N, R, K,
+                                     ONE_BLOCK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    # grad = out * (g - sum_k g * out) / N; grad_out, out and grad are contiguous [R, K].
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    if ONE_BLOCK:
+        cols = tl.arange(0, BLOCK_K).to(tl.int64)
+        offs, mask = _tile_offsets(rows, cols, R, K, K, 1)
+        g = tl.load(grad_out_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        o = tl.load(out_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        dot = tl.sum(g * o, axis=1)
+        tl.store(grad_ptr + offs, o * (g - dot[:, None]) / N, mask=mask)
+    else:
+        dot = tl.zeros([BLOCK_R], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+            offs, mask = _tile_offsets(rows, cols, R, K, K, 1)
+            g = tl.load(grad_out_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            o = tl.load(out_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            dot += tl.sum(g * o, axis=1)
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+            offs, mask = _tile_offsets(rows, cols, R, K, K, 1)
+            g = tl.load(grad_out_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            o = tl.load(out_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            tl.store(grad_ptr + offs, o * (g - dot[:, None]) / N, mask=mask)
+
+
+@triton.jit
+def _member_grad_terms(x_n, grad_out_ptr, out_ptr, lse, rows, cols, R, K, stride_r, stride_k, inv_n, log_n,
+                       LOG_OUTPUT: tl.constexpr):
+    """Member probabilities s and the term h of grad = h - s * sum_k h, for one tile of member n.
+
+    mean_probs: h = g s / N. log_mean_probs: h = g s / (N p) = g exp(x - lse - out - log N), 0 where s = 0.
+    """
+    offs, mask = _tile_offsets(rows, cols, R, K, stride_r, stride_k)
+    x = tl.load(x_n + offs, mask=mask, other=float("-inf")).to(tl.float32)
+    out_offs = rows[:, None] * K + cols[None, :]
+    g = tl.load(grad_out_ptr + out_offs, mask=mask, other=0.0).to(tl.float32)
+    log_s = x - lse[:, None]
+    s = tl.exp(log_s)
+    if LOG_OUTPUT:
+        o = tl.load(out_ptr + out_offs, mask=mask, other=0.0).to(tl.float32)
+        h = tl.where(s == 0, 0.0, g * tl.exp(log_s - o - log_n))
+    else:
+        h = g * s * inv_n
+    return s, h, mask
+
+
+@triton.jit
+def _member_probs_backward_kernel(x_ptr, grad_out_ptr, out_ptr, lse_ptr, grad_ptr, N, R, K,
+                                  stride_n, stride_r, stride_k, log_n,
+                                  LOG_OUTPUT: tl.constexpr, ONE_BLOCK: tl.constexpr,
+                                  BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    # Grid: (row blocks, members). grad is a contiguous [N, R, K] tensor in x's dtype.
+    n = tl.program_id(1).to(tl.int64)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    x_n = x_ptr + n * stride_n
+    grad_n = grad_ptr + n * R * K
+    lse = tl.load(lse_ptr + n * R + rows, mask=rows < R, other=0.0)
+    inv_n = 1.0 / N
+    if ONE_BLOCK:
+        cols = tl.arange(0, BLOCK_K).to(tl.int64)
+        s, h, mask = _member_grad_terms(x_n, grad_out_ptr, out_ptr, lse, rows, cols, R, K, stride_r, stride_k,
+                                        inv_n, log_n, LOG_OUTPUT)
+        grad = h - s * tl.sum(h, axis=1)[:, None]
+        tl.store(grad_n + rows[:, None] * K + cols[None, :], grad, mask=mask)
+    else:
+        h_sum = tl.zeros([BLOCK_R], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+            s, h, mask = _member_grad_terms(x_n, grad_out_ptr, out_ptr, lse, rows, cols, R, K, stride_r,
+                                            stride_k, inv_n, log_n, LOG_OUTPUT)
+            h_sum += tl.sum(h, axis=1)
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+            s, h, mask = _member_grad_terms(x_n, grad_out_ptr, out_ptr, lse, rows, cols, R, K, stride_r,
+                                            stride_k, inv_n, log_n, LOG_OUTPUT)
+            tl.store(grad_n + rows[:, None] * K + cols[None, :], h - s * h_sum[:, None], mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------------------
+
+
+class _Plan:
+    """Block sizes of one launch: BLOCK_R rows x BLOCK_K classes per tile; one_block when a tile holds a row."""
+
+    def __init__(self, R: int, K: int, block_r: int | None, block_k: int | None, num_warps: int | None):
+        padded_k = triton.next_power_of_2(K)
+        if block_k is None:
+            block_k = padded_k if padded_k <= MAX_SHORT_ROW_BLOCK else LONG_ROW_BLOCK
+        _check_power_of_two("block_k", block_k)
+        self.one_block = block_k >= K
+        self.block_k = min(block_k, padded_k)
+        if block_r is None:
+            block_r = max(1, SHORT_TILE_ELEMENTS // self.block_k) if self.one_block else 1
+            block_r = min(block_r, triton.next_power_of_2(max(R, 1)))
+        _check_power_of_two("block_r", block_r)
+        self.block_r = block_r
+        # About 16 fp32 values per thread and tensor: 4 warps for 2048-element tiles, up to 16 warps.
+        self.num_warps = num_warps or max(4, min(16, block_r * self.block_k // 512))
+
+
+def _check_power_of_two(name: str, value: int) -> None:
+    if value < 1 or value & (value - 1):
+        raise ValueError(f"{name} must be a power of two, got {value}")
+
+
+def _check_logits(x: torch.Tensor) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 3:
+        raise ValueError(f"x must have shape [N, R, K] (members, rows, classes), got shape {tuple(x.shape)}")
+    if x.dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(f"x must be float32, float16 or bfloat16 for the Triton kernels, got {x.dtype}")
+    if x.shape[0] == 0:
+        raise ValueError("x has no members: x.shape[0] == 0")
+    if x.shape[2] == 0:
+        raise ValueError("x has no classes: x.shape[2] == 0")
+
+
+def _check_reduction(reduction: str) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"unknown reduction {reduction!r}; expected one of {', '.join(map(repr, REDUCTIONS))}")
+
+
+def reduce_forward(x: torch.Tensor, reduction: str, *, block_r: int | None = None, block_k: int | None = None,
+                   num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reduces logits ``x`` of shape ``[N, R, K]`` (any strides) over the member dim 0.
+
+    Returns ``(out, aux)``: ``out`` is a contiguous float32 ``[R, K]`` tensor (the reduction of
+    ``fused_ensemble.reference.reduce_reference``); ``aux`` is the float32 ``[N, R]`` log-sum-exp of every
+    member row for ``"mean_probs"`` and ``"log_mean_probs"`` (saved for backward) and an empty ``(0,)`` float32
+    tensor otherwise. ``block_r`` / ``block_k`` / ``num_warps`` override the heuristic tile (powers of two;
+    ``block_k < K`` selects the long-row kernels), for tests and tuning.
+    """
+    _check_reduction(reduction)
+    _check_logits(x)
+    N, R, K = x.shape
+    out = torch.empty((R, K), dtype=torch.float32, device=x.device)
+    keeps_lse = reduction in ("mean_probs", "log_mean_probs")
+    aux = torch.empty((N, R) if keeps_lse else (0,), dtype=torch.float32, device=x.device)
+    if R == 0:
+        return out, aux
+    plan = _Plan(R, K, block_r, block_k, num_warps)
+    row_grid = (triton.cdiv(R, plan.block_r),)
+    common = (N, R, K, *x.stride())
+    meta = dict(BLOCK_R=plan.block_r, BLOCK_K=plan.block_k, num_warps=plan.num_warps)
+    if reduction == "mean":
+        _launch(_mean_kernel, (row_grid[0], triton.cdiv(K, plan.block_k)), x, out, *common, **meta)
+    elif reduction == "softmax_of_mean":
+        kernel = _softmax_of_mean_short_kernel if plan.one_block else _softmax_of_mean_long_kernel
+        _launch(kernel, row_grid, x, out, *common, **meta)
+    else:
+        kernel = _member_probs_short_kernel if plan.one_block else _member_probs_long_kernel
+        _launch(kernel, row_grid, x, out, aux, *common, math.log(N),
+                LOG_OUTPUT=reduction == "log_mean_probs", **meta)
+    return out, aux
+
+
+def reduce_backward(grad_out: torch.Tensor, x: torch.Tensor, out: torch.Tensor, aux: torch.Tensor,
+                    reduction: str, *, block_r: int | None = None, block_k: int | None = None,
+                    num_warps: int | None = None) -> torch.Tensor:
+    """Gradient of ``reduce_forward(x, reduction)`` given ``grad_out`` (contiguous ``[R, K]``, out's dtype).
+
+    ``"mean"`` and ``"softmax_of_mean"`` return the float32 ``[R, K]`` gradient shared by every member
+    (``grad_out / N`` and ``out * (grad_out - sum_k grad_out * out) / N``); ``"mean_probs"`` and
+    ``"log_mean_probs"`` return a contiguous ``[N, R, K]`` gradient in x's dtype, computed from the saved
+    ``aux`` (member log-sum-exps) and, for ``"log_mean_probs"``, ``out``.
+    """
+    _check_reduction(reduction)
+    _check_logits(x)
+    N, R, K = x.shape
+    if grad_out.shape != (R, K) or out.shape != (R, K):
+        raise ValueError(f"grad_out and out must have shape {(R, K)}, got {tuple(grad_out.shape)} and "
+                         f"{tuple(out.shape)}")
+    grad_out = grad_out.contiguous()
+    if reduction in ("mean", "softmax_of_mean"):
+        grad = torch.empty((R, K), dtype=torch.float32, device=x.device)
+    else:
+        if aux.shape != (N, R):
+            raise ValueError(f"aux must be the [N, R] = {(N, R)} member log-sum-exps, got {tuple(aux.shape)}")
+        grad = torch.empty((N, R, K), dtype=x.dtype, device=x.device)
+    if R == 0:
+        return grad
+    if reduction == "mean":
+        block = 1024
+        _launch(_scale_kernel, (triton.cdiv(R * K, block),), grad_out, grad, R * K, 1.0 / N, BLOCK=block)
+        return grad
+    plan = _Plan(R, K, block_r, block_k, num_warps)
+    meta = dict(ONE_BLOCK=plan.one_block, BLOCK_R=plan.block_r, BLOCK_K=plan.block_k, num_warps=plan.num_warps)
+    row_blocks = triton.cdiv(R, plan.block_r)
+    if reduction == "softmax_of_mean":
+        _launch(_softmax_of_mean_backward_kernel, (row_blocks,), grad_out, out.contiguous(), grad, N, R, K,
+                **meta)
+    else:
+        _launch(_member_probs_backward_kernel, (row_blocks, N), x, grad_out, out.contiguous(), aux.contiguous(),
+                grad, N, R, K, *x.stride(), math.log(N), LOG_OUTPUT=reduction == "log_mean_probs", **meta)
+    return grad
+
+
+def stats_forward(x: torch.Tensor, *, block_r: int | None = None, block_k: int | None = None,
+                  num_warps: int | None = None) -> tuple[torch.Tensor, ...]:
+    """Ensemble statistics of logits ``x`` ``[N, R, K]`` (any strides) in one pass over the logits per row.
+
+    Returns ``(probs [R, K], entropy [R], expected_entropy [R], mutual_info [R], confidence [R],
+    prediction [R] int64, disagreement [R])``, float32 except ``prediction``, with the meanings of
+    ``fused_ensemble.reference.stats_reference``. The member softmaxes are never materialized. Keyword
+    overrides as in ``reduce_forward``.
+    """
+    _check_logits(x)
+    N, R, K = x.shape
+    probs = torch.empty((R, K), dtype=torch.float32, device=x.device)
+    entropy, expected_entropy, mutual_info, confidence, disagreement = (
+        torch.empty((R,), dtype=torch.float32, device=x.device) for _ in range(5))
+    prediction = torch.empty((R,), dtype=torch.int64, device=x.device)
+    if R > 0:
+        plan = _Plan(R, K, block_r, block_k, num_warps)
+        kernel = _stats_short_kernel if plan.one_block else _stats_long_kernel
+        _launch(kernel, (triton.cdiv(R, plan.block_r),), x, probs, entropy, expected_entropy, mutual_info,
+                confidence, prediction, disagreement, N, R, K, *x.stride(), BLOCK_R=plan.block_r,
+                BLOCK_K=plan.block_k, BLOCK_N=triton.next_power_of_2(N), num_warps=plan.num_warps)
+    return probs, entropy, expected_entropy, mutual_info, confidence, prediction, disagreement
