@@ -1,0 +1,110 @@
+"""`python -m fused_ensemble bench`: member loop vs torch.func vmap vs FusedEnsemble on one workload."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+
+import torch
+
+from fused_ensemble.benchmarking import Workload, best_device, median, parse_dtype, relative_error, time_ms
+from fused_ensemble.models import MODELS
+
+METHODS = ("loop", "vmap", "fused")
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="resnet18-cifar", choices=sorted(MODELS))
+    parser.add_argument("--members", type=int, default=8, help="number of ensemble members N")
+    parser.add_argument("--batch", type=int, default=64, help="batch size B (every member sees the same batch)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    parser.add_argument("--reduction", default="mean_probs")
+    parser.add_argument("--reps", type=int, default=None, help="timed repetitions (default: 5 on CPU, 50 on GPU)")
+    parser.add_argument("--json", default=None, metavar="PATH", help="write the results as JSON to PATH")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _environment(device: str) -> dict:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                check=False).stdout.strip()
+    except OSError:
+        commit = ""
+    info = {"torch": torch.__version__, "python": platform.python_version(), "commit": commit or None,
+            "cpu_threads": torch.get_num_threads()}
+    if device.startswith("cuda"):
+        info["card"] = torch.cuda.get_device_name()
+    else:
+        info["card"] = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    return info
+
+
+def run_bench(args: argparse.Namespace) -> dict:
+    from tqdm import tqdm
+
+    device = args.device or best_device()
+    dtype = parse_dtype(args.dtype)
+    reps = args.reps or (50 if device.startswith("cuda") else 5)
+    if device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    stages = tqdm(total=1 + 2 * len(METHODS), desc="bench", disable=args.no_progress, leave=False)
+    stages.set_postfix_str("building members")
+    workload = Workload.build(args.model, args.members, args.batch, device, dtype, args.reduction)
+    runners = {"loop": workload.loop(), "vmap": workload.vmap(), "fused": workload.fused()}
+    stages.update()
+    outputs = {}
+    with torch.no_grad():
+        for name, run in runners.items():
+            stages.set_postfix_str(f"checking {name}")
+            outputs[name] = run()
+            stages.update()
+    errors = {name: relative_error(outputs[name], outputs["loop"]) for name in METHODS}
+    tolerance = 1e-4 if dtype == torch.float32 else 2e-2
+    if errors["fused"] > tolerance:
+        raise RuntimeError(f"fused output differs from the member loop: relative error {errors['fused']:.2e} "
+                           f"> {tolerance:.0e}")
+    timings = {}
+    for name, run in runners.items():
+        stages.set_postfix_str(f"timing {name}")
+        timings[name] = time_ms(run, device, reps)
+        stages.update()
+    stages.close()
+    rows = {}
+    for name in METHODS:
+        ms = median(timings[name])
+        rows[name] = {"ms": ms, "images_per_s": args.batch * 1e3 / ms,
+                      "speedup_vs_loop": median(timings["loop"]) / ms,
+                      "speedup_vs_vmap": median(timings["vmap"]) / ms,
+                      "relative_error_vs_loop": errors[name], "times_ms": timings[name]}
+    return {"model": args.model, "members": args.members, "batch": args.batch, "device": device,
+            "dtype": str(dtype).replace("torch.", ""), "reduction": args.reduction, "reps": reps,
+            "environment": _environment(device), "results": rows}
+
+
+def format_table(result: dict) -> str:
+    lines = [f"{result['model']}: N={result['members']} members, batch {result['batch']}, {result['dtype']}, "
+             f"{result['environment']['card']}, median of {result['reps']}",
+             f"{'method':<8} {'ms':>10} {'images/s':>10} {'vs loop':>8} {'vs vmap':>8} {'rel err':>9}"]
+    for name, row in result["results"].items():
+        lines.append(f"{name:<8} {row['ms']:>10.2f} {row['images_per_s']:>10.1f} {row['speedup_vs_loop']:>7.2f}x "
+                     f"{row['speedup_vs_vmap']:>7.2f}x {row['relative_error_vs_loop']:>9.1e}")
+    return "\n".join(lines)
+
+
+def main_bench(args: argparse.Namespace) -> int:
+    result = run_bench(args)
+    print(format_table(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0

@@ -1,0 +1,119 @@
+"""Ensemble-throughput workloads and timing, shared by the CLI (`python -m fused_ensemble bench`) and bench/.
+
+Every way of running N members is measured on the same members, input and reduction: the member loop, the
+``torch.func`` vmap of the member (``stack_module_state`` + ``functional_call``) and ``FusedEnsemble``.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from fused_ensemble.fused import FusedEnsemble
+from fused_ensemble.models import build_model, input_shape
+from fused_ensemble.reference import reduce_reference
+
+
+def best_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    dtypes = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+              "float16": torch.float16, "fp16": torch.float16}
+    if name not in dtypes:
+        raise ValueError(f"unknown dtype {name!r}; expected one of {', '.join(dtypes)}")
+    return dtypes[name]
+
+
+def randomize_batchnorm(model: nn.Module, generator: torch.Generator | None = None) -> nn.Module:
+    """Random running statistics and affine parameters, so that BatchNorm is not close to the identity."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is not None:
+                module.running_mean.copy_(torch.randn(module.running_mean.shape, generator=generator) * 0.5)
+                module.running_var.copy_(torch.rand(module.running_var.shape, generator=generator) * 1.5 + 0.5)
+                if module.weight is not None:
+                    module.weight.copy_(1 + 0.2 * torch.randn(module.weight.shape, generator=generator))
+                    module.bias.copy_(0.2 * torch.randn(module.bias.shape, generator=generator))
+    return model
+
+
+@dataclass
+class Workload:
+    """N random members of one architecture, an input batch, and the three ways to run them."""
+
+    model: str
+    num_members: int
+    batch: int
+    device: str
+    dtype: torch.dtype
+    reduction: str = "mean_probs"
+    members: list[nn.Module] = field(default_factory=list)
+    x: torch.Tensor | None = None
+
+    @classmethod
+    def build(cls, model: str, num_members: int, batch: int, device: str, dtype: torch.dtype,
+              reduction: str = "mean_probs", seed: int = 0) -> "Workload":
+        generator = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)
+        members = [randomize_batchnorm(build_model(model), generator).eval().to(device, dtype)
+                   for _ in range(num_members)]
+        x = torch.randn(batch, *input_shape(model), generator=generator).to(device, dtype)
+        return cls(model, num_members, batch, device, dtype, reduction, members, x)
+
+    def loop(self) -> Callable[[], torch.Tensor]:
+        members, x, reduction = self.members, self.x, self.reduction
+        return lambda: reduce_reference(torch.stack([m(x) for m in members]), reduction)
+
+    def vmap(self) -> Callable[[], torch.Tensor]:
+        params, buffers = torch.func.stack_module_state(self.members)
+        base = copy.deepcopy(self.members[0]).to("meta")
+
+        def one_member(p, b, x):
+            return torch.func.functional_call(base, (p, b), (x,))
+
+        run = torch.vmap(one_member, in_dims=(0, 0, None))
+        x, reduction = self.x, self.reduction
+        return lambda: reduce_reference(run(params, buffers, x), reduction)
+
+    def fused(self) -> Callable[[], torch.Tensor]:
+        module = FusedEnsemble(self.members, reduction=self.reduction).eval()
+        x = self.x
+        return lambda: module(x)
+
+
+def time_ms(fn: Callable[[], object], device: str, reps: int, warmup: int = 1) -> list[float]:
+    """Wall times in ms of ``reps`` calls after ``warmup`` calls, under no_grad (CUDA: events around each call)."""
+    with torch.no_grad():
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(reps):
+            if device.startswith("cuda"):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                torch.cuda.synchronize()
+                times.append(start.elapsed_time(end))
+            else:
+                start_s = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - start_s) * 1e3)
+    return times
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
