@@ -4,8 +4,9 @@
 normalization); ``ensemble_reduce`` / ``ensemble_stats`` reduce the member outputs in one fused pass.
 """
 
+from fused_ensemble.ensemble_reduce import ensemble_reduce, ensemble_stats
 from fused_ensemble.fused import FusedEnsemble
 from fused_ensemble.reference import REDUCTIONS, EnsembleStats
 
-__all__ = ["FusedEnsemble", "REDUCTIONS", "EnsembleStats"]
+__all__ = ["FusedEnsemble", "REDUCTIONS", "EnsembleStats", "ensemble_reduce", "ensemble_stats"]
 __version__ = "0.1.0"

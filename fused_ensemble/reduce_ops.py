@@ -1,0 +1,109 @@
+"""torch.library registration of the ensemble-reduction kernels (namespace ``fused_ensemble``).
+
+Three custom ops over logits ``x`` of shape [N, R, K] (members, rows, classes; any strides):
+
+- ``fused_ensemble::reduce(Tensor x, str reduction, str backend) -> (Tensor out, Tensor aux)``
+- ``fused_ensemble::reduce_backward(Tensor grad_out, Tensor x, Tensor out, Tensor aux, str reduction,
+  str backend) -> Tensor``
+- ``fused_ensemble::stats(Tensor x, str backend) -> (probs, entropy, expected_entropy, mutual_info, confidence,
+  prediction, disagreement)``
+
+``backend`` is ``"triton"`` (fused_ensemble.kernels.ensemble_reduce) or ``"cpp"`` (the ``fused_ensemble_ext``
+ops of the compiled extension). Each op has a fake (meta) implementation, and ``reduce`` an autograd formula
+whose backward is the kernels' own backward, so ``torch.compile(fullgraph=True)`` sees one opaque node per op
+and ``torch.library.opcheck`` passes. The shapes and dtypes follow the kernel contract (module docstring of
+fused_ensemble.ensemble_reduce).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+from torch import Tensor
+
+from fused_ensemble.reference import compute_dtype
+
+# Reductions whose gradient is the same for every member: the backward kernel returns it once, [R, K].
+MEMBER_INDEPENDENT_GRAD = ("mean", "softmax_of_mean")
+# Reductions that save the log-sum-exp of every member row, [N, R], for the backward pass.
+SAVES_MEMBER_LSE = ("mean_probs", "log_mean_probs")
+
+
+def _kernels(backend: str):
+    """The module (or op namespace) holding reduce_forward / reduce_backward / stats_forward for ``backend``."""
+    if backend == "triton":
+        return importlib.import_module("fused_ensemble.kernels.ensemble_reduce")
+    if backend == "cpp":
+        return torch.ops.fused_ensemble_ext
+    raise ValueError(f"fused_ensemble ops run the 'triton' or 'cpp' kernels, got backend={backend!r}")
+
+
+@torch.library.custom_op("fused_ensemble::reduce", mutates_args=())
+def reduce_op(x: Tensor, reduction: str, backend: str) -> tuple[Tensor, Tensor]:
+    """Reduces [N, R, K] logits over dim 0; returns (out [R, K], aux saved for the backward pass)."""
+    out, aux = _kernels(backend).reduce_forward(x, reduction)
+    return out.contiguous(), aux.contiguous()
+
+
+@reduce_op.register_fake
+def _reduce_fake(x: Tensor, reduction: str, backend: str) -> tuple[Tensor, Tensor]:
+    members, rows, classes = x.shape
+    dtype = compute_dtype(x.dtype)
+    out = x.new_empty((rows, classes), dtype=dtype)
+    aux_shape = (members, rows) if reduction in SAVES_MEMBER_LSE else (0,)
+    return out, x.new_empty(aux_shape, dtype=dtype)
+
+
+@torch.library.custom_op("fused_ensemble::reduce_backward", mutates_args=())
+def reduce_backward_op(grad_out: Tensor, x: Tensor, out: Tensor, aux: Tensor, reduction: str,
+                    backend: str) -> Tensor:
+    """Gradient of ``reduce_op``: [R, K] (the same for every member) or [N, R, K] (see MEMBER_INDEPENDENT_GRAD)."""
+    # The fake says "contiguous"; a kernel that returns another layout pays one copy here rather than breaking
+    # the stride assertions of compiled graphs.
+    return _kernels(backend).reduce_backward(grad_out, x, out, aux, reduction).contiguous()
+
+
+@reduce_backward_op.register_fake
+def _reduce_backward_fake(grad_out: Tensor, x: Tensor, out: Tensor, aux: Tensor, reduction: str,
+                          backend: str) -> Tensor:
+    if reduction in MEMBER_INDEPENDENT_GRAD:
+        return out.new_empty(out.shape)
+    return x.new_empty(x.shape)
+
+
+def _reduce_setup_context(ctx, inputs, output) -> None:
+    x, reduction, backend = inputs
+    out, aux = output
+    ctx.save_for_backward(x, out, aux)
+    ctx.reduction = reduction
+    ctx.backend = backend
+    ctx.mark_non_differentiable(aux)
+
+
+def _reduce_backward_formula(ctx, grad_out: Tensor, _grad_aux: Tensor):
+    x, out, aux = ctx.saved_tensors
+    grad = reduce_backward_op(grad_out.contiguous(), x, out, aux, ctx.reduction, ctx.backend)
+    if ctx.reduction in MEMBER_INDEPENDENT_GRAD:
+        # Every member gets the same gradient: expand it over N with a zero stride instead of copying N times.
+        grad = grad.to(x.dtype).unsqueeze(0).expand(x.shape)
+    return grad, None, None
+
+
+reduce_op.register_autograd(_reduce_backward_formula, setup_context=_reduce_setup_context)
+
+
+@torch.library.custom_op("fused_ensemble::stats", mutates_args=())
+def stats_op(x: Tensor, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Ensemble statistics of [N, R, K] logits in one pass (fields of reference.EnsembleStats, per row)."""
+    return tuple(t.contiguous() for t in _kernels(backend).stats_forward(x))
+
+
+@stats_op.register_fake
+def _stats_fake(x: Tensor, backend: str):
+    _, rows, classes = x.shape
+    dtype = compute_dtype(x.dtype)
+    probs = x.new_empty((rows, classes), dtype=dtype)
+    per_row = [x.new_empty((rows,), dtype=dtype) for _ in range(4)]
+    prediction = x.new_empty((rows,), dtype=torch.int64)
+    return (probs, *per_row, prediction, x.new_empty((rows,), dtype=dtype))
