@@ -29,6 +29,20 @@ def _trace(stacked: nn.Module, training: bool) -> fx.Graph:
         stacked.train(was_training)
 
 
+def apply_reduction(outputs, reduction: str):
+    """Combines member outputs ``[N, B, ...]`` (dim 0 = member) with ``reduction`` (see ``FusedEnsemble``)."""
+    if reduction == "none":
+        return outputs
+    if not isinstance(outputs, torch.Tensor):
+        raise TypeError(f"reduction={reduction!r} needs the members to return one tensor, got "
+                        f"{type(outputs).__name__}; use reduction='none'")
+    if reduction == "mean":
+        return outputs.mean(0)
+    from fused_ensemble.ensemble_reduce import ensemble_reduce
+
+    return ensemble_reduce(outputs, reduction, dim=0)
+
+
 class FusedEnsemble(nn.Module):
     """N networks of one architecture (different weights) run as one network.
 
@@ -84,16 +98,18 @@ class FusedEnsemble(nn.Module):
 
     def reduce(self, outputs: torch.Tensor) -> torch.Tensor:
         """Applies this ensemble's ``reduction`` to member outputs ``[N, B, ...]``."""
-        if self.reduction == "none":
-            return outputs
-        if not isinstance(outputs, torch.Tensor):
-            raise TypeError(f"reduction={self.reduction!r} needs the members to return one tensor, got "
-                            f"{type(outputs).__name__}; use reduction='none'")
-        if self.reduction == "mean":
-            return outputs.mean(0)
-        from fused_ensemble.ensemble_reduce import ensemble_reduce
+        return apply_reduction(outputs, self.reduction)
 
-        return ensemble_reduce(outputs, self.reduction, dim=0)
+    def optimize(self, example_input: torch.Tensor, dtype: torch.dtype | None = None,
+                 cuda_graph: bool | None = None) -> "OptimizedEnsemble":
+        """An inference module with this ensemble's outputs (within ``dtype``'s tolerance), tuned for the example
+        input's device, dtype and sample shape: BatchNorm folded into convolutions, weights cast to ``dtype``
+        (default: unchanged), each convolution run grouped or as N dense convolutions, whichever was faster on the
+        example, and on CUDA channels_last when faster and a CUDA graph when ``cuda_graph`` is True or, by default,
+        when replaying one is faster. Inputs of another device, dtype or sample shape raise a ValueError."""
+        from fused_ensemble.optimized import OptimizedEnsemble
+
+        return OptimizedEnsemble(self, example_input, dtype=dtype, cuda_graph=cuda_graph)
 
     def to_members(self) -> list[nn.Module]:
         """The N members as ordinary modules, with this module's current weights, buffers, device and mode."""

@@ -1,0 +1,179 @@
+"""``FusedEnsemble.optimize``: an inference module tuned on an example input for one device and dtype.
+
+What it does, each step kept only where it is exact or measured faster on the example input:
+- folds eval-mode BatchNorm into the preceding convolution (exact up to rounding; done in float64);
+- casts weights to ``dtype`` (the reductions still accumulate in float32);
+- lays convolution weights out once, and picks per convolution between one grouped convolution and N dense
+  ones by timing both on the layer's real input;
+- on CUDA, picks channels_last or contiguous memory by timing the whole forward both ways;
+- on CUDA, captures the forward in a CUDA graph (static input buffer, one graph per input shape) when
+  ``cuda_graph=True``, or by default when replaying the graph is faster than running eagerly.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from fused_ensemble.batchnorm_folding import fold_batchnorm
+from fused_ensemble.benchmarking import median, time_ms
+from fused_ensemble.graph_runner import FusedGraph
+from fused_ensemble.layout import Layout
+from fused_ensemble.prepared_conv import PreparedConv
+
+_TUNING_REPS = 3
+
+
+def _replace_convolutions(graph, stacked: nn.Module, memory_format) -> list[PreparedConv]:
+    prepared = []
+    for node in graph.nodes:
+        if node.op != "call_module":
+            continue
+        module = stacked.get_submodule(node.target)
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            parent_path, _, name = node.target.rpartition(".")
+            parent = stacked.get_submodule(parent_path) if parent_path else stacked
+            layer = PreparedConv(module, memory_format)
+            setattr(parent, name, layer)
+            prepared.append(layer)
+        elif isinstance(module, PreparedConv):
+            prepared.append(module)
+    return prepared
+
+
+class OptimizedEnsemble(nn.Module):
+    """Inference-only version of a ``FusedEnsemble`` (see ``FusedEnsemble.optimize``). Call it with inputs of the
+    example's device, dtype and per-sample shape; the batch size may change (a CUDA graph is then captured for the
+    new shape). Its weights are a snapshot: re-run ``optimize`` after training the fused module."""
+
+    def __init__(self, fused: nn.Module, example_input: torch.Tensor, dtype: torch.dtype | None = None,
+                 cuda_graph: bool | None = None):
+        super().__init__()
+        from fused_ensemble.fused import _trace
+
+        if not isinstance(example_input, torch.Tensor):
+            raise TypeError(f"example_input must be a tensor, got {type(example_input).__name__}")
+        self.num_members = fused.num_members
+        self.reduction = fused.reduction
+        self.member_inputs = fused.member_inputs
+        self.device = example_input.device
+        self.input_dtype = example_input.dtype
+        self.sample_shape = tuple(example_input.shape[2 if self.member_inputs else 1:])
+        param = next(fused.stacked.parameters(), None)
+        self.compute_dtype = dtype or (param.dtype if param is not None else example_input.dtype)
+        if cuda_graph and self.device.type != "cuda":
+            raise ValueError(f"cuda_graph=True needs a CUDA example input, got one on {self.device}")
+
+        stacked = copy.deepcopy(fused.stacked).eval().to(self.device)
+        graph = _trace(stacked, training=False)
+        self.folded_batchnorms = fold_batchnorm(graph, stacked)
+        self.stacked = stacked.to(self.compute_dtype).requires_grad_(False)
+        self.convolutions = _replace_convolutions(graph, self.stacked, torch.contiguous_format)
+        self._graph = FusedGraph(graph, self.stacked, self.num_members)
+        self.memory_format = torch.contiguous_format
+        self._cuda_graphs: dict[tuple, tuple] = {}
+        self.cuda_graph = False
+
+        x = example_input
+        self._check_input(x)
+        if self.device.type == "cuda" and any(c.weight.dim() == 4 for c in self.convolutions):
+            self.memory_format = self._fastest_memory_format(x)
+        else:
+            self._autotune(x)
+        if self.device.type == "cuda":
+            self.cuda_graph = self._graph_is_faster(x) if cuda_graph is None else bool(cuda_graph)
+
+    def extra_repr(self) -> str:
+        strategies = [c.strategy for c in self.convolutions]
+        return (f"num_members={self.num_members}, reduction={self.reduction!r}, dtype={self.compute_dtype}, "
+                f"folded_batchnorms={self.folded_batchnorms}, grouped_convs={strategies.count('grouped')}, "
+                f"per_member_convs={strategies.count('per_member')}, memory_format={self.memory_format}, "
+                f"cuda_graph={self.cuda_graph}")
+
+    # ---- tuning ---------------------------------------------------------------------------------------------
+
+    def _autotune(self, x: torch.Tensor) -> None:
+        for conv in self.convolutions:
+            conv.autotune_reps = _TUNING_REPS
+        with torch.no_grad():
+            self._eager(x)
+
+    def _fastest_memory_format(self, x: torch.Tensor) -> torch.memory_format:
+        timings, choices = {}, {}
+        for memory_format in (torch.contiguous_format, torch.channels_last):
+            self._set_memory_format(memory_format)
+            self._autotune(x)
+            choices[memory_format] = [c.strategy for c in self.convolutions]
+            timings[memory_format] = median(time_ms(lambda: self._eager(x), "cuda", 10, warmup=2))
+        best = min(timings, key=timings.get)
+        self._set_memory_format(best)
+        for conv, strategy in zip(self.convolutions, choices[best]):
+            conv.strategy = strategy
+        return best
+
+    def _set_memory_format(self, memory_format: torch.memory_format) -> None:
+        self.memory_format = memory_format
+        for conv in self.convolutions:
+            if conv.weight.dim() == 4:
+                conv.weight = conv.weight.contiguous(memory_format=memory_format)
+
+    def _graph_is_faster(self, x: torch.Tensor) -> bool:
+        eager = median(time_ms(lambda: self._eager(x), "cuda", 20, warmup=3))
+        graphed = median(time_ms(lambda: self._replay(x), "cuda", 20, warmup=3))
+        return graphed < eager
+
+    # ---- running --------------------------------------------------------------------------------------------
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"expected a tensor input, got {type(x).__name__}")
+        if x.device != self.device:
+            raise ValueError(f"this optimized ensemble was tuned for inputs on {self.device}, got one on {x.device}; "
+                             f"call FusedEnsemble.optimize again with an example on that device")
+        if x.dtype != self.input_dtype:
+            raise ValueError(f"this optimized ensemble was tuned for {self.input_dtype} inputs, got {x.dtype}; "
+                             f"call FusedEnsemble.optimize again with an example of that dtype")
+        lead = 2 if self.member_inputs else 1
+        if tuple(x.shape[lead:]) != self.sample_shape or x.dim() != lead + len(self.sample_shape):
+            raise ValueError(f"this optimized ensemble was tuned for samples of shape {self.sample_shape}, got input "
+                             f"of shape {tuple(x.shape)}")
+        if self.member_inputs and x.shape[0] != self.num_members:
+            raise ValueError(f"member_inputs=True expects input of shape [N, B, ...] with N={self.num_members}, "
+                             f"got {tuple(x.shape)}")
+
+    def _eager(self, x: torch.Tensor) -> torch.Tensor:
+        from fused_ensemble.fused import apply_reduction
+
+        x = x.to(self.compute_dtype)
+        if x.dim() == 4 and not self.member_inputs:
+            x = x.contiguous(memory_format=self.memory_format)
+        layout = Layout.MEMBER if self.member_inputs else Layout.SHARED
+        return apply_reduction(self._graph.run([(x, layout)]), self.reduction)
+
+    def _replay(self, x: torch.Tensor) -> torch.Tensor:
+        key = tuple(x.shape)
+        if key not in self._cuda_graphs:
+            static_input = x.clone()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side), torch.no_grad():
+                for _ in range(2):  # warm-up outside the graph: cuDNN/cuBLAS pick algorithms, allocate workspaces
+                    self._eager(static_input)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph), torch.no_grad():
+                static_output = self._eager(static_input)
+            self._cuda_graphs[key] = (graph, static_input, static_output)
+        graph, static_input, static_output = self._cuda_graphs[key]
+        static_input.copy_(x)
+        graph.replay()
+        return static_output.clone()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        with torch.no_grad():
+            if self.cuda_graph and not torch.compiler.is_compiling():
+                return self._replay(x)
+            return self._eager(x)
