@@ -42,7 +42,7 @@ def _extensions():
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
     if not cpu_sources:
         return [], {}
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-DPy_LIMITED_API=0x03090000"]
+    cxx_flags = ["-O3", "-std=c++20", "-fopenmp", "-DPy_LIMITED_API=0x03090000"]
     use_cuda = (
         not _flag("FUSED_ENSEMBLE_NO_CUDA")
         and torch.version.cuda is not None
@@ -58,7 +58,7 @@ def _extensions():
             cpu_sources + cuda_sources,
             include_dirs=_nvidia_wheel_includes(),
             extra_compile_args={"cxx": cxx_flags + ["-DFUSED_ENSEMBLE_WITH_CUDA"],
-                                "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]},
+                                "nvcc": ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo"]},
             extra_link_args=["-fopenmp"],
             py_limited_api=True,
         )

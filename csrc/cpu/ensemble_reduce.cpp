@@ -1,0 +1,166 @@
+// The fused_ensemble_ext operator library: schemas, and their CPU implementations (input checks, output
+// allocation, threading over rows). The row kernels live in reduce_kernels_impl.h; the CUDA implementations of
+// the same schemas are registered from csrc/cuda.
+//
+// Contract (shared with the Triton and CUDA kernels): logits x are [N, R, K] with arbitrary strides (zero strides
+// included; never made contiguous here). Outputs are float32, or float64 for float64 logits.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/Version.h>
+#include <Python.h>
+#include <torch/library.h>
+
+#include <string>
+#include <tuple>
+
+#include "reduce_kernels.h"
+
+// Importing fused_ensemble._C loads this library, and with it the TORCH_LIBRARY registrations below; the module
+// itself is empty (the pytorch/extension-cpp pattern, which keeps the build on the limited Python API).
+extern "C" PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+
+namespace fused_ensemble::cpu {
+namespace {
+
+const KernelTable& kernels() {
+  // The widest vectors both the CPU and this torch build use (torch honours ATEN_CPU_CAPABILITY, so do we).
+  static const KernelTable& table = []() -> const KernelTable& {
+#ifdef FUSED_ENSEMBLE_X86_KERNELS
+    const std::string capability = at::get_cpu_capability();
+    if (capability == "AVX512") return AVX512::kernel_table();
+    if (capability == "AVX2") return AVX2::kernel_table();
+#endif
+    return DEFAULT::kernel_table();
+  }();
+  return table;
+}
+
+Reduction parse_reduction(c10::string_view reduction) {
+  if (reduction == "mean") return Reduction::Mean;
+  if (reduction == "mean_probs") return Reduction::MeanProbs;
+  if (reduction == "softmax_of_mean") return Reduction::SoftmaxOfMean;
+  if (reduction == "log_mean_probs") return Reduction::LogMeanProbs;
+  TORCH_CHECK(false, "fused_ensemble_ext: unknown reduction '", reduction,
+              "'; expected one of 'mean', 'mean_probs', 'softmax_of_mean', 'log_mean_probs'");
+}
+
+bool saves_member_lse(Reduction reduction) {
+  return reduction == Reduction::MeanProbs || reduction == Reduction::LogMeanProbs;
+}
+
+LogitsView check_logits(const at::Tensor& x, const char* op) {
+  TORCH_CHECK(x.device().is_cpu(), "fused_ensemble_ext::", op, ": logits must be a CPU tensor here, got ",
+              x.device());
+  TORCH_CHECK(x.dim() == 3, "fused_ensemble_ext::", op,
+              ": logits must be [members, rows, classes] (3 dims), got shape ", x.sizes());
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
+              "fused_ensemble_ext::", op, ": logits must be float16, bfloat16, float32 or float64, got ", dtype);
+  TORCH_CHECK(x.size(0) > 0, "fused_ensemble_ext::", op, ": the ensemble has no members (logits.shape[0] == 0)");
+  TORCH_CHECK(x.size(2) > 0, "fused_ensemble_ext::", op, ": logits have no classes (logits.shape[2] == 0)");
+  return LogitsView{x.data_ptr(), dtype,     x.size(0),   x.size(1),
+                    x.size(2),    x.stride(0), x.stride(1), x.stride(2)};
+}
+
+at::ScalarType acc_dtype(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Rows per task: enough member elements that a task outweighs the threading overhead, and no more, so that a
+// handful of long rows (R = 64, K = 32000) still spreads over every thread.
+int64_t row_grain(int64_t members, int64_t classes) {
+  return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, members * classes));
+}
+
+// Checks an [R, K] (or [N, R]) tensor that backward receives from forward or autograd and returns it
+// contiguous; these are small next to the logits.
+at::Tensor check_saved(const at::Tensor& t, const char* name, at::IntArrayRef shape, at::ScalarType dtype) {
+  TORCH_CHECK(t.device().is_cpu(), "fused_ensemble_ext::reduce_backward: ", name, " must be a CPU tensor");
+  TORCH_CHECK(t.sizes() == shape, "fused_ensemble_ext::reduce_backward: ", name, " must have shape ", shape,
+              ", got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == dtype, "fused_ensemble_ext::reduce_backward: ", name, " must be ", dtype,
+              ", got ", t.scalar_type());
+  return t.contiguous();
+}
+
+std::tuple<at::Tensor, at::Tensor> reduce_forward(const at::Tensor& x, c10::string_view reduction_name) {
+  const Reduction reduction = parse_reduction(reduction_name);
+  const LogitsView view = check_logits(x, "reduce_forward");
+  const auto options = x.options().dtype(acc_dtype(x));
+  at::Tensor out = at::empty({view.rows, view.classes}, options);
+  at::Tensor aux = saves_member_lse(reduction) ? at::empty({view.members, view.rows}, options)
+                                               : at::empty({0}, options);
+  const ForwardArgs args{view, reduction, out.data_ptr(), aux.data_ptr()};
+  const KernelTable& table = kernels();
+  at::parallel_for(0, view.rows, row_grain(view.members, view.classes),
+                   [&](int64_t begin, int64_t end) { table.reduce_forward(args, begin, end); });
+  return {out, aux};
+}
+
+at::Tensor reduce_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& out,
+                           const at::Tensor& aux, c10::string_view reduction_name) {
+  const Reduction reduction = parse_reduction(reduction_name);
+  const LogitsView view = check_logits(x, "reduce_backward");
+  const at::ScalarType acc = acc_dtype(x);
+  const at::Tensor grad_out_c = check_saved(grad_out, "grad_out", {view.rows, view.classes}, acc);
+  const at::Tensor out_c = check_saved(out, "out", {view.rows, view.classes}, acc);
+  at::Tensor aux_c = aux;
+  at::Tensor grad;
+  if (saves_member_lse(reduction)) {
+    aux_c = check_saved(aux, "aux (member log-sum-exp)", {view.members, view.rows}, acc);
+    grad = at::empty({view.members, view.rows, view.classes}, x.options());
+  } else {
+    grad = at::empty({view.rows, view.classes}, x.options().dtype(acc));
+  }
+  const BackwardArgs args{view, reduction, grad_out_c.data_ptr(), out_c.data_ptr(), aux_c.data_ptr(),
+                          grad.data_ptr()};
+  const KernelTable& table = kernels();
+  at::parallel_for(0, view.rows, row_grain(view.members, view.classes),
+                   [&](int64_t begin, int64_t end) { table.reduce_backward(args, begin, end); });
+  return grad;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> stats_forward(
+    const at::Tensor& x) {
+  const LogitsView view = check_logits(x, "stats_forward");
+  const auto options = x.options().dtype(acc_dtype(x));
+  const int64_t R = view.rows;
+  at::Tensor probs = at::empty({R, view.classes}, options);
+  at::Tensor entropy = at::empty({R}, options);
+  at::Tensor expected_entropy = at::empty({R}, options);
+  at::Tensor mutual_info = at::empty({R}, options);
+  at::Tensor confidence = at::empty({R}, options);
+  at::Tensor prediction = at::empty({R}, x.options().dtype(at::kLong));
+  at::Tensor disagreement = at::empty({R}, options);
+  const StatsArgs args{view,
+                       probs.data_ptr(),
+                       entropy.data_ptr(),
+                       expected_entropy.data_ptr(),
+                       mutual_info.data_ptr(),
+                       confidence.data_ptr(),
+                       prediction.data_ptr<int64_t>(),
+                       disagreement.data_ptr()};
+  const KernelTable& table = kernels();
+  at::parallel_for(0, R, row_grain(view.members, view.classes),
+                   [&](int64_t begin, int64_t end) { table.stats_forward(args, begin, end); });
+  return {probs, entropy, expected_entropy, mutual_info, confidence, prediction, disagreement};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(fused_ensemble_ext, m) {
+  m.def("reduce_forward(Tensor logits, str reduction) -> (Tensor, Tensor)");
+  m.def("reduce_backward(Tensor grad_out, Tensor logits, Tensor out, Tensor aux, str reduction) -> Tensor");
+  m.def("stats_forward(Tensor logits) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(fused_ensemble_ext, CPU, m) {
+  m.impl("reduce_forward", &reduce_forward);
+  m.impl("reduce_backward", &reduce_backward);
+  m.impl("stats_forward", &stats_forward);
+}
+
+}  // namespace fused_ensemble::cpu

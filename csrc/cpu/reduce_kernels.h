@@ -1,0 +1,75 @@
+// Interface between the op layer (ensemble_reduce.cpp: checks, allocation, threading) and the row kernels
+// (reduce_kernels_impl.h), which are compiled once per CPU capability (DEFAULT, AVX2, AVX512) so that one build
+// runs on any x86-64 CPU and still uses the widest vectors the CPU has, as ATen does for its own kernels.
+#pragma once
+
+#include <c10/core/ScalarType.h>
+
+#include <cstdint>
+
+// The AVX2/AVX512 copies are compiled with `#pragma GCC target`, which GCC supports on x86-64; elsewhere
+// (clang, aarch64) only the DEFAULT copy is built and at::vec picks the platform's vectors by itself.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define FUSED_ENSEMBLE_X86_KERNELS 1
+#endif
+
+namespace fused_ensemble::cpu {
+
+enum class Reduction { Mean, MeanProbs, SoftmaxOfMean, LogMeanProbs };
+
+// Logits [N, R, K] with arbitrary (possibly zero) strides, counted in elements.
+struct LogitsView {
+  const void* data;
+  c10::ScalarType dtype;
+  int64_t members, rows, classes;
+  int64_t stride_member, stride_row, stride_class;
+};
+
+// Outputs are contiguous; `out`/`aux`/... hold float, or double when the logits are double ("acc" type).
+struct ForwardArgs {
+  LogitsView x;
+  Reduction reduction;
+  void* out;  // [R, K] acc
+  void* aux;  // [N, R] acc: member log-sum-exp, for MeanProbs and LogMeanProbs only
+};
+
+struct BackwardArgs {
+  LogitsView x;
+  Reduction reduction;
+  const void* grad_out;  // [R, K] acc
+  const void* out;       // [R, K] acc
+  const void* aux;       // [N, R] acc, for MeanProbs and LogMeanProbs
+  void* grad;            // [R, K] acc for Mean and SoftmaxOfMean; [N, R, K] in the logits' dtype otherwise
+};
+
+struct StatsArgs {
+  LogitsView x;
+  void* probs;  // [R, K] acc
+  void* entropy;
+  void* expected_entropy;
+  void* mutual_info;
+  void* confidence;
+  int64_t* prediction;
+  void* disagreement;  // the per-row outputs above are [R] acc
+};
+
+// Each kernel handles rows [row_begin, row_end); the caller splits rows over threads.
+struct KernelTable {
+  void (*reduce_forward)(const ForwardArgs&, int64_t row_begin, int64_t row_end);
+  void (*reduce_backward)(const BackwardArgs&, int64_t row_begin, int64_t row_end);
+  void (*stats_forward)(const StatsArgs&, int64_t row_begin, int64_t row_end);
+};
+
+namespace DEFAULT {
+const KernelTable& kernel_table();
+}
+#ifdef FUSED_ENSEMBLE_X86_KERNELS
+namespace AVX2 {
+const KernelTable& kernel_table();
+}
+namespace AVX512 {
+const KernelTable& kernel_table();
+}
+#endif
+
+}  // namespace fused_ensemble::cpu

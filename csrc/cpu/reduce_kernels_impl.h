@@ -1,0 +1,497 @@
+// Row kernels of the ensemble reduction, written once with at::vec::Vectorized and compiled once per CPU
+// capability. Include only from a reduce_kernels_<capability>.cpp, which defines CPU_CAPABILITY (and
+// CPU_CAPABILITY_AVX2 / CPU_CAPABILITY_AVX512 with the matching `#pragma GCC target`) before any include.
+//
+// Every function works on one row r at a time: the N member rows x[n, r, :] are turned into contiguous "acc"
+// rows (float, or double for double logits) -- used in place when they already are, converted into a per-thread
+// buffer otherwise -- and all later passes over a member row read it from cache, so memory sees each member row
+// once. No std containers here: their out-of-line copies would be shared between the per-capability builds.
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <memory>
+#include <type_traits>
+
+#include "reduce_kernels.h"
+
+namespace fused_ensemble::cpu::CPU_CAPABILITY {
+namespace {
+
+using at::vec::Vectorized;
+
+template <typename T>
+constexpr T kInf = std::numeric_limits<T>::infinity();
+
+// exp with Sleef's 1-ulp implementation: the 20-ulp polynomial (exp_u20) is not faster enough here to justify
+// its error, and it maps NaN to a finite value.
+template <typename T>
+inline Vectorized<T> vexp(const Vectorized<T>& v) {
+  return v.exp();
+}
+
+template <typename T>
+inline Vectorized<T> load_tail(const T* p, int64_t count, T fill) {
+  return Vectorized<T>::set(Vectorized<T>(fill), Vectorized<T>::loadu(p, count), count);
+}
+
+template <typename T>
+inline T hsum(const Vectorized<T>& v) {
+  alignas(64) T lanes[Vectorized<T>::size()];
+  v.store(lanes);
+  T sum = 0;
+  for (int64_t i = 0; i < Vectorized<T>::size(); ++i) sum += lanes[i];
+  return sum;
+}
+
+// max that returns NaN if either side is NaN, like torch.max.
+template <typename T>
+inline T nan_max(T a, T b) {
+  if (std::isnan(a)) return a;
+  if (std::isnan(b)) return b;
+  return a > b ? a : b;
+}
+
+template <typename T>
+inline T hmax(const Vectorized<T>& v) {
+  alignas(64) T lanes[Vectorized<T>::size()];
+  v.store(lanes);
+  T best = lanes[0];
+  for (int64_t i = 1; i < Vectorized<T>::size(); ++i) best = nan_max(best, lanes[i]);
+  return best;
+}
+
+// Max of a row, NaN if the row has a NaN.
+template <typename T>
+T row_max(const T* p, int64_t K) {
+  using V = Vectorized<T>;
+  constexpr int64_t W = V::size();
+  V m0(-kInf<T>), m1(-kInf<T>);
+  int64_t k = 0;
+  for (; k + 2 * W <= K; k += 2 * W) {
+    m0 = at::vec::maximum(m0, V::loadu(p + k));
+    m1 = at::vec::maximum(m1, V::loadu(p + k + W));
+  }
+  for (; k + W <= K; k += W) m0 = at::vec::maximum(m0, V::loadu(p + k));
+  if (k < K) m0 = at::vec::maximum(m0, load_tail(p + k, K - k, -kInf<T>));
+  return hmax(at::vec::maximum(m0, m1));
+}
+
+// First index k with p[k] == value (value taken from the row, so it exists); for NaN, the first NaN. This is
+// torch.argmax's tie rule.
+template <typename T>
+int64_t first_index_of(const T* p, int64_t K, T value) {
+  if (std::isnan(value)) {
+    for (int64_t k = 0; k < K; ++k)
+      if (std::isnan(p[k])) return k;
+    return 0;
+  }
+  using V = Vectorized<T>;
+  constexpr int64_t W = V::size();
+  constexpr int no_lane_matches = (1 << W) - 1;  // zero_mask() has a bit per lane that compares false
+  const V target(value);
+  int64_t k = 0;
+  for (; k + W <= K; k += W)
+    if ((V::loadu(p + k) == target).zero_mask() != no_lane_matches) break;
+  for (; k < K; ++k)
+    if (p[k] == value) return k;
+  return 0;
+}
+
+// e[k] = exp(p[k] - shift); returns sum_k e[k].
+template <typename T>
+T exp_store_sum(const T* p, T shift, T* e, int64_t K) {
+  using V = Vectorized<T>;
+  constexpr int64_t W = V::size();
+  const V vshift(shift);
+  V sum(0);
+  int64_t k = 0;
+  for (; k + W <= K; k += W) {
+    V v = vexp(V::loadu(p + k) - vshift);
+    v.store(e + k);
+    sum += v;
+  }
+  if (k < K) {
+    const int64_t count = K - k;
+    V v = vexp(V::loadu(p + k, count) - vshift);
+    v.store(e + k, count);
+    sum += V::set(V(0), v, count);
+  }
+  return hsum(sum);
+}
+
+// sum_k exp(p[k] - shift).
+template <typename T>
+T exp_sum(const T* p, T shift, int64_t K) {
+  using V = Vectorized<T>;
+  constexpr int64_t W = V::size();
+  const V vshift(shift);
+  V sum(0);
+  int64_t k = 0;
+  for (; k + W <= K; k += W) sum += vexp(V::loadu(p + k) - vshift);
+  if (k < K) sum += V::set(V(0), vexp(V::loadu(p + k, K - k) - vshift), K - k);
+  return hsum(sum);
+}
+
+// e[k] = exp(p[k] - shift); returns {sum_k e[k], sum_k e[k] * (p[k] - shift)} with 0 * -inf taken as 0.
+template <typename T>
+void exp_store_sum_dot(const T* p, T shift, T* e, int64_t K, T& sum_out, T& dot_out) {
+  using V = Vectorized<T>;
+  constexpr int64_t W = V::size();
+  const V vshift(shift), zero(0);
+  V sum(0), dot(0);
+  int64_t k = 0;
+  for (; k + W <= K; k += W) {
+    V d = V::loadu(p + k) - vshift;
+    V v = vexp(d);
+    v.store(e + k);
+    sum += v;
+    dot += V::blendv(zero, v * d, v > zero);
+  }
+  if (k < K) {
+    const int64_t count = K - k;
+    V d = V::loadu(p + k, count) - vshift;
+    V v = V::set(zero, vexp(d), count);
+    v.store(e + k, count);
+    sum += v;
+    dot += V::blendv(zero, v * d, v > zero);
+  }
+  sum_out = hsum(sum);
+  dot_out = hsum(dot);
+}
+
+// o[k] = (accumulate ? o[k] : 0) + e[k] * scale.
+template <typename T>
+void scale_add(const T* e, T scale, T* o, int64_t K, bool accumulate) {
+  using V = Vectorized<T>;
+  constexpr int64_t W = V::size();
+  const V vscale(scale);
+  int64_t k = 0;
+  if (accumulate) {
+    for (; k + W <= K; k += W) (V::loadu(o + k) + V::loadu(e + k) * vscale).store(o + k);
+    if (k < K) (V::loadu(o + k, K - k) + V::loadu(e + k, K - k) * vscale).store(o + k, K - k);
+  } else {
+    for (; k + W <= K; k += W) (V::loadu(e + k) * vscale).store(o + k);
+    if (k < K) (V::loadu(e + k, K - k) * vscale).store(o + k, K - k);
+  }
+}
+
+template <typename T>
+T dot(const T* a, const T* b, int64_t K) {
+  using V = Vectorized<T>;
+  constexpr int64_t W = V::size();
+  V acc(0);
+  int64_t k = 0;
+  for (; k + W <= K; k += W) acc += V::loadu(a + k) * V::loadu(b + k);
+  if (k < K) acc += V::loadu(a + k, K - k) * V::loadu(b + k, K - k);  // loadu zero-fills the rest
+  return hsum(acc);
+}
+
+// -sum_k p log p with 0 log 0 = 0 (torch.special.xlogy).
+template <typename T>
+T neg_xlogx_sum(const T* p, int64_t K) {
+  using V = Vectorized<T>;
+  constexpr int64_t W = V::size();
+  const V zero(0);
+  V acc(0);
+  int64_t k = 0;
+  for (; k + W <= K; k += W) {
+    V v = V::loadu(p + k);
+    acc += V::blendv(v * v.log(), zero, v == zero);
+  }
+  if (k < K) {
+    V v = load_tail(p + k, K - k, T(0));
+    acc += V::blendv(v * v.log(), zero, v == zero);
+  }
+  return -hsum(acc);
+}
+
+// The log-sum-exp of a member row from its max and log sum_k exp(x - max); -inf for a row of -inf (as
+// torch.logsumexp), where that sum is NaN.
+template <typename T>
+inline T member_lse(T max, T log_sum) {
+  return max == -kInf<T> ? max : max + log_sum;
+}
+
+// o[k] = mean_n rows[n][k].
+template <typename T>
+void mean_of_rows(const T* const* rows, int64_t N, int64_t K, T* o) {
+  using V = Vectorized<T>;
+  constexpr int64_t W = V::size();
+  const V count(static_cast<T>(N));
+  int64_t k = 0;
+  for (; k + W <= K; k += W) {
+    V acc = V::loadu(rows[0] + k);
+    for (int64_t n = 1; n < N; ++n) acc += V::loadu(rows[n] + k);
+    (acc / count).store(o + k);
+  }
+  if (k < K) {
+    const int64_t rest = K - k;
+    V acc = V::loadu(rows[0] + k, rest);
+    for (int64_t n = 1; n < N; ++n) acc += V::loadu(rows[n] + k, rest);
+    (acc / count).store(o + k, rest);
+  }
+}
+
+// Softmax of a row in place.
+template <typename T>
+void softmax_in_place(T* o, int64_t K) {
+  const T m = row_max(o, K);
+  const T sum = exp_store_sum(o, m, o, K);
+  scale_add(o, T(1) / sum, o, K, /*accumulate=*/false);
+}
+
+// Gives each member row of one logits row as contiguous acc_t values: a pointer into the logits when they
+// already are acc_t with unit class stride, otherwise a converted copy in buffer slot `slot`.
+template <typename scalar_t, typename acc_t>
+class MemberRows {
+ public:
+  MemberRows(const LogitsView& x, int64_t slots)
+      : x_(x),
+        in_place_(std::is_same_v<scalar_t, acc_t> && x.stride_class == 1),
+        buffer_(in_place_ ? nullptr : new acc_t[slots * x.classes]) {}
+
+  const acc_t* get(int64_t n, int64_t r, int64_t slot) {
+    const scalar_t* src = static_cast<const scalar_t*>(x_.data) + n * x_.stride_member + r * x_.stride_row;
+    if (in_place_) return reinterpret_cast<const acc_t*>(src);
+    acc_t* dst = buffer_.get() + slot * x_.classes;
+    if (x_.stride_class == 1) {
+      at::vec::convert(src, dst, x_.classes);
+    } else {
+      for (int64_t k = 0; k < x_.classes; ++k) dst[k] = static_cast<acc_t>(src[k * x_.stride_class]);
+    }
+    return dst;
+  }
+
+ private:
+  const LogitsView& x_;
+  const bool in_place_;
+  std::unique_ptr<acc_t[]> buffer_;
+};
+
+// Writes an acc_t row to a row of the output dtype.
+template <typename scalar_t, typename acc_t>
+void store_row(const acc_t* src, scalar_t* dst, int64_t K) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    if (src != dst) at::vec::convert(src, dst, K);
+  } else {
+    at::vec::convert(src, dst, K);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void reduce_forward_rows(const ForwardArgs& a, int64_t row_begin, int64_t row_end) {
+  const int64_t N = a.x.members, R = a.x.rows, K = a.x.classes;
+  acc_t* out = static_cast<acc_t*>(a.out);
+  acc_t* aux = static_cast<acc_t*>(a.aux);
+  const bool all_rows_at_once = a.reduction == Reduction::Mean || a.reduction == Reduction::SoftmaxOfMean ||
+                                a.reduction == Reduction::LogMeanProbs;
+  MemberRows<scalar_t, acc_t> members(a.x, all_rows_at_once ? N : 1);
+  std::unique_ptr<const acc_t*[]> rows(new const acc_t*[N]);
+  std::unique_ptr<acc_t[]> shift(new acc_t[2 * N]);  // LogMeanProbs: member max, then member log-sum-exp - max
+  std::unique_ptr<acc_t[]> exps(a.reduction == Reduction::MeanProbs ? new acc_t[K] : nullptr);
+  const acc_t log_n = std::log(static_cast<acc_t>(N));
+
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    acc_t* o = out + r * K;
+    switch (a.reduction) {
+      case Reduction::Mean:
+      case Reduction::SoftmaxOfMean:
+        for (int64_t n = 0; n < N; ++n) rows[n] = members.get(n, r, n);
+        mean_of_rows(rows.get(), N, K, o);
+        if (a.reduction == Reduction::SoftmaxOfMean) softmax_in_place(o, K);
+        break;
+      case Reduction::MeanProbs:
+        for (int64_t n = 0; n < N; ++n) {
+          const acc_t* p = members.get(n, r, 0);
+          const acc_t m = row_max(p, K);
+          const acc_t sum = exp_store_sum(p, m, exps.get(), K);
+          aux[n * R + r] = member_lse(m, std::log(sum));
+          scale_add(exps.get(), acc_t(1) / (static_cast<acc_t>(N) * sum), o, K, /*accumulate=*/n > 0);
+        }
+        break;
+      case Reduction::LogMeanProbs: {
+        acc_t* max = shift.get();
+        acc_t* log_sum = shift.get() + N;
+        for (int64_t n = 0; n < N; ++n) {
+          rows[n] = members.get(n, r, n);
+          max[n] = row_max(rows[n], K);
+          log_sum[n] = std::log(exp_sum(rows[n], max[n], K));
+          aux[n * R + r] = member_lse(max[n], log_sum[n]);
+        }
+        // out_k = logsumexp_n(log_softmax_n,k) - log N; the log-softmax is formed as (x - max) - log_sum so
+        // that large logits lose nothing to the rounding of the log-sum-exp.
+        using V = Vectorized<acc_t>;
+        constexpr int64_t W = V::size();
+        const V neg_inf(-kInf<acc_t>), zero(0), vlog_n(log_n);
+        for (int64_t k = 0; k < K; k += W) {
+          const int64_t count = std::min<int64_t>(W, K - k);
+          V top = neg_inf;
+          for (int64_t n = 0; n < N; ++n)
+            top = at::vec::maximum(top, (V::loadu(rows[n] + k, count) - V(max[n])) - V(log_sum[n]));
+          top = V::blendv(top, zero, top == neg_inf);  // every member at -inf: the sum below is 0, log gives -inf
+          V sum(0);
+          for (int64_t n = 0; n < N; ++n)
+            sum += vexp((V::loadu(rows[n] + k, count) - V(max[n])) - V(log_sum[n]) - top);
+          (top + sum.log() - vlog_n).store(o + k, count);
+        }
+        break;
+      }
+    }
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void reduce_backward_rows(const BackwardArgs& a, int64_t row_begin, int64_t row_end) {
+  using V = Vectorized<acc_t>;
+  constexpr int64_t W = V::size();
+  const int64_t N = a.x.members, R = a.x.rows, K = a.x.classes;
+  const acc_t* grad_out = static_cast<const acc_t*>(a.grad_out);
+  const acc_t* out = static_cast<const acc_t*>(a.out);
+  const acc_t* aux = static_cast<const acc_t*>(a.aux);
+  const V vcount(static_cast<acc_t>(N));
+
+  if (a.reduction == Reduction::Mean || a.reduction == Reduction::SoftmaxOfMean) {
+    acc_t* grad = static_cast<acc_t*>(a.grad);
+    for (int64_t r = row_begin; r < row_end; ++r) {
+      const acc_t* g = grad_out + r * K;
+      const acc_t* o = out + r * K;
+      acc_t* d = grad + r * K;
+      if (a.reduction == Reduction::Mean) {
+        for (int64_t k = 0; k < K; k += W) {
+          const int64_t count = std::min<int64_t>(W, K - k);
+          (V::loadu(g + k, count) / vcount).store(d + k, count);
+        }
+      } else {
+        const V g_dot_o(dot(g, o, K));
+        for (int64_t k = 0; k < K; k += W) {
+          const int64_t count = std::min<int64_t>(W, K - k);
+          (V::loadu(o + k, count) * (V::loadu(g + k, count) - g_dot_o) / vcount).store(d + k, count);
+        }
+      }
+    }
+    return;
+  }
+
+  scalar_t* grad = static_cast<scalar_t*>(a.grad);
+  MemberRows<scalar_t, acc_t> members(a.x, 1);
+  std::unique_ptr<acc_t[]> scratch(new acc_t[2 * K]);
+  acc_t* probs = scratch.get();  // s_n = exp(x_n - lse_n)
+  acc_t* work = scratch.get() + K;
+  const V neg_inf(-kInf<acc_t>), zero(0);
+  const acc_t log_n = std::log(static_cast<acc_t>(N));
+
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    const acc_t* g = grad_out + r * K;
+    const acc_t* o = out + r * K;
+    for (int64_t n = 0; n < N; ++n) {
+      const acc_t* p = members.get(n, r, 0);
+      const acc_t lse = aux[n * R + r];
+      scalar_t* dst = grad + (n * R + r) * K;
+      acc_t* result = std::is_same_v<scalar_t, acc_t> ? reinterpret_cast<acc_t*>(dst) : work;
+      if (a.reduction == Reduction::MeanProbs) {
+        // s (g - <g, s>) / N
+        exp_store_sum(p, lse, probs, K);
+        const V g_dot_s(dot(g, probs, K));
+        for (int64_t k = 0; k < K; k += W) {
+          const int64_t count = std::min<int64_t>(W, K - k);
+          (V::loadu(probs + k, count) * (V::loadu(g + k, count) - g_dot_s) / vcount).store(result + k, count);
+        }
+      } else {
+        // h - s sum(h), h = g s / (N p) = g exp(x - lse - out - log N), and h = 0 where x = -inf.
+        const V vlse(lse), vlog_n(log_n);
+        V h_sum(0);
+        for (int64_t k = 0; k < K; k += W) {
+          const int64_t count = std::min<int64_t>(W, K - k);
+          const V t = V::loadu(p + k, count) - vlse;
+          const V h = V::blendv(V::loadu(g + k, count) * vexp(t - V::loadu(o + k, count) - vlog_n), zero,
+                                t == neg_inf);
+          h.store(work + k, count);
+          h_sum += V::set(zero, h, count);
+        }
+        const V total(hsum(h_sum));
+        for (int64_t k = 0; k < K; k += W) {
+          const int64_t count = std::min<int64_t>(W, K - k);
+          (V::loadu(work + k, count) - vexp(V::loadu(p + k, count) - vlse) * total).store(result + k, count);
+        }
+      }
+      if (!std::is_same_v<scalar_t, acc_t>) store_row(result, dst, K);
+    }
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void stats_forward_rows(const StatsArgs& a, int64_t row_begin, int64_t row_end) {
+  const int64_t N = a.x.members, K = a.x.classes;
+  acc_t* probs_out = static_cast<acc_t*>(a.probs);
+  MemberRows<scalar_t, acc_t> members(a.x, 1);
+  std::unique_ptr<acc_t[]> exps(new acc_t[K]);
+  std::unique_ptr<int64_t[]> member_prediction(new int64_t[N]);
+
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    acc_t* probs = probs_out + r * K;
+    acc_t entropy_sum = 0;
+    for (int64_t n = 0; n < N; ++n) {
+      const acc_t* p = members.get(n, r, 0);
+      const acc_t m = row_max(p, K);
+      member_prediction[n] = first_index_of(p, K, m);
+      acc_t sum, dot_shifted;
+      exp_store_sum_dot(p, m, exps.get(), K, sum, dot_shifted);
+      // H_n = -sum s (x - lse) = log(sum) - sum e (x - max) / sum, with s = e / sum, e = exp(x - max). A row of
+      // -inf has NaN probabilities, which the reference's 0 log 0 = 0 rule counts as 0 entropy.
+      if (m != -kInf<acc_t>) entropy_sum += std::log(sum) - dot_shifted / sum;
+      scale_add(exps.get(), acc_t(1) / (static_cast<acc_t>(N) * sum), probs, K, /*accumulate=*/n > 0);
+    }
+    const acc_t confidence = row_max(probs, K);
+    const int64_t prediction = first_index_of(probs, K, confidence);
+    const acc_t entropy = neg_xlogx_sum(probs, K);
+    const acc_t expected_entropy = entropy_sum / static_cast<acc_t>(N);
+    int64_t disagree = 0;
+    for (int64_t n = 0; n < N; ++n) disagree += member_prediction[n] != prediction;
+    static_cast<acc_t*>(a.entropy)[r] = entropy;
+    static_cast<acc_t*>(a.expected_entropy)[r] = expected_entropy;
+    static_cast<acc_t*>(a.mutual_info)[r] = entropy - expected_entropy;
+    static_cast<acc_t*>(a.confidence)[r] = confidence;
+    a.prediction[r] = prediction;
+    static_cast<acc_t*>(a.disagreement)[r] = static_cast<acc_t>(disagree) / static_cast<acc_t>(N);
+  }
+}
+
+// One entry point per function: picks the (logits, accumulation) types; the op layer has checked the dtype.
+#define FUSED_ENSEMBLE_DISPATCH_DTYPE(dtype, kernel, ...)                        \
+  switch (dtype) {                                                              \
+    case c10::ScalarType::Double:                                               \
+      return kernel<double, double>(__VA_ARGS__);                               \
+    case c10::ScalarType::Half:                                                 \
+      return kernel<c10::Half, float>(__VA_ARGS__);                             \
+    case c10::ScalarType::BFloat16:                                             \
+      return kernel<c10::BFloat16, float>(__VA_ARGS__);                         \
+    default:                                                                    \
+      return kernel<float, float>(__VA_ARGS__);                                 \
+  }
+
+void reduce_forward(const ForwardArgs& a, int64_t row_begin, int64_t row_end) {
+  FUSED_ENSEMBLE_DISPATCH_DTYPE(a.x.dtype, reduce_forward_rows, a, row_begin, row_end)
+}
+
+void reduce_backward(const BackwardArgs& a, int64_t row_begin, int64_t row_end) {
+  FUSED_ENSEMBLE_DISPATCH_DTYPE(a.x.dtype, reduce_backward_rows, a, row_begin, row_end)
+}
+
+void stats_forward(const StatsArgs& a, int64_t row_begin, int64_t row_end) {
+  FUSED_ENSEMBLE_DISPATCH_DTYPE(a.x.dtype, stats_forward_rows, a, row_begin, row_end)
+}
+
+#undef FUSED_ENSEMBLE_DISPATCH_DTYPE
+
+}  // namespace
+
+const KernelTable& kernel_table() {
+  static const KernelTable table{reduce_forward, reduce_backward, stats_forward};
+  return table;
+}
+
+}  // namespace fused_ensemble::cpu::CPU_CAPABILITY
