@@ -10,10 +10,11 @@ Two regimes, chosen by the launchers from K:
 - short rows (next_pow2(K) <= 8192): a program holds a ``[BLOCK_R, BLOCK_K]`` tile of BLOCK_R whole rows and
   loops over the N members, so each member row is read exactly once and the result is written once. Several
   rows per program keep the GPU busy when K is tiny (K=10 with 65536 rows).
-- long rows (vocabulary-sized K): one program per row loops over K in ``BLOCK_K`` chunks. Per member it makes
-  two passes, the first for the log-sum-exp (online max/sum with rescaling), the second (which finds the
-  member row in L2) to add the member's probabilities into the output row, which lives in global memory
-  between members. No chunk is larger than BLOCK_K, so nothing spills whatever K is.
+- long rows (vocabulary-sized K): a program takes BLOCK_R rows (usually 1) and walks K in ``BLOCK_K`` chunks,
+  so no tile is larger than BLOCK_K and nothing spills whatever K is. Pass 1 reads every member row once for
+  its log-sum-exp (online max/sum with rescaling); pass 2 walks the chunks once more and, per chunk, sums the
+  N members in registers, so the output is written exactly once. That is 2 reads of x plus one write of the
+  output; the second read hits L2 only when N rows of K fit there per resident program.
 
 Index math is 64-bit: row and column offsets are int64 and members are reached by advancing a pointer.
 Launches go through ``torch.library.wrap_triton`` when torch has it, so that the op layer can wrap the
@@ -211,38 +212,82 @@ def _member_probs_short_kernel(x_ptr, out_ptr, lse_ptr, N, R, K, stride_n, strid
 
 
 @triton.jit
-def _member_probs_long_kernel(x_ptr, out_ptr, lse_ptr, N, R, K, stride_n, stride_r, stride_k, log_n,
-                              LOG_OUTPUT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_ok = rows < R
+def _long_rows_pass1(x_ptr, lse_ptr, rows, N, R, K, stride_n, stride_r, stride_k, STORE_LSE: tl.constexpr,
+                     WITH_ARGMAX: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+                     BLOCK_N: tl.constexpr):
+    """Pass 1 of the long-row kernels: for every member row, max, log sum exp(x - max) and (WITH_ARGMAX) the
+    first index of the max, as [BLOCK_R, BLOCK_N] register tensors (column n = member n); STORE_LSE stores
+    the lse into lse_ptr ([N, R])."""
+    members = tl.arange(0, BLOCK_N)[None, :]
+    row_max = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
+    row_log_sum = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
+    row_argmax = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.int32)
     x_n = x_ptr
     lse_n = lse_ptr
     for n in range(N):
         m_run = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
         s_run = tl.zeros([BLOCK_R], dtype=tl.float32)
+        best_idx = tl.zeros([BLOCK_R], dtype=tl.int32)
         for k0 in range(0, K, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
             offs, mask = _tile_offsets(rows, cols, R, K, stride_r, stride_k)
             x = tl.load(x_n + offs, mask=mask, other=float("-inf")).to(tl.float32)
+            if WITH_ARGMAX:
+                # First index on ties: only a strictly larger chunk maximum replaces the running one.
+                better = tl.max(x, axis=1) > m_run
+                best_idx = tl.where(better, tl.argmax(x, axis=1, tie_break_left=True) + k0, best_idx)
             m_run, s_run = _online_lse_update(m_run, s_run, x)
         log_s = tl.log(s_run)
-        tl.store(lse_n + rows, m_run + log_s, mask=row_ok)
-        # The running result lives in out: a sum of probabilities (mean_probs) or log of that sum.
-        for k0 in range(0, K, BLOCK_K):
-            cols = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-            offs, mask = _tile_offsets(rows, cols, R, K, stride_r, stride_k)
-            x = tl.load(x_n + offs, mask=mask, other=float("-inf")).to(tl.float32)
-            log_p = (x - m_run[:, None]) - log_s[:, None]
-            out_ptrs = out_ptr + rows[:, None] * K + cols[None, :]
-            if LOG_OUTPUT:
-                prev = tl.load(out_ptrs, mask=mask & (n > 0), other=float("-inf"))
-                result = _logaddexp(prev, log_p) - tl.where(n == N - 1, log_n, 0.0)
-            else:
-                prev = tl.load(out_ptrs, mask=mask & (n > 0), other=0.0)
-                result = (prev + tl.exp(log_p)) * tl.where(n == N - 1, 1.0 / N, 1.0)
-            tl.store(out_ptrs, result, mask=mask)
+        if STORE_LSE:
+            tl.store(lse_n + rows, m_run + log_s, mask=rows < R)
+        row_max = tl.where(members == n, m_run[:, None], row_max)
+        row_log_sum = tl.where(members == n, log_s[:, None], row_log_sum)
+        row_argmax = tl.where(members == n, best_idx[:, None], row_argmax)
         x_n += stride_n
         lse_n += R
+    return row_max, row_log_sum, row_argmax
+
+
+@triton.jit
+def _member_log_probs(x_n, offs, mask, row_max, row_log_sum, n, BLOCK_N: tl.constexpr):
+    """log softmax of member n on one chunk, from the pass-1 statistics (x - max first: exact for big logits)."""
+    selected = tl.arange(0, BLOCK_N)[None, :] == n
+    m = tl.sum(tl.where(selected, row_max, 0.0), axis=1)
+    log_s = tl.sum(tl.where(selected, row_log_sum, 0.0), axis=1)
+    x = tl.load(x_n + offs, mask=mask, other=float("-inf")).to(tl.float32)
+    return (x - m[:, None]) - log_s[:, None]
+
+
+@triton.jit
+def _member_probs_long_kernel(x_ptr, out_ptr, lse_ptr, N, R, K, stride_n, stride_r, stride_k, log_n,
+                              LOG_OUTPUT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+                              BLOCK_N: tl.constexpr):
+    # Pass 1 reads every member row for its lse; pass 2 walks the chunks once, summing the members in
+    # registers, so the output is written once (no read-modify-write of the output row per member).
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_max, row_log_sum, _ = _long_rows_pass1(x_ptr, lse_ptr, rows, N, R, K, stride_n, stride_r, stride_k,
+                                               True, False, BLOCK_R, BLOCK_K, BLOCK_N)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        offs, mask = _tile_offsets(rows, cols, R, K, stride_r, stride_k)
+        acc = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
+        top = tl.full([BLOCK_R, BLOCK_K], float("-inf"), dtype=tl.float32)
+        x_n = x_ptr
+        for n in range(N):
+            log_p = _member_log_probs(x_n, offs, mask, row_max, row_log_sum, n, BLOCK_N)
+            if LOG_OUTPUT:
+                gap = tl.where(log_p == top, 0.0, log_p - top)
+                w = tl.exp(-tl.abs(gap))
+                acc = tl.where(gap > 0, acc * w + 1.0, acc + w)
+                top = tl.maximum(top, log_p)
+            else:
+                acc += tl.exp(log_p)
+            x_n += stride_n
+        if LOG_OUTPUT:
+            result = top + tl.log(acc) - log_n
+        else:
+            result = acc / N
+        tl.store(out_ptr + rows[:, None] * K + cols[None, :], result, mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -296,7 +341,7 @@ def _stats_short_kernel(x_ptr, probs_ptr, entropy_ptr, expected_entropy_ptr, mut
         x_n += stride_n
     probs = probs_sum / N
     tl.store(probs_ptr + rows[:, None] * K + cols[None, :], probs, mask=mask)
-    probs_or_floor = tl.where(mask, probs, -1.0)  # padding must never win the max
+    probs_or_floor = tl.where(mask & (probs == probs), probs, -1.0)  # padding and NaN never win the max
     confidence = tl.max(probs_or_floor, axis=1)
     prediction = tl.argmax(probs_or_floor, axis=1, tie_break_left=True)
     has_nan = tl.sum((probs != probs).to(tl.int32), axis=1) > 0
@@ -310,57 +355,31 @@ def _stats_long_kernel(x_ptr, probs_ptr, entropy_ptr, expected_entropy_ptr, mutu
                        prediction_ptr, disagreement_ptr, N, R, K, stride_n, stride_r, stride_k,
                        BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    members = tl.arange(0, BLOCK_N)[None, :]
+    # No lse is kept for stats (STORE_LSE=False), so probs_ptr stands in for the unused lse pointer.
+    row_max, row_log_sum, member_argmax = _long_rows_pass1(x_ptr, probs_ptr, rows, N, R, K, stride_n, stride_r,
+                                                           stride_k, False, True, BLOCK_R, BLOCK_K, BLOCK_N)
+    # Pass 2, chunk by chunk: member entropies, the probs chunk, and the online max/argmax of probs.
     expected_entropy_sum = tl.zeros([BLOCK_R], dtype=tl.float32)
-    member_argmax = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.int32)
-    x_n = x_ptr
-    for n in range(N):
-        # Pass 1: log-sum-exp and the member's own argmax (first index on ties: only a strictly larger
-        # chunk maximum replaces the running one).
-        m_run = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
-        s_run = tl.zeros([BLOCK_R], dtype=tl.float32)
-        best = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
-        best_idx = tl.zeros([BLOCK_R], dtype=tl.int32)
-        for k0 in range(0, K, BLOCK_K):
-            cols = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-            offs, mask = _tile_offsets(rows, cols, R, K, stride_r, stride_k)
-            x = tl.load(x_n + offs, mask=mask, other=float("-inf")).to(tl.float32)
-            m_run, s_run = _online_lse_update(m_run, s_run, x)
-            chunk_best = tl.max(x, axis=1)
-            chunk_idx = tl.argmax(x, axis=1, tie_break_left=True) + k0
-            better = chunk_best > best
-            best_idx = tl.where(better, chunk_idx, best_idx)
-            best = tl.where(better, chunk_best, best)
-        member_argmax = tl.where(members == n, best_idx[:, None], member_argmax)
-        # Pass 2: member entropy, and the member's probabilities added into the probs row.
-        log_s = tl.log(s_run)
-        plogp_sum = tl.zeros([BLOCK_R], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            cols = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-            offs, mask = _tile_offsets(rows, cols, R, K, stride_r, stride_k)
-            x = tl.load(x_n + offs, mask=mask, other=float("-inf")).to(tl.float32)
-            log_p = (x - m_run[:, None]) - log_s[:, None]
-            p = tl.exp(log_p)
-            plogp_sum += tl.sum(_plogp(p, log_p), axis=1)
-            probs_ptrs = probs_ptr + rows[:, None] * K + cols[None, :]
-            prev = tl.load(probs_ptrs, mask=mask & (n > 0), other=0.0)
-            tl.store(probs_ptrs, prev + p, mask=mask)
-        expected_entropy_sum -= plogp_sum
-        x_n += stride_n
-    # Pass 3 over the probs row (in L2): scale by 1/N, predictive entropy, confidence and prediction.
     entropy_sum = tl.zeros([BLOCK_R], dtype=tl.float32)
     confidence = tl.full([BLOCK_R], -1.0, dtype=tl.float32)
     prediction = tl.zeros([BLOCK_R], dtype=tl.int32)
     nan_count = tl.zeros([BLOCK_R], dtype=tl.int32)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-        mask = (rows[:, None] < R) & (cols[None, :] < K)
-        probs_ptrs = probs_ptr + rows[:, None] * K + cols[None, :]
-        probs = tl.load(probs_ptrs, mask=mask, other=0.0) / N
-        tl.store(probs_ptrs, probs, mask=mask)
+        offs, mask = _tile_offsets(rows, cols, R, K, stride_r, stride_k)
+        probs_sum = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
+        x_n = x_ptr
+        for n in range(N):
+            log_p = _member_log_probs(x_n, offs, mask, row_max, row_log_sum, n, BLOCK_N)
+            p = tl.exp(log_p)
+            expected_entropy_sum -= tl.sum(_plogp(p, log_p), axis=1)
+            probs_sum += p
+            x_n += stride_n
+        probs = probs_sum / N
+        tl.store(probs_ptr + rows[:, None] * K + cols[None, :], probs, mask=mask)
         entropy_sum += tl.sum(_entropy_terms(probs), axis=1)
         nan_count += tl.sum((probs != probs).to(tl.int32), axis=1)
-        probs_or_floor = tl.where(mask, probs, -1.0)
+        probs_or_floor = tl.where(mask & (probs == probs), probs, -1.0)
         chunk_best = tl.max(probs_or_floor, axis=1)
         chunk_idx = tl.argmax(probs_or_floor, axis=1, tie_break_left=True) + k0
         better = chunk_best > confidence
@@ -540,6 +559,8 @@ def reduce_forward(x: torch.Tensor, reduction: str, *, block_r: int | None = Non
         _launch(kernel, row_grid, x, out, *common, **meta)
     else:
         kernel = _member_probs_short_kernel if plan.one_block else _member_probs_long_kernel
+        if not plan.one_block:
+            meta["BLOCK_N"] = triton.next_power_of_2(N)
         _launch(kernel, row_grid, x, out, aux, *common, math.log(N),
                 LOG_OUTPUT=reduction == "log_mean_probs", **meta)
     return out, aux
