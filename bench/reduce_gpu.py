@@ -1,0 +1,178 @@
+"""GPU benchmark of the ensemble reduction: eager, torch.compile, Triton and CUDA C++ on the issue's shape matrix.
+
+    python bench/reduce_gpu.py [--out bench/results/reduce-<card>.json] [--static-compile]
+    python bench/reduce_gpu.py --smoke      # CPU, tiny shapes: checks the script end to end without a GPU
+
+For every shape (N in {4, 8, 16} x K in {10, 1000, 32000, 128256}, B making the fp32 input >= 64 MB, plus
+N=16, B=65536, K=10) and every workload (four reductions and ensemble_stats) it checks each implementation
+against eager, times it with triton.testing.do_bench (median; warm-up first; inputs rotated so that the set
+exceeds the 50 MB L2 of an H100) and reports GB/s (logits read once + outputs written once), the fraction of a
+device-to-device copy's bandwidth measured in the same run, and the speedup over eager. torch.compile of the
+reference is compiled with dynamic shapes by default (one compile per workload keeps the run under 3 minutes);
+``--static-compile`` compiles once per shape instead (slower to run, the best case for torch.compile).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import reduce_workloads as rw  # noqa: E402
+
+ROTATION_BYTES = 160 * 2**20   # > 3x the L2 of an H100: every timed call reads its input from HBM
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        # The GPU machine receives a copy of the working tree without .git: the caller passes the commit.
+        return os.environ.get("GIT_COMMIT", "unknown")
+
+
+def _timer(device: str, fast: bool):
+    """A function (fn) -> median seconds per call."""
+    if device == "cuda":
+        import triton.testing
+
+        def cuda_time(fn):
+            return triton.testing.do_bench(fn, warmup=10 if fast else 25, rep=40 if fast else 100,
+                                           return_mode="median") / 1e3
+        return cuda_time
+
+    def cpu_time(fn):
+        fn()
+        times = []
+        for _ in range(5 if fast else 20):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+    return cpu_time
+
+
+def _rotating(fn, inputs):
+    """Calls fn on the next input each time, so consecutive calls never find their input in cache."""
+    state = {"i": 0}
+
+    def call():
+        state["i"] = (state["i"] + 1) % len(inputs)
+        return fn(inputs[state["i"]])
+    return call
+
+
+def copy_bandwidth(device: str, time_fn) -> float:
+    """GB/s of a device-to-device copy of 256 MB (bytes read + bytes written)."""
+    nbytes = (256 if device == "cuda" else 32) * 2**20
+    src = torch.empty(nbytes // 4, device=device).normal_()
+    dst = torch.empty_like(src)
+    return 2 * nbytes / time_fn(lambda: dst.copy_(src)) / 1e9
+
+
+def run(out_json_path: str | None, smoke: bool = False, static_compile: bool = False) -> dict:
+    """Runs the matrix, writes the JSON results to ``out_json_path`` (if given) and returns them."""
+    device = "cpu" if smoke else "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("reduce_gpu.py needs a CUDA device (use --smoke to check it on the CPU)")
+    torch.manual_seed(0)
+    time_fn = _timer(device, fast=True)
+    shapes = rw.SMOKE_SHAPES if smoke else rw.gpu_shapes()
+    copy_gbs = copy_bandwidth(device, time_fn)
+    implementations = {}
+    for workload in rw.WORKLOADS:
+        for name in rw.IMPLEMENTATIONS:
+            implementations[workload, name] = rw.implementation(name, workload, device,
+                                                                dynamic_compile=not static_compile)
+    results = []
+    for shape in shapes:
+        nbytes_in = shape[0] * shape[1] * shape[2] * 4
+        copies = max(2, -(-ROTATION_BYTES // nbytes_in)) if device == "cuda" else 1
+        inputs = [torch.randn(shape, device=device) for _ in range(copies)]
+        for workload in rw.WORKLOADS:
+            expected = rw.reference(workload)(inputs[0])
+            row = {"N": shape[0], "B": shape[1], "K": shape[2], "workload": workload,
+                   "bytes": rw.bytes_moved(workload, shape), "ms": {}, "GB/s": {}, "copy_fraction": {},
+                   "speedup_vs_eager": {}, "max_abs_error_vs_eager": {}, "skipped": {}}
+            for name in rw.IMPLEMENTATIONS:
+                fn, problem = implementations[workload, name]
+                if fn is None:
+                    row["skipped"][name] = problem
+                    continue
+                try:
+                    row["max_abs_error_vs_eager"][name] = rw.check_against_eager(workload, fn(inputs[0]), expected)
+                    seconds = time_fn(_rotating(fn, inputs))
+                except Exception as exc:  # one broken implementation must not lose the rest of the run
+                    row["skipped"][name] = f"{type(exc).__name__}: {exc}"
+                    continue
+                row["ms"][name] = seconds * 1e3
+                row["GB/s"][name] = row["bytes"] / seconds / 1e9
+                row["copy_fraction"][name] = row["GB/s"][name] / copy_gbs
+            if "eager" in row["ms"]:
+                row["speedup_vs_eager"] = {name: row["ms"]["eager"] / ms for name, ms in row["ms"].items()}
+            results.append(row)
+            _print_row(row)
+        del inputs
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    import triton
+    report = {
+        "card": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
+        "device": device, "torch": torch.__version__, "triton": triton.__version__, "commit": _git_commit(),
+        "threads": torch.get_num_threads(), "dtype": "float32", "compile_mode": "static" if static_compile
+        else "dynamic", "copy_GB/s": copy_gbs, "timing": "triton.testing.do_bench median" if device == "cuda"
+        else "perf_counter median", "results": results,
+    }
+    print(f"device-to-device copy: {copy_gbs:.0f} GB/s on {report['card']}")
+    if out_json_path:
+        os.makedirs(os.path.dirname(os.path.abspath(out_json_path)), exist_ok=True)
+        with open(out_json_path, "w") as f:
+            json.dump(report, f, indent=1)
+        print(f"wrote {out_json_path}")
+    return report
+
+
+_header_printed = []
+
+
+def _print_row(row: dict) -> None:
+    """One line per (shape, workload): GB/s of each implementation and its speedup over eager."""
+    if not _header_printed:
+        print(f"{'N':>3} {'B':>7} {'K':>6} {'workload':<16}" + "".join(f"{n:>20}" for n in rw.IMPLEMENTATIONS))
+        _header_printed.append(True)
+    cells = []
+    for name in rw.IMPLEMENTATIONS:
+        if name in row["GB/s"]:
+            cells.append(f"{row['GB/s'][name]:8.0f} GB/s {row['speedup_vs_eager'].get(name, 0):5.2f}x")
+        else:
+            cells.append("-")
+    print(f"{row['N']:>3} {row['B']:>7} {row['K']:>6} {row['workload']:<16}" + "".join(f"{c:>20}" for c in cells),
+          flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", help="JSON results path (default: bench/results/reduce-<card>.json; "
+                                      "none with --smoke)")
+    parser.add_argument("--smoke", action="store_true", help="CPU, tiny shapes: an end-to-end check")
+    parser.add_argument("--static-compile", action="store_true",
+                        help="compile the reference once per shape instead of once with dynamic shapes")
+    args = parser.parse_args(argv)
+    out = args.out
+    if out is None and not args.smoke:
+        card = torch.cuda.get_device_name().replace(" ", "-") if torch.cuda.is_available() else "cpu"
+        out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"reduce-{card}.json")
+    run(out, smoke=args.smoke, static_compile=args.static_compile)
+
+
+if __name__ == "__main__":
+    main()

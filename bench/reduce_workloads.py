@@ -1,0 +1,94 @@
+"""Ensemble-reduction benchmark workloads shared by bench/test_bench_reduce.py and bench/reduce_gpu.py.
+
+A workload is one of the four reductions or ``"stats"`` (ensemble_stats) on fp32 logits [N, B, K]. Each is run
+by four implementations: ``eager`` (fused_ensemble.reference, the test oracle), ``compile`` (torch.compile of
+that reference), and our kernels through the public API, ``triton`` and ``cpp`` (C++ on CPU, CUDA C++ on GPU).
+Bandwidth counts the logits read once and the outputs written once: what a one-pass kernel must move.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fused_ensemble import backends
+from fused_ensemble.ensemble_reduce import ensemble_reduce, ensemble_stats
+from fused_ensemble.reference import REDUCTIONS, reduce_reference, stats_reference
+
+# Every static compile of a reference (one per workload and shape) hangs off the same lambda's code object:
+# past dynamo's default of 8 recompiles it would silently run eager, and "compile" would time eager.
+torch._dynamo.config.cache_size_limit = 1024
+torch._dynamo.config.accumulated_cache_size_limit = 1024
+
+WORKLOADS = REDUCTIONS + ("stats",)
+IMPLEMENTATIONS = ("eager", "compile", "triton", "cpp")
+
+# Small enough for the 2-core CPU; the first two are the issue's CPU targets.
+CPU_SHAPES = [(8, 4096, 1000), (4, 64, 32000), (16, 1024, 10), (4, 16, 128256)]
+SMOKE_SHAPES = [(4, 64, 10), (2, 8, 1000)]
+GPU_INPUT_BYTES = 64 * 2**20   # every GPU input is at least this big (more than the H100's 50 MB of L2)
+
+
+def gpu_shapes() -> list[tuple[int, int, int]]:
+    """The issue's matrix: N in {4, 8, 16} x K in {10, 1000, 32000, 128256}, B making the fp32 input >= 64 MB,
+    plus N=16, B=65536, K=10 (where torch.compile of the reference is known to be slow)."""
+    shapes = [(n, math.ceil(GPU_INPUT_BYTES / (n * k * 4)), k) for k in (10, 1000, 32000, 128256) for n in (4, 8, 16)]
+    return shapes + [(16, 65536, 10)]
+
+
+def reference(workload: str):
+    if workload == "stats":
+        return lambda x: stats_reference(x)
+    return lambda x: reduce_reference(x, workload)
+
+
+def kernel(workload: str, backend: str):
+    if workload == "stats":
+        return lambda x: ensemble_stats(x, backend=backend)
+    return lambda x: ensemble_reduce(x, workload, backend=backend)
+
+
+def implementation(name: str, workload: str, device: str, dynamic_compile: bool = False):
+    """(callable x -> outputs, None), or (None, why it cannot run on ``device``)."""
+    if name == "eager":
+        return reference(workload), None
+    if name == "compile":
+        return torch.compile(reference(workload), dynamic=dynamic_compile), None
+    if name == "triton" and device == "cpu":
+        return None, "the Triton interpreter is a test tool, not a benchmark"
+    problem = backends.unavailable_reason(name, device, torch.float32)
+    if problem is not None:
+        return None, problem
+    return kernel(workload, name), None
+
+
+def bytes_moved(workload: str, shape: tuple[int, int, int], itemsize: int = 4) -> int:
+    n, b, k = shape
+    out = b * k * 4
+    if workload == "stats":
+        out += b * (6 * 4 + 8)  # five float rows + the int64 prediction
+    return n * b * k * itemsize + out
+
+
+def first_tensor(result):
+    return result[0] if isinstance(result, tuple) else result
+
+
+def check_against_eager(workload: str, result, expected) -> float:
+    """Largest absolute difference to the eager reference (raises when it is beyond float32 noise)."""
+    results = result if isinstance(result, tuple) else (result,)
+    expecteds = expected if isinstance(expected, tuple) else (expected,)
+    worst = 0.0
+    for got, want in zip(results, expecteds):
+        if got.dtype == torch.int64:
+            # Ties between nearly equal probabilities may pick another class: count mismatches only.
+            mismatch = (got != want).float().mean().item()
+            assert mismatch < 1e-3, f"{workload}: {mismatch:.2%} of predictions differ from eager"
+            continue
+        finite = torch.isfinite(want)
+        diff = (got[finite].double() - want[finite].double()).abs().max().item() if finite.any() else 0.0
+        scale = want[finite].abs().max().item() if finite.any() else 1.0
+        assert diff <= 1e-4 * max(1.0, scale), f"{workload}: max |ours - eager| = {diff:.3g}"
+        worst = max(worst, diff)
+    return worst
