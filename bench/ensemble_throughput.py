@@ -1,0 +1,137 @@
+"""Ensemble-throughput matrix: every way of running N members, on the same members and input, in one process.
+
+Methods: the member loop, the loop replayed as a CUDA graph (GPU), torch.func vmap, FusedEnsemble, its
+``optimize()``d module, and one member at batch N * B (the "ensemble efficiency" reference: an ensemble can at
+best be as fast as one member seeing all N * B images; efficiency = t_single(N * B) / t_optimized).
+
+    python bench/ensemble_throughput.py --preset gpu --json bench/results/ensemble-h100.json   # on a GPU
+    python bench/ensemble_throughput.py --preset cpu --json bench/results/ensemble-cpu.json    # 2-core CPU
+
+FLOPs are counted with torch.utils.flop_counter on one member at batch 1 (convolutions and matmuls, 2 per
+multiply-add) and reported as N * B * flops / time, next to the rate of a large bf16 matmul measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+from fused_ensemble.bench_cli import _environment
+from fused_ensemble.benchmarking import Workload, median, relative_error, time_ms
+from fused_ensemble.fused import FusedEnsemble
+from fused_ensemble.models import build_model, input_shape
+
+# (model, dtype, members, batch)
+PRESETS = {
+    "gpu": [("resnet18-cifar", "bfloat16", 8, 1), ("resnet18-cifar", "bfloat16", 16, 64),
+            ("resnet18-cifar", "bfloat16", 16, 512), ("resnet18-cifar", "float32", 16, 512),
+            ("resnet18-cifar", "bfloat16", 4, 64), ("resnet18-cifar", "bfloat16", 32, 64),
+            ("resnet50", "bfloat16", 8, 1), ("resnet50", "bfloat16", 8, 64),
+            ("lenet", "float32", 32, 512), ("mlp", "float32", 32, 512)],
+    "cpu": [("resnet18-cifar", "float32", 8, 1), ("resnet18-cifar", "float32", 4, 8),
+            ("resnet18-cifar", "float32", 4, 32), ("lenet", "float32", 4, 64), ("lenet", "float32", 16, 64),
+            ("mlp", "float32", 4, 64), ("mlp", "float32", 16, 64)],
+    "smoke": [("lenet", "float32", 2, 4), ("mlp", "float32", 3, 4)],
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def flops_per_sample(model: str) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    member = build_model(model).eval()
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        member(torch.randn(1, *input_shape(model)))
+    return counter.get_total_flops()
+
+
+def matmul_tflops(device: str) -> float | None:
+    if device != "cuda":
+        return None
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    ms = median(time_ms(lambda: a @ b, device, 20, warmup=3))
+    return 2 * 8192 ** 3 / ms / 1e9
+
+
+def graphed(fn, device: str):
+    """``fn`` captured once in a CUDA graph; the returned callable replays it."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), torch.no_grad():
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.no_grad():
+        fn()
+    return graph.replay
+
+
+def run_point(model: str, dtype_name: str, members: int, batch: int, device: str, reps: int) -> dict:
+    dtype = DTYPES[dtype_name]
+    workload = Workload.build(model, members, batch, device, dtype)
+    fused = FusedEnsemble(workload.members).eval()
+    optimized = fused.optimize(workload.x)
+    single = workload.members[0]
+    big_batch = torch.randn(members * batch, *input_shape(model), device=device, dtype=dtype)
+    methods = {"loop": workload.loop(), "vmap": workload.vmap(), "fused": lambda: fused(workload.x),
+               "optimized": lambda: optimized(workload.x), "single_member_NxB": lambda: single(big_batch)}
+    if device == "cuda":
+        methods["loop_graph"] = graphed(workload.loop(), device)
+        methods["single_member_NxB_graph"] = graphed(lambda: single(big_batch), device)
+    with torch.no_grad():
+        reference = methods["loop"]()
+        errors = {name: relative_error(methods[name](), reference) for name in ("vmap", "fused", "optimized")}
+    timings = {name: median(time_ms(fn, device, reps, warmup=2)) for name, fn in methods.items()}
+    return {"model": model, "dtype": dtype_name, "members": members, "batch": batch, "ms": timings,
+            "relative_error_vs_loop": errors, "optimized": repr(optimized).splitlines()[0] + " " +
+            optimized.extra_repr()}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="gpu" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--reps", type=int, default=None)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    device = args.device
+    reps = args.reps or (20 if device == "cuda" else 5)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cudnn.benchmark = True
+    peak = matmul_tflops(device)
+    results = {"environment": _environment(device), "bf16_matmul_tflops": peak, "points": []}
+    print(f"{'model':<15}{'dtype':<9}{'N':>3}{'B':>5} " + " ".join(f"{m:>10}" for m in
+          ("loop", "loop_graph", "vmap", "fused", "optimized", "single_NB")) + "  speedup  TFLOP/s  eff")
+    for model, dtype_name, members, batch in PRESETS[args.preset]:
+        point = run_point(model, dtype_name, members, batch, device, reps)
+        flops = flops_per_sample(model) * members * batch
+        ms = point["ms"]
+        point["flops_per_forward"] = flops
+        point["tflops"] = {name: flops / t / 1e9 for name, t in ms.items()}
+        best_loop = min(ms["loop"], ms.get("loop_graph", float("inf")))
+        point["speedup_optimized_vs_best_loop"] = best_loop / ms["optimized"]
+        single = min(ms["single_member_NxB"], ms.get("single_member_NxB_graph", float("inf")))
+        point["ensemble_efficiency"] = single / ms["optimized"]
+        if peak:
+            point["fraction_of_bf16_matmul"] = point["tflops"]["optimized"] / peak
+        results["points"].append(point)
+        cells = [ms.get(name) for name in ("loop", "loop_graph", "vmap", "fused", "optimized", "single_member_NxB")]
+        print(f"{model:<15}{dtype_name:<9}{members:>3}{batch:>5} " + " ".join(
+            f"{c:>10.3f}" if c is not None else f"{'-':>10}" for c in cells) +
+            f"  {point['speedup_optimized_vs_best_loop']:>6.2f}x {point['tflops']['optimized']:>8.1f} "
+            f"{point['ensemble_efficiency']:>4.2f}", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
