@@ -1,0 +1,268 @@
+"""Training N members at once as one FusedEnsemble, evaluation, and the ``train`` command.
+
+Each member gets its own batch (``member_inputs=True``, ``x`` of shape ``[N, B, ...]``), the loss is the sum
+of the members' mean cross-entropies (so member i's gradient is exactly its own loss's gradient), and a
+``fused_ensemble.optim`` optimizer applies per-member hyperparameters: this is N independent trainings, run
+as one network.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fused_ensemble import metrics
+from fused_ensemble.data import SAMPLINGS, ImageData, load_cifar10, load_digits, member_batches
+from fused_ensemble.fused import FusedEnsemble
+from fused_ensemble.lr_scheduler import CosineAnnealingLR
+from fused_ensemble.optim import SGD
+
+__all__ = ["small_cnn", "member_cross_entropy", "train_epoch", "evaluate", "add_train_arguments", "run_train"]
+
+
+def small_cnn(in_channels: int = 1, num_classes: int = 10) -> nn.Module:
+    """A small CNN (the digits member): three 3x3 conv + BatchNorm + ReLU layers, one max pool, global average
+    pooling and a linear head; any image size of at least 2x2."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Linear(64, num_classes),
+    )
+
+
+def member_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Sum over members of each member's mean cross-entropy; ``logits [N, B, K]``, ``targets [N, B]``."""
+    per_example = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
+    return per_example.view(targets.shape).mean(1).sum()
+
+
+def train_epoch(fused: FusedEnsemble, optimizer, x: torch.Tensor, y: torch.Tensor, batch_size: int,
+                sampling: str = "shuffle", generator: torch.Generator | None = None, progress=None) -> int:
+    """One epoch: every member sees its own shuffle/bootstrap of ``(x, y)``; returns the steps taken.
+
+    ``fused`` must have ``reduction="none"`` and ``member_inputs=True``. ``progress``: an optional tqdm bar,
+    advanced once per step with the mean member loss as its postfix.
+    """
+    if fused.reduction != "none" or not fused.member_inputs:
+        raise ValueError("train_epoch needs FusedEnsemble(..., reduction='none', member_inputs=True), got "
+                         f"reduction={fused.reduction!r}, member_inputs={fused.member_inputs}")
+    device = next(fused.parameters()).device
+    fused.train()
+    steps = 0
+    for xb, yb in member_batches(x, y, fused.num_members, batch_size, sampling, generator):
+        xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+        optimizer.zero_grad(set_to_none=True)
+        loss = member_cross_entropy(fused(xb), yb)
+        loss.backward()
+        optimizer.step()
+        steps += 1
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss.item() / fused.num_members:.3f}", refresh=False)
+    return steps
+
+
+@torch.no_grad()
+def member_probabilities(fused: FusedEnsemble, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """Member softmax probabilities ``[N, M, K]`` (float32, on the CPU) for inputs ``x [M, ...]``, eval mode."""
+    device = next(fused.parameters()).device
+    was_training = fused.training
+    fused.eval()
+    chunks = []
+    for start in range(0, x.shape[0], batch_size):
+        xb = x[start:start + batch_size].to(device)
+        logits = fused(xb.expand(fused.num_members, *xb.shape))  # every member sees the same examples
+        chunks.append(logits.float().softmax(-1).cpu())
+    fused.train(was_training)
+    return torch.cat(chunks, dim=1)
+
+
+def evaluate(fused: FusedEnsemble, x: torch.Tensor, y: torch.Tensor, n_bins: int = 15,
+             batch_size: int = 512) -> dict:
+    """Per-member and ensemble (mean of member probabilities) accuracy, NLL, Brier and ECE on ``(x, y)``."""
+    member_probs = member_probabilities(fused, x, batch_size)
+    ensemble_probs = member_probs.mean(0)
+    y = y.cpu()
+    result = {}
+    for name in ("accuracy", "nll", "brier", "ece"):
+        metric = getattr(metrics, name)
+        kwargs = {"n_bins": n_bins} if name == "ece" else {}
+        result[f"member_{name}"] = metric(member_probs, y, **kwargs).tolist()
+        result[f"ensemble_{name}"] = metric(ensemble_probs, y, **kwargs).item()
+        result[f"mean_member_{name}"] = sum(result[f"member_{name}"]) / fused.num_members
+    result["ensemble_mutual_info"] = metrics.mutual_information(member_probs).mean().item()
+    result["_ensemble_probs"] = ensemble_probs
+    return result
+
+
+# -- the command ------------------------------------------------------------------------------------------------
+
+DEFAULTS = {  # per dataset: model, epochs, batch size, learning rate
+    "digits": dict(model="small-cnn", epochs=6, batch_size=64, lr=0.1),
+    "cifar10": dict(model="resnet18-cifar", epochs=1, batch_size=128, lr=0.1),
+}
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds the ``train`` command's options to ``parser``."""
+    parser.add_argument("--dataset", choices=sorted(DEFAULTS), default="digits")
+    parser.add_argument("--data-dir", default=None, help="folder holding cifar-10-batches-py (cifar10 only)")
+    parser.add_argument("--members", type=int, default=8, help="number of members N (default 8)")
+    parser.add_argument("--model", default=None,
+                        help="member architecture: small-cnn (digits default) or a fused_ensemble.models name "
+                             "(cifar10 default: resnet18-cifar)")
+    parser.add_argument("--epochs", type=int, default=None, help="default: 6 (digits), 1 (cifar10)")
+    parser.add_argument("--batch-size", type=int, default=None, help="per member; default 64 (digits), 128 (cifar10)")
+    parser.add_argument("--lr", type=float, nargs="+", default=None,
+                        help="SGD learning rate: one value, or one per member (default 0.1)")
+    parser.add_argument("--weight-decay", type=float, nargs="+", default=[5e-4],
+                        help="one value, or one per member (default 5e-4)")
+    parser.add_argument("--momentum", type=float, default=0.9)
+    parser.add_argument("--sampling", choices=SAMPLINGS, default="shuffle",
+                        help="per-member data order: own shuffle (default) or bootstrap resample (bagging)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--max-train", type=int, default=None, help="use only the first examples (quick runs)")
+    parser.add_argument("--max-test", type=int, default=None)
+    parser.add_argument("--no-verify-md5", action="store_true",
+                        help="cifar10: skip torchvision's md5 check (files in the format but not the official ones)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--json", default=None, metavar="PATH", help="write the summary as JSON")
+    parser.add_argument("--plot", default=None, metavar="PATH", help="write a reliability diagram PNG")
+
+
+def _load(args) -> ImageData:
+    if args.dataset == "digits":
+        data = load_digits()
+        if args.max_train or args.max_test:
+            data.train_x, data.train_y = data.train_x[:args.max_train], data.train_y[:args.max_train]
+            data.test_x, data.test_y = data.test_x[:args.max_test], data.test_y[:args.max_test]
+        return data
+    if args.data_dir is None:
+        raise SystemExit("--dataset cifar10 needs --data-dir PATH (the folder holding cifar-10-batches-py)")
+    return load_cifar10(args.data_dir, verify_md5=not args.no_verify_md5, max_train=args.max_train,
+                        max_test=args.max_test)
+
+
+def _build_member(name: str, in_channels: int, num_classes: int) -> nn.Module:
+    if name == "small-cnn":
+        return small_cnn(in_channels, num_classes)
+    from fused_ensemble.models import build_model
+
+    return build_model(name, num_classes)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def run_train(args: argparse.Namespace) -> dict:
+    """Trains ``args.members`` members as one FusedEnsemble, prints per-member and ensemble metrics on the test
+    set, and writes ``--json`` / ``--plot``. Returns the summary dict (what ``--json`` writes)."""
+    defaults = DEFAULTS[args.dataset]
+    model = args.model or defaults["model"]
+    epochs = args.epochs if args.epochs is not None else defaults["epochs"]
+    batch_size = args.batch_size or defaults["batch_size"]
+    lr = args.lr or [defaults["lr"]]
+    n = args.members
+    if n < 1 or epochs < 1 or batch_size < 1:
+        raise SystemExit(f"--members, --epochs and --batch-size must be >= 1, got {n}, {epochs}, {batch_size}")
+    device = _device(args.device)
+
+    data = _load(args)
+    torch.manual_seed(args.seed)
+    members = [_build_member(model, data.train_x.shape[1], data.num_classes) for _ in range(n)]
+    fused = FusedEnsemble(members, reduction="none", member_inputs=True).to(device)
+    optimizer = SGD(fused.parameters(), lr=lr[0] if len(lr) == 1 else lr, momentum=args.momentum,
+                    nesterov=args.momentum > 0,
+                    weight_decay=args.weight_decay[0] if len(args.weight_decay) == 1 else args.weight_decay)
+    scheduler = CosineAnnealingLR(optimizer, T_max=epochs)
+    generator = torch.Generator().manual_seed(args.seed)
+
+    from tqdm import tqdm
+
+    steps_per_epoch = data.train_x.shape[0] // batch_size
+    progress = tqdm(total=epochs * steps_per_epoch, desc=f"train {n} x {model} on {data.name}",
+                    unit="step", disable=args.no_progress)
+    steps = 0
+    start = time.perf_counter()
+    for epoch in range(epochs):
+        progress.set_description(f"epoch {epoch + 1}/{epochs}")
+        steps += train_epoch(fused, optimizer, data.train_x, data.train_y, batch_size, args.sampling, generator,
+                             progress)
+        scheduler.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    train_seconds = time.perf_counter() - start
+    progress.close()
+
+    result = evaluate(fused, data.test_x, data.test_y)
+    ensemble_probs = result.pop("_ensemble_probs")
+    summary = {
+        "dataset": data.name, "model": model, "members": n, "epochs": epochs, "batch_size": batch_size,
+        "lr": lr, "weight_decay": args.weight_decay, "momentum": args.momentum, "sampling": args.sampling,
+        "seed": args.seed, "device": str(device), "train_examples": int(data.train_x.shape[0]),
+        "test_examples": int(data.test_x.shape[0]), "train_steps": steps,
+        "train_seconds": train_seconds,
+        # every member processes its own batch: N * B member-images per step
+        "train_member_images_per_s": steps * n * batch_size / train_seconds,
+        **result,
+        "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
+    }
+    print(format_table(summary))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(summary, f, indent=2)
+    if args.plot:
+        plot_reliability(ensemble_probs, data.test_y, args.plot,
+                         title=f"{n} x {model} on {data.name}: ensemble ECE {summary['ensemble_ece']:.4f}")
+    return summary
+
+
+def format_table(summary: dict) -> str:
+    """The per-member and ensemble metrics as a Markdown table, with the training time."""
+    rows = ["| | accuracy | NLL | Brier | ECE |", "|---|---|---|---|---|"]
+    for i in range(summary["members"]):
+        rows.append(f"| member {i} | " + " | ".join(f"{summary[f'member_{k}'][i]:.4f}"
+                                                    for k in ("accuracy", "nll", "brier", "ece")) + " |")
+    for label, prefix in (("mean member", "mean_member"), ("**ensemble**", "ensemble")):
+        rows.append(f"| {label} | " + " | ".join(f"{summary[f'{prefix}_{k}']:.4f}"
+                                                 for k in ("accuracy", "nll", "brier", "ece")) + " |")
+    rows.append(f"\n{summary['members']} members, {summary['epochs']} epochs, {summary['train_steps']} steps in "
+                f"{summary['train_seconds']:.1f} s on {summary['device']}: "
+                f"{summary['train_member_images_per_s']:.0f} member-images/s")
+    return "\n".join(rows)
+
+
+def plot_reliability(probs: torch.Tensor, targets: torch.Tensor, path: str, n_bins: int = 15,
+                     title: str = "reliability diagram") -> None:
+    """Writes a reliability diagram (accuracy and mean confidence per confidence bin) of ``probs`` as a PNG."""
+    from matplotlib.figure import Figure  # no pyplot: no global backend state, works without a display
+
+    diagram = metrics.reliability_diagram(probs, targets, n_bins)
+    edges = diagram.edges.numpy()
+    width = edges[1] - edges[0]
+    filled = diagram.count.numpy() > 0
+    fig = Figure(figsize=(5, 5))
+    ax = fig.subplots()
+    ax.bar(edges[:-1][filled], diagram.accuracy.numpy()[filled], width=width, align="edge",
+           edgecolor="black", label="accuracy")
+    ax.bar(edges[:-1][filled], (diagram.confidence - diagram.accuracy).numpy()[filled], width=width,
+           bottom=diagram.accuracy.numpy()[filled], align="edge", color="tab:red", alpha=0.3,
+           label="gap to confidence")
+    ax.plot([0, 1], [0, 1], "k--", label="perfect calibration")
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy", title=title)
+    ax.title.set_fontsize(9)
+    ax.legend(loc="upper left")
+    fig.savefig(path, dpi=100)

@@ -1,0 +1,133 @@
+"""Fused training is N independent trainings: exactness against torch.optim per member, and the train command."""
+
+import argparse
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fused_ensemble import FusedEnsemble, optim
+from fused_ensemble.train import add_train_arguments, member_cross_entropy, run_train, train_epoch
+
+N, B, STEPS = 3, 6, 3
+LR_SGD, LR_ADAMW = [0.1, 0.03, 0.3], [1e-2, 3e-3, 3e-2]
+WEIGHT_DECAY = [0.0, 1e-2, 0.1]
+
+
+def cnn_with_batchnorm():
+    # No conv bias before BatchNorm: its true gradient is 0, and AdamW would turn rounding noise of 1e-9 into
+    # full-size steps, in either implementation.
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Flatten(), nn.Linear(4 * 4 * 4, 5))
+
+
+def mlp_with_dropout_disabled():
+    # p=0: dropout layers fused and run, but draw no masks, so the member runs are deterministic.
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Dropout(0.0), nn.Linear(16, 16), nn.GELU(),
+                         nn.Dropout(0.0), nn.Linear(16, 5))
+
+
+def make_members(build):
+    members = [build() for _ in range(N)]
+    for m in members:  # random running statistics, so their updates are checked on non-trivial values
+        for module in m.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.running_mean.normal_()
+                module.running_var.uniform_(0.5, 2.0)
+    return members
+
+
+OPTIMIZERS = {
+    "sgd": (lambda params: optim.SGD(params, lr=LR_SGD, momentum=[0.9, 0.5, 0.0], weight_decay=WEIGHT_DECAY),
+            lambda params, i: torch.optim.SGD(params, lr=LR_SGD[i], momentum=[0.9, 0.5, 0.0][i],
+                                              weight_decay=WEIGHT_DECAY[i])),
+    "adamw": (lambda params: optim.AdamW(params, lr=LR_ADAMW, weight_decay=WEIGHT_DECAY, betas=([0.9, 0.8, 0.5], 0.99)),
+              lambda params, i: torch.optim.AdamW(params, lr=LR_ADAMW[i], weight_decay=WEIGHT_DECAY[i],
+                                                  betas=([0.9, 0.8, 0.5][i], 0.99))),
+}
+
+
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+@pytest.mark.parametrize("build", [cnn_with_batchnorm, mlp_with_dropout_disabled])
+def test_fused_training_equals_each_member_trained_alone(build, optimizer):
+    make_fused_opt, make_member_opt = OPTIMIZERS[optimizer]
+    members = make_members(build)
+    alone = [copy.deepcopy(m).train() for m in members]
+    fused = FusedEnsemble(members, reduction="none", member_inputs=True).train()
+    fused_opt = make_fused_opt(fused.parameters())
+    member_opts = [make_member_opt(m.parameters(), i) for i, m in enumerate(alone)]
+    for _ in range(STEPS):
+        x = torch.randn(N, B, 1, 8, 8)
+        y = torch.randint(0, 5, (N, B))
+        fused_opt.zero_grad()
+        member_cross_entropy(fused(x), y).backward()
+        fused_opt.step()
+        for i, (m, opt) in enumerate(zip(alone, member_opts)):
+            opt.zero_grad()
+            F.cross_entropy(m(x[i]), y[i]).backward()
+            opt.step()
+    for i, (got, expected) in enumerate(zip(fused.to_members(), alone)):
+        got_state, expected_state = got.state_dict(), expected.state_dict()
+        assert list(got_state) == list(expected_state)
+        for name in expected_state:
+            torch.testing.assert_close(got_state[name], expected_state[name], rtol=1e-5, atol=1e-5,
+                                       msg=lambda s: f"member {i}, {name}: {s}")
+
+
+def test_frozen_member_stays_bitwise_through_fused_training():
+    members = make_members(cnn_with_batchnorm)
+    fused = FusedEnsemble(members, reduction="none", member_inputs=True)
+    opt = optim.SGD(fused.parameters(), lr=0.1, momentum=0.9)
+    opt.freeze(1)
+    before = {k: v.clone() for k, v in fused.to_members()[1].named_parameters()}
+    x, y = torch.randn(N * 40, 1, 8, 8), torch.randint(0, 5, (N * 40,))
+    train_epoch(fused, opt, x, y, batch_size=16, generator=torch.Generator().manual_seed(0))
+    after = fused.to_members()
+    for name, p in after[1].named_parameters():
+        assert torch.equal(p, before[name]), name
+    assert not torch.equal(after[0][0].weight, members[0][0].weight)
+
+
+def test_train_epoch_needs_per_member_outputs():
+    fused = FusedEnsemble(make_members(cnn_with_batchnorm), reduction="mean_probs", member_inputs=True)
+    with pytest.raises(ValueError, match="reduction='none', member_inputs=True"):
+        train_epoch(fused, optim.SGD(fused.parameters(), lr=0.1), torch.randn(8, 1, 8, 8),
+                    torch.zeros(8, dtype=torch.long), batch_size=4)
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser()
+    add_train_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_train_command_on_digits_end_to_end(tmp_path, capsys):
+    json_path, plot_path = tmp_path / "summary.json", tmp_path / "reliability.png"
+    summary = run_train(parse(["--dataset", "digits", "--members", "3", "--epochs", "1", "--batch-size", "32",
+                               "--max-train", "640", "--max-test", "200", "--lr", "0.1", "0.05", "0.2",
+                               "--no-progress", "--json", str(json_path), "--plot", str(plot_path)]))
+    written = json.loads(json_path.read_text())
+    for key in ("member_accuracy", "member_nll", "member_brier", "member_ece"):
+        assert len(written[key]) == 3
+    for key in ("ensemble_accuracy", "ensemble_nll", "ensemble_ece", "ensemble_brier", "train_member_images_per_s"):
+        assert isinstance(written[key], float)
+    assert written["lr"] == [0.1, 0.05, 0.2]
+    assert written["train_steps"] == 640 // 32
+    assert written == json.loads(json.dumps(summary))
+    assert summary["ensemble_accuracy"] > 0.5  # 20 steps on digits; chance is 0.1
+    assert plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| **ensemble** |" in capsys.readouterr().out
+
+
+def test_train_command_on_a_tiny_cifar10_folder(tmp_path):
+    from test_data import write_tiny_cifar10
+
+    write_tiny_cifar10(tmp_path)
+    summary = run_train(parse(["--dataset", "cifar10", "--data-dir", str(tmp_path), "--no-verify-md5",
+                               "--model", "small-cnn", "--members", "2", "--epochs", "1", "--batch-size", "4",
+                               "--no-progress"]))
+    assert summary["dataset"] == "cifar10" and summary["train_examples"] == 20 and summary["test_examples"] == 6
+    assert summary["train_steps"] == 5 and len(summary["member_accuracy"]) == 2
