@@ -345,3 +345,13 @@ def test_gpu_torch_compile_traces_the_launchers():
     compiled = torch.compile(probs_and_stats, fullgraph=True)
     for actual, expected in zip(compiled(x), probs_and_stats(x)):
         torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.gpu
+def test_gpu_fake_tracing_records_the_kernels():
+    # make_fx with fake tensors is how triton_op / AOTAutograd trace: the launches must appear in the graph.
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    x = _logits((3, 5, 100))
+    graph = make_fx(lambda logits: er.reduce_forward(logits, "log_mean_probs")[0], tracing_mode="fake")(x)
+    assert "triton_kernel_wrapper" in graph.code
