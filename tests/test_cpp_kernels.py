@@ -197,6 +197,21 @@ def test_backward_strided_and_infinite_inputs(reduction):
     check_backward(y, reduction)
 
 
+def test_log_mean_probs_backward_class_ruled_out_by_every_member():
+    # The contract takes h = 0 where a member's probability is 0; with class 5 at -inf in every member the
+    # gradient is then that of the logits without class 5, and 0 at class 5 (the reference's logsumexp backward
+    # gives NaN there instead).
+    x = torch.randn(3, 4, 12, dtype=torch.float64)
+    x[:, :, 5] = -math.inf
+    out, aux = ops.reduce_forward(x, "log_mean_probs")
+    grad_out = torch.randn_like(out)
+    grad = ops.reduce_backward(grad_out, x, out, aux, "log_mean_probs")
+    kept = [k for k in range(12) if k != 5]
+    want = reference_grad(x[:, :, kept], "log_mean_probs", grad_out[:, kept])
+    torch.testing.assert_close(grad[:, :, kept], want, rtol=1e-12, atol=1e-12)
+    assert torch.equal(grad[:, :, 5], torch.zeros(3, 4, dtype=torch.float64))
+
+
 class ExtensionReduce(torch.autograd.Function):
     """The forward and backward ops, wired as autograd does it in the op layer."""
 
