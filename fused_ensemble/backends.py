@@ -23,7 +23,7 @@ _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # (backend, device type) pairs whose kernels raised under "auto"; filled by note_auto_failure.
 _failed_under_auto: set[tuple[str, str]] = set()
-# Import-time facts (is triton installed, did the extension load): checked once, they cannot change.
+# Whether triton and our Triton kernels import: checked once (a failed import is not retried on every call).
 _import_problems: dict[str, str | None] = {}
 
 
@@ -46,30 +46,26 @@ def _triton_import_problem() -> str | None:
     return _import_problems["triton"]
 
 
-def _extension_problems() -> tuple[str | None, str | None]:
-    """(why the extension cannot run at all, why it cannot run on CUDA tensors); None where it can."""
+def _extension_problem(device_type: str) -> str | None:
+    # Asked each time (fused_ensemble._extension caches the load): build_jit() may register the ops later.
     try:
         from fused_ensemble import _extension
     except ImportError as exc:
-        return f"the C++ extension is not built: {exc}", None
+        return f"the C++ extension is not built: {exc}"
     if not _extension.load_extension():
-        return f"the C++ extension is not built: {_extension.extension_status()}", None
-    if not _extension.has_cuda_kernels():
-        return None, ("the C++ extension was built without CUDA kernels (no CUDA toolkit at build time, or "
-                      "FUSED_ENSEMBLE_NO_CUDA=1)")
-    return None, None
+        return f"the C++ extension is not built: {_extension.extension_status()}"
+    if device_type == "cuda" and not _extension.has_cuda_kernels():
+        return ("the C++ extension was built without CUDA kernels (no CUDA toolkit at build time, or "
+                "FUSED_ENSEMBLE_NO_CUDA=1); fused_ensemble._extension.build_jit() builds them")
+    return None
 
 
-def _extension_problem(device_type: str) -> str | None:
-    if "cpp" not in _import_problems:
-        _import_problems["cpp"], _import_problems["cpp-cuda"] = _extension_problems()
-    if _import_problems["cpp"] is None and device_type == "cuda":
-        return _import_problems["cpp-cuda"]
-    return _import_problems["cpp"]
-
-
+@torch.compiler.assume_constant_result
 def unavailable_reason(backend: str, device_type: str, dtype: torch.dtype) -> str | None:
-    """Why kernel ``backend`` cannot reduce a ``dtype`` tensor on ``device_type``, or None when it can."""
+    """Why kernel ``backend`` cannot reduce a ``dtype`` tensor on ``device_type``, or None when it can.
+
+    Under torch.compile this runs once at trace time (imports and the extension check are not traceable) and
+    its answer is a constant of the graph."""
     if backend == "torch":
         return None
     if device_type not in ("cpu", "cuda"):
@@ -91,7 +87,8 @@ def _auto_choice(device_type: str, dtype: torch.dtype) -> str:
     # Evaluated once at trace time under torch.compile: the choice is a constant of the compiled graph.
     preference = ("triton", "cpp") if device_type == "cuda" else ("cpp",)
     for backend in preference:
-        if (backend, device_type) not in _failed_under_auto and unavailable_reason(backend, device_type, dtype) is None:
+        failed = (backend, device_type) in _failed_under_auto
+        if not failed and unavailable_reason(backend, device_type, dtype) is None:
             return backend
     return "torch"
 

@@ -182,8 +182,8 @@ def test_member_rows_classes_is_a_view_whenever_strides_allow():
     x = torch.randn(3, 5, 4, 7)
     for logits, dim in [(x, 0), (x.transpose(0, 1), 1), (x[:1].expand(6, 5, 4, 7), 0), (x[..., ::2], 0)]:
         view = _members_rows_classes(logits, dim)
-        assert view.shape == (logits.shape[dim], math.prod(logits.shape) // logits.shape[dim] // 
-                              logits.shape[-1], logits.shape[-1])
+        members, classes = logits.shape[dim], logits.shape[-1]
+        assert view.shape == (members, logits.numel() // (members * classes), classes)
         assert view.data_ptr() == logits.data_ptr() and view._base is not None
     assert _members_rows_classes(x[:1].expand(6, 5, 4, 7), 0).stride(0) == 0
 
