@@ -404,10 +404,13 @@ def test_unavailable_backends_say_why(monkeypatch):
         with pytest.raises(RuntimeError, match="take float16, bfloat16 or float32 logits, got torch.float64"):
             ensemble_reduce(x.double(), backend="triton")
 
+    from fused_ensemble import _extension
+    if _extension.load_extension() and not _extension.has_cuda_kernels():
+        assert "built without CUDA kernels" in backends.unavailable_reason("cpp", "cuda", torch.float32)
+
     # Simulate a machine without triton and without a built extension.
     monkeypatch.setattr(backends, "_import_problems", {})
     monkeypatch.setattr(backends.importlib.util, "find_spec", lambda name: None)
-    from fused_ensemble import _extension
     monkeypatch.setattr(_extension, "load_extension", lambda: False)
     monkeypatch.setattr(_extension, "extension_status", lambda: "fused_ensemble._C was not found")
     with pytest.raises(RuntimeError, match="backend='triton' is unavailable: triton is not installed"):
