@@ -9,8 +9,9 @@ N = 4
 SHAPES = [(5, 3), (5,), (2, 3, 3, 3)]  # one member's parameter shapes: linear weight, bias, conv weight
 
 
-def make_members(n=N, shapes=SHAPES):
-    return [[torch.randn(s, dtype=torch.float32, requires_grad=True) for s in shapes] for _ in range(n)]
+def make_members(n=N, shapes=SHAPES, device="cpu"):
+    return [[torch.randn(s, dtype=torch.float32, device=device, requires_grad=True) for s in shapes]
+            for _ in range(n)]
 
 
 def stack(members):
@@ -18,12 +19,12 @@ def stack(members):
     return [torch.stack([m[j].detach() for m in members]).requires_grad_() for j in range(len(members[0]))]
 
 
-def run_both(fused_cls, torch_cls, fused_kwargs, member_kwargs, steps=5, frozen_steps=None):
+def run_both(fused_cls, torch_cls, fused_kwargs, member_kwargs, steps=5, frozen_steps=None, device="cpu"):
     """Runs the fused optimizer and N torch optimizers on the same random gradients; returns both.
 
     ``frozen_steps``: {step: [members frozen during that step]}; frozen members' torch optimizers skip it.
     """
-    members = make_members()
+    members = make_members(device=device)
     stacked = stack(members)
     fused_opt = fused_cls(stacked, **fused_kwargs)
     torch_opts = [torch_cls(m, **member_kwargs(i)) for i, m in enumerate(members)]
@@ -97,6 +98,18 @@ def test_adamw_matches_torch_per_member(case):
             torch.testing.assert_close(state["exp_avg"][i], ref["exp_avg"], rtol=1.3e-6, atol=1e-7)
             torch.testing.assert_close(state["exp_avg_sq"][i], ref["exp_avg_sq"], rtol=1.3e-6, atol=1e-7)
             assert state["step"][i].item() == ref["step"].item()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["sgd-nesterov_wd", "adamw-amsgrad", "adamw-lr_wd_per_member"])
+def test_matches_torch_on_cuda_with_a_frozen_member(case):
+    """CUDA runs the foreach ops on broadcast shapes through its per-tensor path: same results."""
+    kind, name = case.split("-", 1)
+    cases, classes = (SGD_CASES, (optim.SGD, torch.optim.SGD)) if kind == "sgd" else \
+        (ADAMW_CASES, (optim.AdamW, torch.optim.AdamW))
+    fused_kwargs, member_kwargs = cases[name]
+    stacked, members, _, _ = run_both(*classes, fused_kwargs, member_kwargs, frozen_steps={2: [1]}, device="cuda")
+    assert_members_equal(stacked, members)
 
 
 @pytest.mark.parametrize("cls, torch_cls, kwargs", [
