@@ -1,0 +1,529 @@
+"""FusedEnsemble layer by layer: small custom members that each exercise one rule or generic path of the
+graph runner, against the member loop (outputs and parameter gradients), with a shared input and with
+member inputs."""
+
+from __future__ import annotations
+
+import copy
+from typing import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fused_ensemble import FusedEnsemble
+from member_factories import assert_grads_match, assert_matches, make_members, member_loop
+
+N, BATCH = 2, 3
+
+
+def draw_input(sample_shape, member_inputs: bool, n: int = N, batch: int = BATCH) -> torch.Tensor:
+    return torch.randn(((n,) if member_inputs else ()) + (batch, *sample_shape))
+
+
+def check_layer(factory: Callable[[], nn.Module], sample_shape=None, *, draw=None, training: bool = False,
+                n: int = N, modes=(False, True), grad: bool = True) -> None:
+    """Fuses ``n`` members built by ``factory`` and checks, in each input mode of ``modes`` (False: shared input,
+    True: member inputs), the output and every parameter gradient against the member loop.
+
+    ``draw(member_inputs)`` makes the input instead of a random float tensor of ``sample_shape``.
+    """
+    for member_inputs in modes:
+        members = make_members(factory, n=n, seed=1 + int(member_inputs), training=training)
+        x = draw(member_inputs) if draw else draw_input(sample_shape, member_inputs, n)
+        fused = FusedEnsemble(copy.deepcopy(members), reduction="none", member_inputs=member_inputs)
+        out = fused(x)
+        ref = member_loop(members, x, member_inputs)
+        assert_matches(out, ref)
+        if grad and any(p.requires_grad for p in members[0].parameters()):
+            weights = torch.randn_like(ref)
+            (out * weights).sum().backward()
+            (ref * weights).sum().backward()
+            assert_grads_match(fused, members)
+
+
+# ---- convolutions --------------------------------------------------------------------------------------------
+
+CONVOLUTIONS = {
+    "conv2d": (lambda: nn.Conv2d(3, 4, 3), (3, 9, 9)),
+    "conv2d-stride-pad-nobias": (lambda: nn.Conv2d(3, 6, 3, stride=2, padding=1, bias=False), (3, 9, 9)),
+    "conv2d-same-dilation": (lambda: nn.Conv2d(3, 4, 3, padding="same", dilation=2), (3, 9, 8)),
+    "conv2d-same-even-kernel": (lambda: nn.Conv2d(3, 4, (2, 4), padding="same"), (3, 7, 8)),
+    "conv2d-groups": (lambda: nn.Conv2d(4, 6, 3, groups=2, padding=1), (4, 7, 7)),
+    "conv2d-depthwise": (lambda: nn.Conv2d(4, 8, 3, groups=4, stride=2, bias=False), (4, 9, 9)),
+    "conv2d-reflect": (lambda: nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"), (3, 8, 8)),
+    "conv2d-circular-asymmetric": (
+        lambda: nn.Conv2d(3, 4, 3, stride=(1, 2), padding=(1, 2), padding_mode="circular"), (3, 8, 8)),
+    "conv2d-replicate-same-groups": (
+        lambda: nn.Conv2d(4, 4, 3, padding="same", padding_mode="replicate", groups=2), (4, 6, 6)),
+    "conv1d-stride-pad": (lambda: nn.Conv1d(3, 4, 5, stride=2, padding=2), (3, 11)),
+    "conv1d-groups-dilation-circular-same": (
+        lambda: nn.Conv1d(4, 6, 3, groups=2, dilation=2, padding="same", padding_mode="circular"), (4, 10)),
+    "conv1d-reflect-nobias": (lambda: nn.Conv1d(3, 5, 3, padding=1, padding_mode="reflect", bias=False), (3, 7)),
+    "conv3d": (lambda: nn.Conv3d(2, 3, 3, padding=1, stride=(1, 2, 2)), (2, 4, 5, 5)),
+}
+
+
+@pytest.mark.parametrize("position", ["first-layer", "after-conv"])
+@pytest.mark.parametrize("name", CONVOLUTIONS)
+def test_convolution(name, position):
+    """``first-layer``: the conv reads the (shared) input itself; ``after-conv``: it reads a channel-packed
+    activation of all members (the grouped-conv path)."""
+    make_conv, shape = CONVOLUTIONS[name]
+
+    def factory():
+        conv = make_conv()
+        if position == "first-layer":
+            return nn.Sequential(conv)
+        pointwise = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[len(conv.kernel_size) - 1]
+        return nn.Sequential(pointwise(conv.in_channels, conv.in_channels, 1), nn.Tanh(), conv)
+    check_layer(factory, shape)
+
+
+# ---- linear --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sample_shape", [(6,), (4, 6), (2, 3, 6)], ids=["2d", "3d", "4d"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear(sample_shape, bias):
+    check_layer(lambda: nn.Sequential(nn.Linear(6, 5, bias=bias), nn.GELU(), nn.Linear(5, 4, bias=bias)),
+                sample_shape)
+
+
+def test_linear_after_convolution_and_flatten():
+    check_layer(lambda: nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, 5)),
+                (2, 6, 6))
+
+
+# ---- normalization -------------------------------------------------------------------------------------------
+
+BATCH_NORMS = {
+    "bn1d-2d-input": (lambda: nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6)), (5,)),
+    "bn1d-2d-input-first-layer": (lambda: nn.Sequential(nn.BatchNorm1d(5), nn.Linear(5, 3)), (5,)),
+    "bn1d-3d-input": (lambda: nn.Sequential(nn.Conv1d(3, 4, 3), nn.BatchNorm1d(4)), (3, 7)),
+    "bn1d-3d-input-first-layer": (lambda: nn.Sequential(nn.BatchNorm1d(3), nn.Conv1d(3, 4, 3)), (3, 7)),
+    "bn2d": (lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), (3, 6, 6)),
+    "bn2d-no-affine": (lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, affine=False)), (3, 6, 6)),
+    "bn2d-no-running-stats": (
+        lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False)), (3, 6, 6)),
+    "bn2d-momentum-none": (lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, momentum=None)), (3, 6, 6)),
+    "bn2d-eps-momentum": (
+        lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, eps=1e-3, momentum=0.3)), (3, 6, 6)),
+    "bn3d": (lambda: nn.Sequential(nn.Conv3d(2, 3, 2), nn.BatchNorm3d(3)), (2, 3, 4, 4)),
+}
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("name", BATCH_NORMS)
+def test_batch_norm(name, training):
+    factory, shape = BATCH_NORMS[name]
+    check_layer(factory, shape, training=training)
+
+
+NORMS = {
+    "layernorm": (lambda: nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8)), (6,)),
+    "layernorm-no-affine": (lambda: nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8, elementwise_affine=False)),
+                            (6,)),
+    "layernorm-no-bias": (lambda: nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8, bias=False)), (6,)),
+    "layernorm-first-layer-3d": (lambda: nn.Sequential(nn.LayerNorm(6), nn.Linear(6, 3)), (4, 6)),
+    "layernorm-over-conv-channels": (lambda: nn.Sequential(nn.Conv2d(2, 4, 3), nn.LayerNorm([4, 3, 3])),
+                                     (2, 5, 5)),
+    "groupnorm": (lambda: nn.Sequential(nn.Conv2d(3, 6, 3), nn.GroupNorm(3, 6)), (3, 6, 6)),
+    "groupnorm-no-affine-1d": (lambda: nn.Sequential(nn.Conv1d(3, 6, 3), nn.GroupNorm(2, 6, affine=False)),
+                               (3, 7)),
+    "groupnorm-first-layer": (lambda: nn.Sequential(nn.GroupNorm(2, 4), nn.Conv2d(4, 3, 1)), (4, 5, 5)),
+}
+
+
+@pytest.mark.parametrize("name", NORMS)
+def test_layer_and_group_norm(name):
+    factory, shape = NORMS[name]
+    check_layer(factory, shape, training=True)
+
+
+# ---- embedding -----------------------------------------------------------------------------------------------
+
+def draw_indices(member_inputs: bool, num_embeddings: int = 7, padding_idx: int | None = None) -> torch.Tensor:
+    indices = torch.randint(0, num_embeddings, ((N,) if member_inputs else ()) + (BATCH, 5))
+    if padding_idx is not None:
+        indices[..., 0] = padding_idx  # make sure the padding row is read
+    return indices
+
+
+def test_embedding():
+    check_layer(lambda: nn.Sequential(nn.Embedding(7, 4), nn.Linear(4, 3)), draw=draw_indices)
+
+
+@pytest.mark.parametrize("member_inputs", [False, True], ids=["shared", "member_inputs"])
+def test_embedding_padding_row_gets_no_gradient(member_inputs):
+    factory = lambda: nn.Sequential(nn.Embedding(7, 4, padding_idx=2), nn.Tanh())  # noqa: E731
+    check_layer(factory, draw=lambda m: draw_indices(m, padding_idx=2), modes=(member_inputs,))
+    fused = FusedEnsemble(make_members(factory), reduction="none", member_inputs=member_inputs)
+    fused(draw_indices(member_inputs, padding_idx=2)).square().sum().backward()
+    grad = fused.stacked[0].weight.grad
+    assert not grad[:, 2].any() and grad.any()
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "module_rules.embedding ignores scale_grad_by_freq=True (and unsupported_reason does not refuse it): the "
+    "fused gradient is not divided by each index's frequency in the batch"))
+def test_embedding_scale_grad_by_freq():
+    check_layer(lambda: nn.Sequential(nn.Embedding(7, 4, scale_grad_by_freq=True), nn.Tanh()), draw=draw_indices)
+
+
+# ---- dropout -------------------------------------------------------------------------------------------------
+
+def dropped_fraction_per_member(out: torch.Tensor, kept_value: torch.Tensor, p: float) -> torch.Tensor:
+    """Checks every element of ``out`` [N, ...] is 0 or ``kept_value / (1 - p)``; returns the dropped masks."""
+    dropped = out == 0
+    torch.testing.assert_close(torch.where(dropped, 0.0, out),
+                               torch.where(dropped, 0.0, kept_value / (1 - p)).expand_as(out))
+    return dropped
+
+
+class FunctionalDropout(nn.Module):
+    """Dropout called as a function on the member's input (no nn.Dropout module to hang a rule on)."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        return F.dropout(x, self.p, self.training)
+
+
+FUNCTIONAL_DROPOUT_BUG = (
+    "graph_runner: F.dropout is in _ELEMENTWISE_FUNCTIONS (F.dropout2d in _CHANNELWISE_FUNCTIONS), which "
+    "_function_category checks before _RANDOM_FUNCTIONS, so a functional dropout on the shared input runs once "
+    "and every member gets the same mask")
+DROPOUTS = {
+    "module-on-shared-input": lambda: nn.Sequential(nn.Dropout(0.5)),
+    "module-after-identity": lambda: nn.Sequential(nn.Identity(), nn.Dropout(0.5)),
+    "dropout2d-on-shared-input": lambda: nn.Sequential(nn.Dropout2d(0.5)),
+    "functional-on-shared-input": lambda: FunctionalDropout(0.5),
+}
+
+
+@pytest.mark.parametrize("name", [
+    pytest.param(name, marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=FUNCTIONAL_DROPOUT_BUG))
+    if name.startswith("functional") else name for name in DROPOUTS])
+def test_dropout_masks_differ_between_members(name):
+    members = make_members(DROPOUTS[name], n=3, training=True)
+    fused = FusedEnsemble(members, reduction="none")
+    x = torch.rand(4, 6, 5, 5) + 0.5  # no zeros of its own
+    out = fused(x)
+    assert out.shape == (3, *x.shape)
+    dropped = dropped_fraction_per_member(out, x, 0.5)
+    if name.startswith("dropout2d"):
+        assert (dropped.all((-1, -2)) == dropped.any((-1, -2))).all(), "Dropout2d drops whole channels"
+    for i in range(3):
+        for j in range(i):
+            assert not torch.equal(dropped[i], dropped[j]), f"members {i} and {j} share a dropout mask"
+    assert 0.3 < dropped.float().mean() < 0.7
+    fused.eval()
+    assert torch.equal(fused(x), x.expand_as(out)), "dropout is the identity in eval mode"
+
+
+STOCHASTIC_DEPTH_BUG = (
+    "torchvision.ops.StochasticDepth (EfficientNet, ConvNeXt, Swin) has no rule and runs under "
+    "vmap(randomness='different'); its torch.empty(...).bernoulli_() noise is an unbatched tensor, and vmap "
+    "raises 'Cannot ask for different inplace randomness on an unbatched tensor', so these models cannot train")
+
+
+@pytest.mark.parametrize("mode", ["row", "batch"])
+def test_stochastic_depth_is_the_identity_in_eval_mode(mode):
+    from torchvision.ops import StochasticDepth
+
+    check_layer(lambda: nn.Sequential(nn.Conv2d(3, 4, 1), StochasticDepth(0.5, mode)), (3, 4, 4))
+
+
+@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=STOCHASTIC_DEPTH_BUG)
+def test_stochastic_depth_draws_per_member_in_train_mode():
+    from torchvision.ops import StochasticDepth
+
+    members = make_members(lambda: nn.Sequential(nn.Identity(), StochasticDepth(0.5, "row")), n=3, training=True)
+    x = torch.rand(64, 3, 2, 2) + 0.5
+    out = FusedEnsemble(members, reduction="none")(x)
+    dropped = dropped_fraction_per_member(out, x, 0.5)
+    assert (dropped.all((2, 3, 4)) == dropped.any((2, 3, 4))).all(), "stochastic depth drops whole rows"
+    assert not torch.equal(dropped[0], dropped[1]) and not torch.equal(dropped[1], dropped[2])
+
+
+def test_dropout_on_member_first_activation_in_train_mode():
+    members = make_members(lambda: nn.Sequential(nn.Linear(6, 200), nn.Dropout(0.25)), n=2, training=True)
+    fused = FusedEnsemble(members, reduction="none")
+    x = torch.randn(3, 6)
+    out = fused(x)
+    with torch.no_grad():
+        kept = member_loop([m[0] for m in members], x)
+    dropped = dropped_fraction_per_member(out, kept, 0.25)
+    assert not torch.equal(dropped[0], dropped[1])
+
+
+# ---- pooling, activations ------------------------------------------------------------------------------------
+
+POOLINGS = {
+    "maxpool2d": lambda: nn.MaxPool2d(2),
+    "maxpool2d-stride-pad-ceil": lambda: nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=True),
+    "avgpool2d-no-pad-count": lambda: nn.AvgPool2d(3, stride=2, padding=1, count_include_pad=False),
+    "adaptive-avg": lambda: nn.AdaptiveAvgPool2d((2, 3)),
+    "adaptive-max": lambda: nn.AdaptiveMaxPool2d(1),
+    "lppool": lambda: nn.LPPool2d(2, 2),
+}
+
+
+@pytest.mark.parametrize("position", ["first-layer", "after-conv"])
+@pytest.mark.parametrize("name", POOLINGS)
+def test_pooling(name, position):
+    def factory():
+        pool, pointwise = POOLINGS[name](), nn.Conv2d(3, 3, 1)
+        layers = [pool, pointwise] if position == "first-layer" else [pointwise, pool]
+        return nn.Sequential(*layers, nn.Tanh())
+    check_layer(factory, (3, 7, 7))
+
+
+class FunctionalPools(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(3, 4, 3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return torch.cat([F.max_pool1d(y, 2), F.avg_pool1d(y, 2), F.adaptive_max_pool1d(y, 4)], -1)
+
+
+def test_functional_pooling_1d():
+    check_layer(FunctionalPools, (3, 10))
+
+
+ACTIVATIONS = {
+    "relu6": nn.ReLU6, "gelu-tanh": lambda: nn.GELU(approximate="tanh"), "silu": nn.SiLU,
+    "hardswish": nn.Hardswish, "leaky": lambda: nn.LeakyReLU(0.1), "elu": nn.ELU, "softplus": nn.Softplus,
+    "softmax-channels": lambda: nn.Softmax(dim=1), "log-softmax-last": lambda: nn.LogSoftmax(dim=-1),
+    "prelu-per-channel": lambda: nn.PReLU(4), "mish": nn.Mish,
+}
+
+
+@pytest.mark.parametrize("name", ACTIVATIONS)
+def test_activation(name):
+    check_layer(lambda: nn.Sequential(nn.Conv2d(3, 4, 1), ACTIVATIONS[name](), nn.Conv2d(4, 2, 1)), (3, 4, 4))
+
+
+class FunctionalActivations(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(5, 6)
+
+    def forward(self, x):
+        y = self.fc(x)
+        return torch.tanh(y) + F.gelu(y) * y.sigmoid() - F.softmax(y, dim=1) + torch.clamp(y, -0.5, 0.5).exp()
+
+
+def test_functional_activations():
+    check_layer(FunctionalActivations, (5,))
+
+
+# ---- residuals, concatenation, reshapes ----------------------------------------------------------------------
+
+class ResidualAttention(nn.Module):
+    """A residual block, a squeeze-excitation gate (x.size(0)-dependent view) and a one-channel spatial gate."""
+
+    def __init__(self, channels: int = 4):
+        super().__init__()
+        self.stem = nn.Conv2d(3, channels, 3, padding=1)
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(channels)
+        self.squeeze = nn.Linear(channels, channels)
+        self.spatial = nn.Conv2d(channels, 1, 1)
+
+    def forward(self, x):
+        y = self.stem(x)
+        z = torch.relu(self.bn(self.conv(y))) + y
+        gate = torch.sigmoid(self.squeeze(F.adaptive_avg_pool2d(z, 1).flatten(1)))
+        z = z * gate.view(z.size(0), -1, 1, 1)
+        z = z * torch.sigmoid(self.spatial(z))
+        return z.mul(2.0).sub(y)
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_residual_add_and_multiplicative_gates(training):
+    check_layer(ResidualAttention, (3, 6, 6), training=training)
+
+
+class DenseConcat(nn.Module):
+    """DenseNet-style channel concatenation, plus concatenation along width, batch and features."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv0 = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv1 = nn.Conv2d(4, 2, 3, padding=1)
+        self.conv2 = nn.Conv2d(6, 3, 1)
+        self.fc_a = nn.Linear(3, 2)
+        self.fc_b = nn.Linear(3, 5)
+
+    def forward(self, x):
+        y = self.conv0(x)
+        y = torch.cat([y, self.conv1(y)], 1)                      # channels, both channel-packed
+        y = torch.cat((self.conv2(y), self.conv2(y.flip(2))), dim=-1)  # width
+        y = torch.cat([y, y * 0.5], 0)                            # batch
+        pooled = y.mean((2, 3))
+        return torch.cat([self.fc_a(pooled), self.fc_b(pooled)], dim=1)  # features, member-first
+
+
+def test_concatenation():
+    check_layer(DenseConcat, (3, 5, 5))
+
+
+class ConcatWithSharedInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 2, 3, padding=1)
+        self.mix = nn.Conv2d(5, 2, 1)
+
+    def forward(self, x):
+        return self.mix(torch.concat([x, self.conv(x)], dim=1))
+
+
+def test_concatenation_of_the_input_with_an_activation():
+    check_layer(ConcatWithSharedInput, (3, 4, 4))
+
+
+class Reshapes(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3)
+        self.fc = nn.Linear(4 * 3 * 3, 6)
+        self.fc2 = nn.Linear(3, 2)
+
+    def forward(self, x):
+        y = self.conv(x)
+        a = y.view(y.size(0), -1)
+        b = torch.flatten(y, 1)
+        c = y.reshape(y.shape[0], 4, 9).transpose(1, 2).permute(0, 2, 1).contiguous().flatten(1)
+        z = self.fc(a + b - c)
+        z = z.reshape(-1, 2, 3)
+        return self.fc2(z).flatten(start_dim=1).unsqueeze(-1).squeeze(-1)
+
+
+def test_flatten_view_reshape():
+    check_layer(Reshapes, (2, 5, 5))
+
+
+def test_nested_sequential():
+    check_layer(lambda: nn.Sequential(
+        nn.Sequential(nn.Conv2d(3, 4, 3), nn.Sequential(nn.BatchNorm2d(4), nn.ReLU())),
+        nn.Sequential(nn.Sequential(nn.Flatten()), nn.Linear(4 * 3 * 3, 3))), (3, 5, 5), training=True)
+
+
+# ---- custom modules, layers without a rule -------------------------------------------------------------------
+
+class RawParameters(nn.Module):
+    """Functional code on raw parameters and buffers (read through get_attr nodes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.scale = nn.Parameter(torch.randn(4, 1, 1))
+        self.weight = nn.Parameter(torch.randn(5, 4))
+        self.bias = nn.Parameter(torch.randn(5))
+        self.register_buffer("center", torch.randn(4, 1, 1))
+
+    def forward(self, x):
+        y = (self.conv(x) - self.center) * self.scale
+        y = y.mean(dim=(-1, -2))
+        return F.linear(y, self.weight, self.bias) + self.bias.sum() * 0.1
+
+
+def test_raw_parameters_and_buffers_in_functional_code():
+    check_layer(RawParameters, (3, 6, 6))
+
+
+class ModeDependent(nn.Module):
+    """Python control flow on ``self.training`` (not on tensor values): traced once per mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        y = self.fc(x)
+        return y * 2 if self.training else y - 1
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_control_flow_on_training_flag(training):
+    check_layer(ModeDependent, (4,), training=training)
+
+
+class TwoInputsTupleOutput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 3)
+        self.b = nn.Linear(2, 3)
+
+    def forward(self, x, y):
+        h = self.a(x) + self.b(y)
+        return h.relu(), h.sum(-1)
+
+
+@pytest.mark.parametrize("member_inputs", [False, True], ids=["shared", "member_inputs"])
+def test_several_inputs_and_a_tuple_output(member_inputs):
+    members = make_members(TwoInputsTupleOutput, n=3)
+    lead = (3,) if member_inputs else ()
+    x, y = torch.randn(*lead, 2, 4), torch.randn(*lead, 2, 2)
+    fused = FusedEnsemble(members, reduction="none", member_inputs=member_inputs)
+    out = fused(x, y)
+    refs = [m(x[i], y[i]) if member_inputs else m(x, y) for i, m in enumerate(members)]
+    for position in range(2):
+        assert_matches(out[position], torch.stack([r[position] for r in refs]))
+
+
+LEAVES_WITHOUT_RULES = {
+    "prelu": (lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.PReLU(4)), (3, 5, 5)),
+    "conv-transpose2d": (lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.ConvTranspose2d(4, 2, 3, stride=2)),
+                         (3, 5, 5)),
+    "conv-transpose1d-first-layer": (lambda: nn.Sequential(nn.ConvTranspose1d(3, 2, 3, padding=1)), (3, 6)),
+    "instance-norm-affine": (lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.InstanceNorm2d(4, affine=True)),
+                             (3, 5, 5)),
+}
+
+
+@pytest.mark.parametrize("name", LEAVES_WITHOUT_RULES)
+def test_layer_with_parameters_and_no_rule_runs_through_vmap(name):
+    factory, shape = LEAVES_WITHOUT_RULES[name]
+    check_layer(factory, shape)
+
+
+class AttentionBlock(nn.Module):
+    """A transformer block's attention (as in torchvision's ViT): a leaf with parameters and no rule."""
+
+    def __init__(self, need_weights: bool):
+        super().__init__()
+        self.need_weights = need_weights
+        self.attention = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.norm = nn.LayerNorm(8)
+
+    def forward(self, x):
+        return self.norm(x + self.attention(x, x, x, need_weights=self.need_weights)[0])
+
+
+def test_multihead_attention_leaf():
+    check_layer(lambda: AttentionBlock(need_weights=True), (5, 8), training=True)
+    check_layer(lambda: AttentionBlock(need_weights=True), (5, 8), grad=False)
+
+
+@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
+    "in eval mode nn.MultiheadAttention run through vmap(functional_call) sees batched parameters that do not "
+    "report requires_grad, takes its inference fast path (aten::_native_multi_head_attention) and backward "
+    "fails: 'derivative for aten::_native_multi_head_attention is not implemented'; the member loop takes the "
+    "differentiable path"))
+def test_multihead_attention_leaf_backward_in_eval_mode():
+    check_layer(lambda: AttentionBlock(need_weights=True), (5, 8))
+
+
+@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
+    "graph_runner._call runs a leaf without a rule under torch.vmap with the default out_dims=0, so a layer "
+    "whose output holds None (nn.MultiheadAttention(need_weights=False) returns (out, None), as in "
+    "torchvision's ViT) fails: 'call_one_member must only return Tensors, got NoneType'"))
+def test_multihead_attention_leaf_without_weights_output():
+    check_layer(lambda: AttentionBlock(need_weights=False), (5, 8))
