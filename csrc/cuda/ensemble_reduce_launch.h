@@ -1,0 +1,25 @@
+// Host-side entry points of the CUDA ensemble-reduction kernels (defined in the *_forward.cu / *_backward.cu
+// files, called by the op implementations in ensemble_reduce.cu). Tensors are already checked there:
+// x is [N, R, K] on the current device with any strides, outputs are freshly allocated and contiguous.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+namespace fused_ensemble_cuda {
+
+enum class Reduction { kMean, kMeanProbs, kSoftmaxOfMean, kLogMeanProbs };
+
+// out [R, K]; lse [N, R] for kMeanProbs / kLogMeanProbs (undefined tensor otherwise).
+void launch_reduce_forward(const at::Tensor& x, Reduction reduction, at::Tensor& out, at::Tensor& lse);
+
+// The seven outputs of stats_forward, allocated by the caller.
+struct StatsOutputs {
+  at::Tensor probs, entropy, expected_entropy, mutual_info, confidence, prediction, disagreement;
+};
+void launch_stats_forward(const at::Tensor& x, StatsOutputs& outputs);
+
+// grad: [R, K] (kMean, kSoftmaxOfMean) or [N, R, K] (kMeanProbs, kLogMeanProbs); grad_out and out contiguous.
+void launch_reduce_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& out,
+                            Reduction reduction, at::Tensor& grad);
+
+}  // namespace fused_ensemble_cuda
