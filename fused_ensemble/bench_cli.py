@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 
@@ -28,11 +29,13 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _environment(device: str) -> dict:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                check=False).stdout.strip()
-    except OSError:
-        commit = ""
+    commit = os.environ.get("GIT_COMMIT", "")
+    if not commit:
+        try:
+            done = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False)
+            commit = done.stdout.strip() if done.returncode == 0 else ""
+        except OSError:
+            pass
     info = {"torch": torch.__version__, "python": platform.python_version(), "commit": commit or None,
             "cpu_threads": torch.get_num_threads()}
     if device.startswith("cuda"):

@@ -24,6 +24,9 @@ from fused_ensemble.layout import Layout
 from fused_ensemble.prepared_conv import PreparedConv
 
 _TUNING_REPS = 3
+# Launch overhead is tens of microseconds per kernel: a forward slower than this gains little from a CUDA graph,
+# whose private memory pool would keep every activation of the batch alive.
+_GRAPH_WORTH_TRYING_BELOW_MS = 20.0
 
 
 def _replace_convolutions(graph, stacked: nn.Module, memory_format) -> list[PreparedConv]:
@@ -121,7 +124,11 @@ class OptimizedEnsemble(nn.Module):
 
     def _graph_is_faster(self, x: torch.Tensor) -> bool:
         eager = median(time_ms(lambda: self._eager(x), "cuda", 20, warmup=3))
+        if eager > _GRAPH_WORTH_TRYING_BELOW_MS:
+            return False
         graphed = median(time_ms(lambda: self._replay(x), "cuda", 20, warmup=3))
+        if graphed >= eager:
+            self._cuda_graphs.clear()  # give the graph's private memory pool back
         return graphed < eager
 
     # ---- running --------------------------------------------------------------------------------------------
