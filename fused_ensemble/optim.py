@@ -252,8 +252,9 @@ class SGD(MemberOptimizer):
     def _update(self, group, params, grads, states, hp):
         lr, momentum = hp.values["lr"], hp.values["momentum"]
         weight_decay = hp.values["weight_decay"]
+        # addcmul with a broadcast [N, 1, ...] factor: one pass and no temporary per update term.
         if bool((weight_decay != 0).any()):
-            grads = torch._foreach_add(grads, torch._foreach_mul(params, hp.views(weight_decay)))
+            grads = torch._foreach_addcmul(grads, params, hp.views(weight_decay))
         if bool((momentum != 0).any()):
             # torch.optim starts the buffer as a copy of the first gradient and ignores dampening when a
             # member's momentum is 0: buffer = 0 * buffer + 1 * g reproduces both without branching on members.
@@ -262,13 +263,13 @@ class SGD(MemberOptimizer):
             grad_scale = 1 - torch.where(first | (momentum == 0), 0.0, hp.values["dampening"])
             buffers = [s["momentum_buffer"] for s in states]
             torch._foreach_mul_(buffers, hp.views(buffer_decay))
-            torch._foreach_add_(buffers, torch._foreach_mul(grads, hp.views(grad_scale)))
+            torch._foreach_addcmul_(buffers, grads, hp.views(grad_scale))
             torch._foreach_add_([s["step"] for s in states], 1)
             if group["nesterov"]:
-                grads = torch._foreach_add(grads, torch._foreach_mul(buffers, hp.views(momentum)))
+                grads = torch._foreach_addcmul(grads, buffers, hp.views(momentum))
             else:
                 grads = buffers
-        torch._foreach_add_(params, torch._foreach_mul(grads, hp.views(-lr)))
+        torch._foreach_addcmul_(params, grads, hp.views(-lr))
 
 
 class AdamW(MemberOptimizer):
@@ -335,6 +336,6 @@ class AdamW(MemberOptimizer):
         denom = torch._foreach_sqrt(second_moments)
         torch._foreach_div_(denom, hp.views(bias_correction2_sqrt))
         torch._foreach_add_(denom, hp.views(v["eps"]))
-        update = torch._foreach_div(exp_avgs, denom)
-        torch._foreach_mul_(update, hp.views(-(lr / bias_correction1)))
-        torch._foreach_add_(params, update)
+        # p += exp_avg / (denom / -step_size): the per-member step size folded into denom saves a temporary.
+        torch._foreach_div_(denom, hp.views(-(lr / bias_correction1)))
+        torch._foreach_addcdiv_(params, exp_avgs, denom)
