@@ -54,6 +54,7 @@ class PreparedConv(nn.Module):
     def forward_fused(self, x: torch.Tensor, layout: Layout) -> torch.Tensor:
         n = self.num_members
         if layout is Layout.SHARED and self.groups == 1 and self.padding_mode == "zeros":
+            self.autotune_reps = 0  # one dense convolution for all members: nothing to choose
             return self.functional(x, self.weight, self.bias, self.stride, self.padding, self.dilation, 1)
         x = to_channel(x, layout, n)
         padding = self.padding
