@@ -35,7 +35,7 @@ __global__ void __launch_bounds__(256) scale_kernel(const A* __restrict__ in, A 
     load_contig<A, VEC>(in + i * VEC, v);
 #pragma unroll
     for (int e = 0; e < VEC; ++e) v[e] *= scale;
-    store_contig<A, VEC>(out + i * VEC, v);
+    store_contig<A, VEC, true>(out + i * VEC, v);
   }
 }
 
@@ -157,7 +157,7 @@ __global__ void __launch_bounds__(kMaxRowBlock) reduce_backward_kernel(const Bac
             res[e] = v[i] * (gv[i] - dot) * p.inv_n;
           }
         }
-        store_contig<T, VEC>(grad_row + k0, res);
+        store_contig<T, VEC, true>(grad_row + k0, res);
       }
     }
   }

@@ -51,17 +51,23 @@ __device__ __forceinline__ void load_contig(const T* __restrict__ p, A* dst) {
   }
 }
 
-// Stores COUNT consecutive elements (same alignment rule as load_contig), converting from A.
-template <typename T, int COUNT, typename A>
+// Stores COUNT consecutive elements (same alignment rule as load_contig), converting from A. STREAMING:
+// p is in global memory and written once (kernel outputs): a cache-streaming store keeps it from evicting
+// the logits that a long row re-reads from L2.
+template <typename T, int COUNT, bool STREAMING = false, typename A>
 __device__ __forceinline__ void store_contig(T* p, const A* src) {
   constexpr int kPer16 = 16 / static_cast<int>(sizeof(T));
   if constexpr (COUNT >= kPer16 && COUNT % kPer16 == 0) {
 #pragma unroll
     for (int c = 0; c < COUNT / kPer16; ++c) {
-      Pack<T, kPer16> pk;
+      union {
+        Pack<T, kPer16> pk;
+        uint4 raw;
+      } u;
 #pragma unroll
-      for (int e = 0; e < kPer16; ++e) pk.v[e] = static_cast<T>(src[c * kPer16 + e]);
-      reinterpret_cast<Pack<T, kPer16>*>(p)[c] = pk;
+      for (int e = 0; e < kPer16; ++e) u.pk.v[e] = static_cast<T>(src[c * kPer16 + e]);
+      if constexpr (STREAMING) __stcs(reinterpret_cast<uint4*>(p) + c, u.raw);
+      else reinterpret_cast<uint4*>(p)[c] = u.raw;
     }
   } else {
 #pragma unroll

@@ -66,7 +66,7 @@ __global__ void __launch_bounds__(256) mean_kernel(const T* __restrict__ x, int6
     }
 #pragma unroll
     for (int e = 0; e < VEC; ++e) acc[e] *= inv_n;
-    store_contig<A, VEC>(out + r * K + k0, acc);
+    store_contig<A, VEC, true>(out + r * K + k0, acc);
   }
 }
 
@@ -240,7 +240,7 @@ __global__ void __launch_bounds__(MAX_BLOCK) reduce_rows_kernel(const RowParams<
           if (!row_ok || k0 >= K) continue;
           A a[VEC];
           load_contig<A, VEC>(acc1 + k0, a);
-          store_contig<A, VEC>(out_row + k0, a);
+          store_contig<A, VEC, true>(out_row + k0, a);
         }
       }
     }
@@ -255,7 +255,7 @@ __global__ void __launch_bounds__(MAX_BLOCK) reduce_rows_kernel(const RowParams<
         load_contig<A, VEC>(acc2 + k0, S);
 #pragma unroll
         for (int e = 0; e < VEC; ++e) M[e] = M[e] + log_(S[e]) - p.log_n;
-        store_contig<A, VEC>(out_row + k0, M);
+        store_contig<A, VEC, true>(out_row + k0, M);
       }
     }
   } else if constexpr (MODE == Mode::kSoftmaxOfMean) {
@@ -275,7 +275,7 @@ __global__ void __launch_bounds__(MAX_BLOCK) reduce_rows_kernel(const RowParams<
         }
 #pragma unroll
         for (int e = 0; e < VEC; ++e) a[e] = exp_(a[e] - part.m) * inv_s;
-        store_contig<A, VEC>(out_row + k0, a);
+        store_contig<A, VEC, true>(out_row + k0, a);
       }
     }
   } else {
@@ -296,7 +296,7 @@ __global__ void __launch_bounds__(MAX_BLOCK) reduce_rows_kernel(const RowParams<
             pp.idx = col;
           }
         }
-        if (p.acc_in_smem) store_contig<A, VEC>(out_row + k0, a);
+        if (p.acc_in_smem) store_contig<A, VEC, true>(out_row + k0, a);
       }
     }
     pp = group_reduce(pp, g, scratch, parity);
