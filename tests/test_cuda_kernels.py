@@ -46,12 +46,16 @@ needs_cuda_kernels = pytest.mark.skipif(
 )
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
-# (N, R, K): size 1, non-powers of two, every kernel regime (sub-warp rows, warp rows, block rows, tiled rows).
+# (N, R, K): size 1, non-powers of two, every kernel regime: sub-warp rows (K <= 256), warp rows (300, 500;
+# 500 in float64 also shrinks its block to fit shared memory), block rows (257, 1000, 4097), rows in several
+# tiles (32000 and up), accumulators in global memory (log_mean_probs from 32000, the others from 131072).
 SHAPES = [
     (1, 1, 1),
     (3, 7, 10),
     (2, 5, 33),
     (4, 33, 257),
+    (3, 11, 300),
+    (2, 9, 500),
     (5, 9, 1000),
     (2, 3, 4097),
     (3, 2, 32000),
@@ -84,22 +88,24 @@ def _grad_tol(dtype: torch.dtype) -> dict:
 
 def _logits(n, r, k, dtype, layout="contiguous", scale=2.0):
     """[N, R, K] logits on the GPU in the requested memory layout (values random, never zeros)."""
-    dev = "cuda"
+
+    def rand(*shape):
+        # Converted before any view is taken: .to() would make an expanded or offset view contiguous.
+        return (torch.randn(*shape, device="cuda") * scale).to(dtype)
+
     if layout == "contiguous":
-        x = torch.randn(n, r, k, device=dev) * scale
-    elif layout == "member_dim_not_first":
-        x = (torch.randn(r, n, k, device=dev) * scale).transpose(0, 1)
-    elif layout == "strided_classes":
-        x = (torch.randn(n, r, 2 * k, device=dev) * scale)[..., ::2]
-    elif layout == "expanded_members":
-        x = (torch.randn(1, r, k, device=dev) * scale).expand(n, r, k)
-    elif layout == "expanded_rows":
-        x = (torch.randn(n, 1, k, device=dev) * scale).expand(n, r, k)
-    elif layout == "misaligned":
-        x = (torch.randn(n * r * k + 1, device=dev) * scale)[1:].view(n, r, k)
-    else:
-        raise ValueError(layout)
-    return x.to(dtype)
+        return rand(n, r, k)
+    if layout == "member_dim_not_first":
+        return rand(r, n, k).transpose(0, 1)
+    if layout == "strided_classes":
+        return rand(n, r, 2 * k)[..., ::2]
+    if layout == "expanded_members":
+        return rand(1, r, k).expand(n, r, k)
+    if layout == "expanded_rows":
+        return rand(n, 1, k).expand(n, r, k)
+    if layout == "misaligned":  # one element past the allocation's start: no 16-byte vector loads
+        return rand(n * r * k + 1)[1:].view(n, r, k)
+    raise ValueError(layout)
 
 
 def _assert_matches(actual, expected, **tol):
@@ -182,6 +188,10 @@ LAYOUTS = ["member_dim_not_first", "strided_classes", "expanded_members", "expan
 @needs_cuda_kernels
 def test_layouts(layout, shape, dtype):
     x = _logits(*shape, dtype, layout=layout)
+    if layout.startswith("expanded"):
+        assert 0 in x.stride()
+    if layout == "misaligned":
+        assert x.data_ptr() % 16 != 0
     for reduction in REDUCTIONS:
         _check_forward(x, reduction)
     _check_stats(x)
@@ -192,6 +202,17 @@ def test_layouts(layout, shape, dtype):
 @needs_cuda_kernels
 def test_benchmark_shapes(shape):
     x = _logits(*shape, torch.float32)
+    for reduction in REDUCTIONS:
+        _check_forward(x, reduction)
+    _check_stats(x)
+
+
+@pytest.mark.gpu
+@needs_cuda_kernels
+def test_many_members():
+    # 600 member argmaxes per row do not fit in shared memory next to 128 rows: the statistics keep them in a
+    # global scratch tensor.
+    x = _logits(600, 100, 10, torch.float32)
     for reduction in REDUCTIONS:
         _check_forward(x, reduction)
     _check_stats(x)
