@@ -47,10 +47,8 @@ _RANDOM_FUNCTIONS = {
 }
 try:
     from torchvision.ops import stochastic_depth as _stochastic_depth
-
-    _RANDOM_FUNCTIONS.add(_stochastic_depth)
 except ImportError:  # torchvision is optional for the runner
-    pass
+    _stochastic_depth = None
 
 _CONCATENATE_FUNCTIONS = {torch.cat, torch.concat, torch.concatenate}
 
@@ -58,14 +56,15 @@ ELEMENTWISE, CHANNELWISE, CONCATENATE, RANDOM = "elementwise", "channelwise", "c
 
 
 def _function_category(target) -> str | None:
+    # Random ops first: on a shared input they must draw per member, even the elementwise/channelwise ones.
+    if target in _RANDOM_FUNCTIONS:
+        return RANDOM
     if target in _ELEMENTWISE_FUNCTIONS:
         return ELEMENTWISE
     if target in _CHANNELWISE_FUNCTIONS:
         return CHANNELWISE
     if target in _CONCATENATE_FUNCTIONS:
         return CONCATENATE
-    if target in _RANDOM_FUNCTIONS:
-        return RANDOM
     return None
 
 
@@ -131,6 +130,8 @@ class FusedGraph:
         if node.op == "call_function":
             if node.target is builtins.getattr and args[1] in _SHAPE_ATTRIBUTES:
                 return self._shape_query(lambda t, name: getattr(t, name), args, kwargs)
+            if _stochastic_depth is not None and node.target is _stochastic_depth:
+                return self._stochastic_depth(args, kwargs)
             return self._call(node.target, _function_category(node.target), args, kwargs)
         if node.op == "call_method":
             name = node.target
@@ -157,7 +158,10 @@ class FusedGraph:
 
             def run_rule(env):
                 value, layout = env[arg.index]
-                return rule(module, value, layout, self.num_members)
+                try:
+                    return rule(module, value, layout, self.num_members)
+                except (ValueError, TypeError) as error:
+                    raise type(error)(f"layer '{path}' ({type(module).__name__}): {error}") from error
             return run_rule
         has_parameters = any(True for _ in module.parameters())
         has_buffers = any(True for _ in module.buffers())
@@ -179,7 +183,7 @@ class FusedGraph:
             return torch.func.functional_call(module, params, inputs[len(names):], keywords)
 
         param_refs = tuple(_Param(module, name) for name in names)
-        return self._call(functional, None, param_refs + tuple(args), kwargs)
+        return self._call(_without_inference_fast_paths(functional), None, param_refs + tuple(args), kwargs)
 
     # ---- running --------------------------------------------------------------------------------------------
 
@@ -227,12 +231,44 @@ class FusedGraph:
                 else:
                     in_dims.append(None)
 
+            # vmap returns tensors only: non-tensor outputs (None from MultiheadAttention(need_weights=False),
+            # ints) are the same for every member, so they are kept from the one traced call and put back.
+            output_structure = {}
+
             def call_one_member(*member_leaves):
                 member_args, member_kwargs = tree_unflatten(list(member_leaves), spec)
-                return function(*member_args, **member_kwargs)
+                out_leaves, out_spec = tree_flatten(function(*member_args, **member_kwargs))
+                output_structure["spec"] = out_spec
+                output_structure["leaves"] = out_leaves
+                return tuple(leaf for leaf in out_leaves if isinstance(leaf, torch.Tensor))
 
-            out = torch.vmap(call_one_member, in_dims=tuple(in_dims), randomness="different")(*leaves)
-            return out, Layout.MEMBER
+            tensors = iter(torch.vmap(call_one_member, in_dims=tuple(in_dims), randomness="different")(*leaves))
+            out_leaves = [next(tensors) if isinstance(leaf, torch.Tensor) else leaf
+                          for leaf in output_structure["leaves"]]
+            return tree_unflatten(out_leaves, output_structure["spec"]), Layout.MEMBER
+        return run
+
+    def _stochastic_depth(self, args, kwargs):
+        """torchvision's stochastic depth: each member drops its own rows (mode "row") or batches ("batch")."""
+        n = self.num_members
+
+        def run(env):
+            (values, keywords), _ = self._resolve(env, (args, kwargs))
+            bound = dict(zip(("input", "p", "mode", "training"), values), **keywords)
+            x, layout = env[args[0].index]
+            p, mode, training = bound["p"], bound["mode"], bound.get("training", True)
+            if not training or p == 0.0:
+                return x, layout
+            if layout is Layout.SHARED and p == 1.0:
+                return x * 0.0, layout
+            x = to_member(x, layout, n)
+            survival = 1.0 - p
+            shape = [n, x.shape[1]] if mode == "row" else [n, 1]
+            noise = torch.empty(shape + [1] * (x.dim() - 2), dtype=x.dtype, device=x.device)
+            noise.bernoulli_(survival)
+            if survival > 0.0:
+                noise.div_(survival)
+            return x * noise, Layout.MEMBER
         return run
 
     def run(self, inputs: list[tuple[torch.Tensor, Layout]]):
@@ -350,3 +386,20 @@ def _concatenate_channel_packed(values, keywords, leaf_layouts, n) -> torch.Tens
         return torch.cat(tensors, dim)
     views = [t.unflatten(1, (n, t.shape[1] // n)) for t in tensors]
     return torch.cat(views, 2).flatten(1, 2)
+
+
+def _without_inference_fast_paths(function):
+    """``function`` with nn.MultiheadAttention's inference fast path off: under vmap the stacked parameters look
+    like they need no gradient, and the fast path (``_native_multi_head_attention``) has no derivative."""
+    set_fastpath = getattr(torch.backends.mha, "set_fastpath_enabled", None)
+    if set_fastpath is None:
+        return function
+
+    def call(*args, **kwargs):
+        was_enabled = torch.backends.mha.get_fastpath_enabled()
+        set_fastpath(False)
+        try:
+            return function(*args, **kwargs)
+        finally:
+            set_fastpath(was_enabled)
+    return call

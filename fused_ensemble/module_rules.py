@@ -48,8 +48,10 @@ def unsupported_reason(module: nn.Module) -> str | None:
     """Why ``module`` cannot be fused, or None."""
     if isinstance(module, UNSUPPORTED_MODULES):
         return f"{type(module).__name__} layers are not supported"
-    if isinstance(module, nn.Embedding) and (module.max_norm is not None or module.sparse):
-        return "nn.Embedding with max_norm (renormalizes weights in place) or sparse gradients is not supported"
+    if isinstance(module, nn.Embedding) and (module.max_norm is not None or module.sparse
+                                             or module.scale_grad_by_freq):
+        return ("nn.Embedding with max_norm (renormalizes weights in place), sparse gradients or "
+                "scale_grad_by_freq is not supported")
     return None
 
 

@@ -31,9 +31,11 @@ def check_members(members: Iterable[nn.Module]) -> list[nn.Module]:
         if type(member) is not type(reference):
             raise TypeError(f"member {i} is a {type(member).__qualname__}, member 0 is a "
                             f"{type(reference).__qualname__}; all members must share one architecture")
-        _check_same_modules(i, member, reference)
+        # Structure first, then tensors (the most precise message for a size mismatch), then configuration.
+        _check_same_structure(i, member, reference)
         _check_same_tensors(i, "parameter", dict(member.named_parameters()), dict(reference.named_parameters()))
         _check_same_tensors(i, "buffer", dict(member.named_buffers()), dict(reference.named_buffers()))
+        _check_same_configuration(i, member, reference)
     return members
 
 
@@ -47,7 +49,7 @@ def _check_no_tied_tensors(member: nn.Module) -> None:
         seen[id(tensor)] = name
 
 
-def _check_same_modules(index: int, member: nn.Module, reference: nn.Module) -> None:
+def _check_same_structure(index: int, member: nn.Module, reference: nn.Module) -> None:
     ours = dict(member.named_modules())
     theirs = dict(reference.named_modules())
     if list(ours) != list(theirs):
@@ -56,10 +58,16 @@ def _check_same_modules(index: int, member: nn.Module, reference: nn.Module) -> 
         raise ValueError(f"member {index}: submodules differ from member 0 (missing {missing}, extra {extra})")
     for path, module in ours.items():
         other = theirs[path]
-        where = path or "<root>"
         if type(module) is not type(other):
-            raise TypeError(f"member {index}: {where} is a {type(module).__qualname__}, member 0 has a "
+            raise TypeError(f"member {index}: {path or '<root>'} is a {type(module).__qualname__}, member 0 has a "
                             f"{type(other).__qualname__}")
+
+
+def _check_same_configuration(index: int, member: nn.Module, reference: nn.Module) -> None:
+    theirs = dict(reference.named_modules())
+    for path, module in member.named_modules():
+        other = theirs[path]
+        where = path or "<root>"
         # extra_repr holds the configuration that is not a tensor (stride, eps, momentum, ...).
         if module.extra_repr() != other.extra_repr():
             raise ValueError(f"member {index}: {where} is configured as {type(module).__name__}"

@@ -116,10 +116,6 @@ def test_members_with_different_parameter_shapes():
         FusedEnsemble([RawWeights(10), RawWeights(11)])
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "stacking.check_members compares every submodule's extra_repr before the tensors, so a Linear of another "
-    "size is reported as 'member 1: fc is configured as Linear(in_features=512, out_features=11, bias=True), "
-    "member 0 has (...)', not by the parameter and its shapes as issue 2 asks"))
 def test_members_with_different_linear_sizes_name_the_parameter_and_shapes():
     with pytest.raises(ValueError) as error:
         FusedEnsemble([Classifier(10), Classifier(11)])
@@ -187,9 +183,6 @@ def test_member_inputs_without_the_member_dim_when_the_batch_equals_n():
         fused(torch.randn(2, 3, 8, 8))
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "module_rules._expect_batched raises 'Conv2d in a FusedEnsemble needs batched input with 4 dims per member, "
-    "got 3' without the module path ('conv') of the layer that refused the input"))
 def test_wrong_input_rank_names_the_layer_path():
     fused = FusedEnsemble(make_members(Head, n=2), member_inputs=True)
     with pytest.raises(ValueError) as error:

@@ -164,11 +164,10 @@ def test_embedding_padding_row_gets_no_gradient(member_inputs):
     assert not grad[:, 2].any() and grad.any()
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "module_rules.embedding ignores scale_grad_by_freq=True (and unsupported_reason does not refuse it): the "
-    "fused gradient is not divided by each index's frequency in the batch"))
-def test_embedding_scale_grad_by_freq():
-    check_layer(lambda: nn.Sequential(nn.Embedding(7, 4, scale_grad_by_freq=True), nn.Tanh()), draw=draw_indices)
+def test_embedding_scale_grad_by_freq_is_refused():
+    members = [nn.Sequential(nn.Embedding(7, 4, scale_grad_by_freq=True), nn.Tanh()) for _ in range(2)]
+    with pytest.raises(TypeError, match=r"layer '0' \(Embedding\).*scale_grad_by_freq"):
+        FusedEnsemble(members)
 
 
 # ---- dropout -------------------------------------------------------------------------------------------------
@@ -192,10 +191,6 @@ class FunctionalDropout(nn.Module):
         return F.dropout(x, self.p, self.training)
 
 
-FUNCTIONAL_DROPOUT_BUG = (
-    "graph_runner: F.dropout is in _ELEMENTWISE_FUNCTIONS (F.dropout2d in _CHANNELWISE_FUNCTIONS), which "
-    "_function_category checks before _RANDOM_FUNCTIONS, so a functional dropout on the shared input runs once "
-    "and every member gets the same mask")
 DROPOUTS = {
     "module-on-shared-input": lambda: nn.Sequential(nn.Dropout(0.5)),
     "module-after-identity": lambda: nn.Sequential(nn.Identity(), nn.Dropout(0.5)),
@@ -204,9 +199,7 @@ DROPOUTS = {
 }
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param(name, marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=FUNCTIONAL_DROPOUT_BUG))
-    if name.startswith("functional") else name for name in DROPOUTS])
+@pytest.mark.parametrize("name", list(DROPOUTS))
 def test_dropout_masks_differ_between_members(name):
     members = make_members(DROPOUTS[name], n=3, training=True)
     fused = FusedEnsemble(members, reduction="none")
@@ -224,12 +217,6 @@ def test_dropout_masks_differ_between_members(name):
     assert torch.equal(fused(x), x.expand_as(out)), "dropout is the identity in eval mode"
 
 
-STOCHASTIC_DEPTH_BUG = (
-    "torchvision.ops.StochasticDepth (EfficientNet, ConvNeXt, Swin) has no rule and runs under "
-    "vmap(randomness='different'); its torch.empty(...).bernoulli_() noise is an unbatched tensor, and vmap "
-    "raises 'Cannot ask for different inplace randomness on an unbatched tensor', so these models cannot train")
-
-
 @pytest.mark.parametrize("mode", ["row", "batch"])
 def test_stochastic_depth_is_the_identity_in_eval_mode(mode):
     from torchvision.ops import StochasticDepth
@@ -237,7 +224,6 @@ def test_stochastic_depth_is_the_identity_in_eval_mode(mode):
     check_layer(lambda: nn.Sequential(nn.Conv2d(3, 4, 1), StochasticDepth(0.5, mode)), (3, 4, 4))
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=STOCHASTIC_DEPTH_BUG)
 def test_stochastic_depth_draws_per_member_in_train_mode():
     from torchvision.ops import StochasticDepth
 
@@ -512,18 +498,9 @@ def test_multihead_attention_leaf():
     check_layer(lambda: AttentionBlock(need_weights=True), (5, 8), grad=False)
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-    "in eval mode nn.MultiheadAttention run through vmap(functional_call) sees batched parameters that do not "
-    "report requires_grad, takes its inference fast path (aten::_native_multi_head_attention) and backward "
-    "fails: 'derivative for aten::_native_multi_head_attention is not implemented'; the member loop takes the "
-    "differentiable path"))
 def test_multihead_attention_leaf_backward_in_eval_mode():
     check_layer(lambda: AttentionBlock(need_weights=True), (5, 8))
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-    "graph_runner._call runs a leaf without a rule under torch.vmap with the default out_dims=0, so a layer "
-    "whose output holds None (nn.MultiheadAttention(need_weights=False) returns (out, None), as in "
-    "torchvision's ViT) fails: 'call_one_member must only return Tensors, got NoneType'"))
 def test_multihead_attention_leaf_without_weights_output():
     check_layer(lambda: AttentionBlock(need_weights=False), (5, 8))
