@@ -207,6 +207,20 @@ def test_benchmark_shapes(shape):
     _check_stats(x)
 
 
+@pytest.mark.parametrize("shape", [(3, 80, 5000), (2, 70, 20000)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.gpu
+@needs_cuda_kernels
+def test_many_long_rows(shape, dtype):
+    # Enough rows that softmax_of_mean stays fused (few long rows take the mean kernel, then a row softmax);
+    # 20000 columns need two tiles per row.
+    x = _logits(*shape, dtype)
+    for reduction in REDUCTIONS:
+        _check_forward(x, reduction)
+        _check_backward(x, reduction)
+    _check_stats(x)
+
+
 @pytest.mark.gpu
 @needs_cuda_kernels
 def test_many_members():

@@ -418,31 +418,44 @@ void run_rows(const at::Tensor& x, at::Tensor& out, Fill fill_outputs) {
   });
 }
 
+// out = mean of x over members, with the flat streaming kernel.
+void launch_mean(const at::Tensor& x, at::Tensor& out) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ensemble_mean", [&] {
+    using A = acc_type<scalar_t>;
+    const RowParams<A> p = base_params<A>(x, out);
+    const int vec = vector_width(x);
+    const int64_t work = p.R * p.K / vec;
+    const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+    const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(ceil_div(work, 256), sms * 16LL));
+    const auto* xp = static_cast<const scalar_t*>(p.x);
+    auto stream = at::cuda::getCurrentCUDAStream();
+    constexpr int kVec = 16 / sizeof(scalar_t);
+    if (vec == kVec) {
+      mean_kernel<scalar_t, kVec><<<blocks, 256, 0, stream>>>(xp, p.N, p.R, p.K, p.sN, p.sR, p.sK, p.inv_n, p.out);
+    } else {
+      mean_kernel<scalar_t, 1><<<blocks, 256, 0, stream>>>(xp, p.N, p.R, p.K, p.sN, p.sR, p.sK, p.inv_n, p.out);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+// Long rows and few of them (a row per block, blocks for under half the SMs): the fused softmax_of_mean kernel
+// would stream all N members through those few SMs. Taking the mean with the flat kernel (every SM) and then
+// the softmax of the [R, K] mean costs one extra write and read of R * K floats, which is small next to the
+// N * R * K logits.
+bool softmax_of_mean_in_two_steps(const at::Tensor& x) {
+  const int64_t N = x.size(0), R = x.size(1), K = x.size(2);
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  return N > 1 && K > 4096 && 2 * R < sms;
+}
+
 }  // namespace
 
 void launch_reduce_forward(const at::Tensor& x, Reduction reduction, at::Tensor& out, at::Tensor& lse) {
   if (x.size(1) == 0) return;
   switch (reduction) {
     case Reduction::kMean:
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ensemble_mean", [&] {
-        using A = acc_type<scalar_t>;
-        RowParams<A> p = base_params<A>(x, out);
-        const int vec = vector_width(x);
-        const int64_t work = p.R * p.K / vec;
-        const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-        const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(ceil_div(work, 256), sms * 16LL));
-        const auto* xp = static_cast<const scalar_t*>(p.x);
-        auto stream = at::cuda::getCurrentCUDAStream();
-        constexpr int kVec = 16 / sizeof(scalar_t);
-        if (kVec > 1 && vec == kVec) {
-          mean_kernel<scalar_t, (kVec > 1 ? kVec : 1)><<<blocks, 256, 0, stream>>>(
-              xp, p.N, p.R, p.K, p.sN, p.sR, p.sK, p.inv_n, p.out);
-        } else {
-          mean_kernel<scalar_t, 1><<<blocks, 256, 0, stream>>>(xp, p.N, p.R, p.K, p.sN, p.sR, p.sK, p.inv_n,
-                                                               p.out);
-        }
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
+      launch_mean(x, out);
       return;
     case Reduction::kMeanProbs:
       run_rows<Mode::kMeanProbs>(x, out, [&](auto& p) { p.lse = lse.data_ptr<acc_of<decltype(p)>>(); });
@@ -451,7 +464,13 @@ void launch_reduce_forward(const at::Tensor& x, Reduction reduction, at::Tensor&
       run_rows<Mode::kLogMeanProbs>(x, out, [&](auto& p) { p.lse = lse.data_ptr<acc_of<decltype(p)>>(); });
       return;
     case Reduction::kSoftmaxOfMean:
-      run_rows<Mode::kSoftmaxOfMean>(x, out, [](auto&) {});
+      if (softmax_of_mean_in_two_steps(x)) {
+        at::Tensor mean = at::empty_like(out);
+        launch_mean(x, mean);
+        run_rows<Mode::kSoftmaxOfMean>(mean.unsqueeze(0), out, [](auto&) {});
+      } else {
+        run_rows<Mode::kSoftmaxOfMean>(x, out, [](auto&) {});
+      }
       return;
   }
 }
