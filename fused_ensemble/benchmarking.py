@@ -88,6 +88,11 @@ class Workload:
         x = self.x
         return lambda: module(x)
 
+    def optimized(self) -> Callable[[], torch.Tensor]:
+        module = FusedEnsemble(self.members, reduction=self.reduction).eval().optimize(self.x)
+        x = self.x
+        return lambda: module(x)
+
 
 def time_ms(fn: Callable[[], object], device: str, reps: int, warmup: int = 1) -> list[float]:
     """Wall times in ms of ``reps`` calls after ``warmup`` calls, under no_grad (CUDA: events around each call)."""
