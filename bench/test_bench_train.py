@@ -91,8 +91,9 @@ def _synchronized(step, x, y):
     return lambda: step(x, y)
 
 
-@pytest.mark.parametrize("n", MEMBERS, ids=lambda n: f"N{n}")
+# N outermost, so the three implementations of one group run back to back (CPU load drifts over minutes).
 @pytest.mark.parametrize("name", IMPLEMENTATIONS)
+@pytest.mark.parametrize("n", MEMBERS, ids=lambda n: f"N{n}")
 def test_bench_train_step(benchmark, name, n):
     if benchmark.disabled:
         pytest.skip("benchmarks run with --benchmark-enable")
