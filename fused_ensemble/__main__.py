@@ -13,12 +13,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_bench_arguments(commands.add_parser(
         "bench", help="time the member loop, torch.func vmap and FusedEnsemble on one workload"))
-    try:
-        from fused_ensemble.train import add_train_arguments
-    except ImportError:
-        add_train_arguments = None
-    if add_train_arguments is not None:
-        add_train_arguments(commands.add_parser("train", help="train N members as one fused network"))
+    from fused_ensemble.train import add_train_arguments
+
+    add_train_arguments(commands.add_parser("train", help="train N members as one fused network"))
     return parser
 
 
