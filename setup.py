@@ -7,6 +7,7 @@ PyTorch paths). ``FUSED_ENSEMBLE_NO_CUDA=1`` skips only the CUDA sources.
 """
 
 import glob
+import importlib.util
 import os
 import site
 import sys
@@ -32,9 +33,18 @@ def _nvidia_wheel_includes():
     return found
 
 
+def _set_cuda_home():
+    spec = importlib.util.spec_from_file_location("_cuda_toolkit", os.path.join(ROOT, "fused_ensemble",
+                                                                                "_cuda_toolkit.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.set_cuda_home()
+
+
 def _extensions():
     if _flag("FUSED_ENSEMBLE_NO_EXT"):
         return [], {}
+    _set_cuda_home()
     import torch
     from torch.utils import cpp_extension
 

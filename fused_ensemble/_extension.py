@@ -102,6 +102,9 @@ def build_jit(verbose: bool = False) -> bool:
     if _ops_registered():
         _loaded, _failure_reason = True, ""
         return True
+    from fused_ensemble._cuda_toolkit import set_cuda_home
+
+    set_cuda_home()  # before cpp_extension reads CUDA_HOME
     from torch.utils import cpp_extension
 
     sources = sorted(glob.glob(os.path.join(_CSRC, "cpu", "*.cpp")))
