@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fused_ensemble.layout import Layout, to_channel
+from fused_ensemble.layout import Layout, to_channel, to_member
 from fused_ensemble.module_rules import register_rule
 
 STRATEGIES = ("grouped", "per_member")
@@ -39,43 +39,51 @@ class PreparedConv(nn.Module):
     def extra_repr(self) -> str:
         return f"members={self.num_members}, weight={tuple(self.weight.shape)}, strategy={self.strategy!r}"
 
-    def _grouped(self, x: torch.Tensor, padding) -> torch.Tensor:
-        return self.functional(x, self.weight, self.bias, self.stride, padding, self.dilation,
-                               self.num_members * self.groups)
+    def _pad(self, x: torch.Tensor) -> tuple[torch.Tensor, object]:
+        if self.padding_mode == "zeros":
+            return x, self.padding
+        return F.pad(x, self.reversed_padding, mode=self.padding_mode), 0
 
-    def _per_member(self, x: torch.Tensor, padding) -> torch.Tensor:
+    def _grouped(self, x: torch.Tensor, layout: Layout) -> tuple[torch.Tensor, Layout]:
+        x, padding = self._pad(to_channel(x, layout, self.num_members))
+        y = self.functional(x, self.weight, self.bias, self.stride, padding, self.dilation,
+                            self.num_members * self.groups)
+        return y, Layout.CHANNEL
+
+    def _per_member(self, x: torch.Tensor, layout: Layout) -> tuple[torch.Tensor, Layout]:
+        # Member-first in and out: when the previous layer ran this way too, every member's input is one
+        # contiguous [B, C, ...] block, so the dense convolutions read it without a copy.
         n = self.num_members
+        x = to_member(x, layout, n)
         weights = self.weight.chunk(n)
         biases = self.bias.chunk(n) if self.bias is not None else [None] * n
-        outputs = [self.functional(xi, w, b, self.stride, padding, self.dilation, self.groups)
-                   for xi, w, b in zip(x.chunk(n, 1), weights, biases)]
-        return torch.cat(outputs, 1)
+        outputs = []
+        for xi, w, b in zip(x.unbind(0), weights, biases):
+            xi, padding = self._pad(xi)
+            outputs.append(self.functional(xi, w, b, self.stride, padding, self.dilation, self.groups))
+        return torch.stack(outputs), Layout.MEMBER
 
-    def forward_fused(self, x: torch.Tensor, layout: Layout) -> torch.Tensor:
-        n = self.num_members
+    def forward_fused(self, x: torch.Tensor, layout: Layout) -> tuple[torch.Tensor, Layout]:
         if layout is Layout.SHARED and self.groups == 1 and self.padding_mode == "zeros":
             self.autotune_reps = 0  # one dense convolution for all members: nothing to choose
-            return self.functional(x, self.weight, self.bias, self.stride, self.padding, self.dilation, 1)
-        x = to_channel(x, layout, n)
-        padding = self.padding
-        if self.padding_mode != "zeros":
-            x = F.pad(x, self.reversed_padding, mode=self.padding_mode)
-            padding = 0
+            y = self.functional(x, self.weight, self.bias, self.stride, self.padding, self.dilation, 1)
+            return y, Layout.CHANNEL
         if self.autotune_reps > 0:
-            self.strategy = self._fastest(x, padding)
+            self.strategy = self._fastest(x, layout)
             self.autotune_reps = 0
         run = self._grouped if self.strategy == "grouped" else self._per_member
-        return run(x, padding)
+        return run(x, layout)
 
-    def _fastest(self, x: torch.Tensor, padding) -> str:
+    def _fastest(self, x: torch.Tensor, layout: Layout) -> str:
+        """Times both strategies on this input, layout conversion included."""
         from fused_ensemble.benchmarking import median, time_ms
 
         timings = {}
         for strategy, run in (("grouped", self._grouped), ("per_member", self._per_member)):
-            timings[strategy] = median(time_ms(lambda: run(x, padding), x.device.type, self.autotune_reps))
+            timings[strategy] = median(time_ms(lambda: run(x, layout), x.device.type, self.autotune_reps))
         return min(timings, key=timings.get)
 
 
 @register_rule(PreparedConv)
 def prepared_conv(module: PreparedConv, x: torch.Tensor, layout: Layout, n: int):
-    return module.forward_fused(x, layout), Layout.CHANNEL
+    return module.forward_fused(x, layout)

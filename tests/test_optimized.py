@@ -58,8 +58,36 @@ def test_batchnorm_is_folded_and_every_conv_prepared():
     assert sum(isinstance(m, nn.BatchNorm2d) for m in fused.modules()) == 20
 
 
+@pytest.fixture
+def force_execution(monkeypatch):
+    """Makes optimize() keep the given execution instead of timing the candidates."""
+    def force(execution):
+        monkeypatch.setattr(OptimizedEnsemble, "_fastest_execution", lambda self, x: execution)
+    return force
+
+
+@pytest.mark.parametrize("member_inputs", [False, True])
+@pytest.mark.parametrize("name", ["lenet", "resnet18-cifar"])
+def test_member_loop_execution_is_exact(force_execution, name, member_inputs):
+    force_execution("member_loop")
+    members = _members(name, 3)
+    fused = FusedEnsemble(members, reduction="none", member_inputs=member_inputs).eval()
+    x = torch.randn(*((3,) if member_inputs else ()), 2, *input_shape(name))
+    optimized = fused.optimize(x)
+    assert optimized.execution == "member_loop"
+    with torch.no_grad():
+        _assert_close_fp32(optimized(x), fused(x))
+
+
+def test_fused_execution_drops_the_member_copies(force_execution):
+    force_execution("fused")
+    optimized = FusedEnsemble(_members("lenet", 2)).eval().optimize(torch.randn(2, *input_shape("lenet")))
+    assert optimized.execution == "fused" and optimized.members is None
+
+
 @pytest.mark.parametrize("strategy", ["grouped", "per_member"])
-def test_each_conv_strategy_is_exact(strategy):
+def test_each_conv_strategy_is_exact(force_execution, strategy):
+    force_execution("fused")
     members = _members("lenet", 3)
     fused = FusedEnsemble(members, reduction="none", member_inputs=True).eval()
     x = torch.randn(3, 2, *input_shape("lenet"))
@@ -78,9 +106,9 @@ def test_strategy_choice_is_timed_per_layer(monkeypatch, slow_strategy):
 
     original = getattr(PreparedConv, f"_{slow_strategy}")
 
-    def slow(self, x, padding):
+    def slow(self, x, layout):
         time.sleep(0.02)
-        return original(self, x, padding)
+        return original(self, x, layout)
 
     monkeypatch.setattr(PreparedConv, f"_{slow_strategy}", slow)
     fused = FusedEnsemble(_members("lenet", 2), member_inputs=True).eval()
@@ -90,7 +118,9 @@ def test_strategy_choice_is_timed_per_layer(monkeypatch, slow_strategy):
     assert all(c.autotune_reps == 0 for c in optimized.convolutions)
 
 
-def test_conv_padding_modes_and_groups():
+def test_conv_padding_modes_and_groups(force_execution):
+    force_execution("fused")
+
     class Member(nn.Module):
         def __init__(self):
             super().__init__()
