@@ -52,7 +52,7 @@ def _extensions():
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
     if not cpu_sources:
         return [], {}
-    cxx_flags = ["-O3", "-std=c++20", "-fopenmp", "-DPy_LIMITED_API=0x03090000"]
+    cxx_flags = ["-O3", "-std=c++20", "-fopenmp", "-DPy_LIMITED_API=0x030A0000"]
     use_cuda = (
         not _flag("FUSED_ENSEMBLE_NO_CUDA")
         and torch.version.cuda is not None
@@ -85,4 +85,4 @@ def _extensions():
 
 ext_modules, cmdclass = _extensions()
 setup(ext_modules=ext_modules, cmdclass=cmdclass,
-      options={"bdist_wheel": {"py_limited_api": "cp39"}} if ext_modules else {})
+      options={"bdist_wheel": {"py_limited_api": "cp310"}} if ext_modules else {})
