@@ -25,12 +25,14 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from fused_ensemble import module_rules
 from fused_ensemble.layout import Layout, convert, to_member
 
+ELEMENTWISE, CHANNELWISE, CONCATENATE, RANDOM = "elementwise", "channelwise", "concatenate", "random"
+
 _ELEMENTWISE_FUNCTIONS = {
     operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, operator.iadd, operator.isub,
     operator.imul, operator.itruediv, torch.add, torch.sub, torch.mul, torch.div, torch.neg, torch.relu,
     torch.sigmoid, torch.tanh, torch.exp, torch.sqrt, torch.abs, torch.clamp, torch.where, F.relu, F.relu6,
     F.gelu, F.silu, F.sigmoid, F.tanh, F.hardswish, F.hardsigmoid, F.hardtanh, F.leaky_relu, F.elu, F.selu,
-    F.mish, F.softplus, F.dropout,
+    F.mish, F.softplus,
     "add", "sub", "mul", "div", "neg", "relu", "sigmoid", "tanh", "exp", "sqrt", "abs", "clamp",
     "add_", "sub_", "mul_", "div_", "relu_", "sigmoid_", "clamp_",
 }
@@ -38,12 +40,18 @@ _ELEMENTWISE_FUNCTIONS = {
 _CHANNELWISE_FUNCTIONS = {
     F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
     F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d,
-    F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.interpolate, F.dropout1d, F.dropout2d, F.dropout3d,
+    F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.interpolate,
 }
 # Ops that draw random numbers: on a shared input each member must still get its own draw.
 _RANDOM_FUNCTIONS = {
     F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
     torch.bernoulli, torch.rand_like, torch.randn_like, torch.randint_like,
+}
+# How a random op may run unchanged once its input already differs per member: dropout masks are drawn per element
+# (or per channel), so on a member-first or channel-packed tensor every member gets its own.
+_RANDOM_FAST_PATH = {
+    F.dropout: ELEMENTWISE, F.alpha_dropout: ELEMENTWISE,
+    F.dropout1d: CHANNELWISE, F.dropout2d: CHANNELWISE, F.dropout3d: CHANNELWISE,
 }
 try:
     from torchvision.ops import stochastic_depth as _stochastic_depth
@@ -51,8 +59,6 @@ except ImportError:  # torchvision is optional for the runner
     _stochastic_depth = None
 
 _CONCATENATE_FUNCTIONS = {torch.cat, torch.concat, torch.concatenate}
-
-ELEMENTWISE, CHANNELWISE, CONCATENATE, RANDOM = "elementwise", "channelwise", "concatenate", "random"
 
 
 def _function_category(target) -> str | None:
@@ -220,7 +226,8 @@ class FusedGraph:
                     fused = _concatenate_channel_packed(values, keywords, leaf_layouts, n)
                     if fused is not None:
                         return fused, Layout.CHANNEL
-                fast = _same_layout_fast_path(category, leaves, leaf_layouts)
+                fast_category = _RANDOM_FAST_PATH.get(function) if category is RANDOM else category
+                fast = _same_layout_fast_path(fast_category, leaves, leaf_layouts)
                 if fast is not None:
                     return function(*values, **keywords), fast
             in_dims = []
