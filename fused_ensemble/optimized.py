@@ -8,6 +8,8 @@ What it does, each step kept only where it is exact or measured faster on the ex
 - on CUDA, picks channels_last or contiguous memory by timing the whole forward both ways;
 - times the tuned fused graph against running the N (BatchNorm-folded) members one after another, and keeps
   the faster: on a CPU the members' activations stay in cache between layers, which a fused layout loses;
+- on CUDA, when the member ends in a Linear layer, times running it fused with the reduction (one Triton kernel,
+  fused_ensemble.ensemble_head: the [N, B, K] logits never reach memory) against GEMM + ensemble_reduce;
 - on CUDA, captures the forward in a CUDA graph (static input buffer, one graph per input shape) when
   ``cuda_graph=True``, or by default when replaying the graph is faster than running eagerly.
 """
@@ -15,6 +17,7 @@ What it does, each step kept only where it is exact or measured faster on the ex
 from __future__ import annotations
 
 import copy
+import warnings
 
 import torch
 from torch import nn
@@ -23,6 +26,7 @@ from fused_ensemble.batchnorm_folding import fold_batchnorm
 from fused_ensemble.benchmarking import median, time_ms
 from fused_ensemble.graph_runner import FusedGraph
 from fused_ensemble.layout import Layout
+from fused_ensemble.module_rules import linear as linear_rule
 from fused_ensemble.prepared_conv import PreparedConv
 
 _TUNING_REPS = 3
@@ -46,6 +50,21 @@ def _replace_convolutions(graph, stacked: nn.Module, memory_format) -> list[Prep
         elif isinstance(module, PreparedConv):
             prepared.append(module)
     return prepared
+
+
+def _split_head(graph, stacked: nn.Module) -> nn.Linear | None:
+    """If the member ends in a Linear whose output is the member's output, cuts it off the graph (which then returns
+    the features) and returns the stacked Linear, so that it can run fused with the ensemble reduction."""
+    output = next(node for node in graph.nodes if node.op == "output")
+    last = output.args[0]
+    if not isinstance(last, torch.fx.Node) or last.op != "call_module" or len(last.users) != 1:
+        return None
+    head = stacked.get_submodule(last.target)
+    if type(head) is not nn.Linear or len(last.args) != 1 or last.kwargs:
+        return None
+    output.replace_input_with(last, last.args[0])
+    graph.erase_node(last)
+    return head
 
 
 def _folded_members(fused: nn.Module, device: torch.device, dtype: torch.dtype) -> list[nn.Module]:
@@ -91,6 +110,8 @@ class OptimizedEnsemble(nn.Module):
         self.folded_batchnorms = fold_batchnorm(graph, stacked)
         self.stacked = stacked.to(self.compute_dtype).requires_grad_(False)
         self.convolutions = _replace_convolutions(graph, self.stacked, torch.contiguous_format)
+        self.head = _split_head(graph, self.stacked) if self.reduction != "none" else None
+        self.head_backend = "torch"
         self._graph = FusedGraph(graph, self.stacked, self.num_members)
         self.memory_format = torch.contiguous_format
         self._cuda_graphs: dict[tuple, tuple] = {}
@@ -108,12 +129,15 @@ class OptimizedEnsemble(nn.Module):
         self.execution = self._fastest_execution(x)
         if self.execution == "fused":
             self.members = None  # drop the second copy of the weights
+            if self.head is not None and self.device.type == "cuda":
+                self.head_backend = self._fastest_head_backend(x)
         if self.device.type == "cuda":
             self.cuda_graph = self._graph_is_faster(x) if cuda_graph is None else bool(cuda_graph)
 
     def extra_repr(self) -> str:
         strategies = [c.strategy for c in self.convolutions]
-        return (f"num_members={self.num_members}, execution={self.execution!r}, reduction={self.reduction!r}, "
+        head = f"fused_head={self.head_backend!r}, " if self.head is not None else ""
+        return (f"num_members={self.num_members}, execution={self.execution!r}, {head}reduction={self.reduction!r}, "
                 f"dtype={self.compute_dtype}, "
                 f"folded_batchnorms={self.folded_batchnorms}, grouped_convs={strategies.count('grouped')}, "
                 f"per_member_convs={strategies.count('per_member')}, memory_format={self.memory_format}, "
@@ -147,6 +171,18 @@ class OptimizedEnsemble(nn.Module):
         for execution in ("fused", "member_loop"):
             self.execution = execution
             timings[execution] = median(time_ms(lambda: self._eager(x), self.device.type, _TUNING_REPS + 2))
+        return min(timings, key=timings.get)
+
+    def _fastest_head_backend(self, x: torch.Tensor) -> str:
+        """The final Linear + reduction as one Triton kernel (no [N, B, K] logits in memory) or as GEMM + reduce."""
+        timings = {}
+        for backend in ("torch", "triton"):
+            self.head_backend = backend
+            try:
+                timings[backend] = median(time_ms(lambda: self._eager(x), "cuda", _TUNING_REPS + 2))
+            except Exception as error:  # a kernel that fails to build here must not break optimize()
+                warnings.warn(f"fused ensemble head kernel unavailable ({type(error).__name__}: {error}); "
+                              f"using GEMM + ensemble_reduce")
         return min(timings, key=timings.get)
 
     def _set_memory_format(self, memory_format: torch.memory_format) -> None:
@@ -193,7 +229,15 @@ class OptimizedEnsemble(nn.Module):
         if x.dim() == 4 and not self.member_inputs:
             x = x.contiguous(memory_format=self.memory_format)
         layout = Layout.MEMBER if self.member_inputs else Layout.SHARED
-        return apply_reduction(self._graph.run([(x, layout)]), self.reduction)
+        outputs = self._graph.run([(x, layout)])
+        if self.head is not None:
+            if outputs.dim() == 3:  # [N, B, F] features: the fused head applies
+                from fused_ensemble.ensemble_head import ensemble_linear_reduce
+
+                return ensemble_linear_reduce(outputs, self.head.weight, self.head.bias, self.reduction,
+                                              backend=self.head_backend)
+            outputs, _ = linear_rule(self.head, outputs, Layout.MEMBER, self.num_members)
+        return apply_reduction(outputs, self.reduction)
 
     def _replay(self, x: torch.Tensor) -> torch.Tensor:
         key = tuple(x.shape)

@@ -208,3 +208,37 @@ def test_cuda_graph_path_matches_eager(cuda_graph):
         torch.testing.assert_close(optimized(x), ref, rtol=3e-2, atol=3e-2)
         x2 = torch.randn(5, 3, 32, 32, device="cuda")  # a new batch size captures a new graph
         torch.testing.assert_close(optimized(x2), fused(x2), rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.parametrize("name", ["mlp", "resnet18-cifar"])
+@pytest.mark.parametrize("reduction", ["mean_probs", "log_mean_probs", "softmax_of_mean", "mean"])
+def test_final_linear_runs_fused_with_the_reduction(force_execution, name, reduction):
+    """The member's last Linear is cut off the graph and run with the reduction by ensemble_linear_reduce: the
+    torch path, and the Triton kernel (interpreted here) that never stores the member logits."""
+    force_execution("fused")
+    fused = FusedEnsemble(_members(name, 3), reduction=reduction).eval()
+    x = torch.randn(2, *input_shape(name))
+    optimized = fused.optimize(x)
+    assert optimized.head is not None and optimized.head.weight.shape[:2] == (3, 10)
+    with torch.no_grad():
+        reference = fused(x)
+        for backend in ("torch", "triton"):
+            optimized.head_backend = backend
+            _assert_close_fp32(optimized(x), reference)
+
+
+def test_no_fused_head_without_a_reduction_or_a_final_linear(force_execution):
+    force_execution("fused")
+    x = torch.randn(2, *input_shape("lenet"))
+    assert FusedEnsemble(_members("lenet", 2), reduction="none").eval().optimize(x).head is None
+
+    class EndsInPooling(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3)
+
+        def forward(self, x):
+            return self.conv(x).mean((2, 3))
+
+    members = [EndsInPooling().eval() for _ in range(2)]
+    assert FusedEnsemble(members).eval().optimize(torch.randn(2, 1, 8, 8)).head is None
