@@ -32,17 +32,32 @@ def parse_dtype(name: str) -> torch.dtype:
     return dtypes[name]
 
 
-def randomize_batchnorm(model: nn.Module, generator: torch.Generator | None = None) -> nn.Module:
-    """Random running statistics and affine parameters, so that BatchNorm is not close to the identity."""
+def randomize_state(module: nn.Module, generator: torch.Generator | None = None) -> nn.Module:
+    """Gives ``module`` random normalization state and replaces constant-initialized parameters, in place, so that
+    no layer is close to the identity and nothing hides behind zeros (for benchmarks and tests).
+
+    Affine normalization parameters get weights in [0.5, 1.5] and biases around 0; BatchNorm running means
+    around 0, running variances in [0.5, 2] and a random ``num_batches_tracked`` (except with ``momentum=None``,
+    whose cumulative average needs every member to have seen the same number of batches). Any other parameter
+    whose entries are all equal (zero biases, unit scales) is redrawn around its value.
+    """
     with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is not None:
-                module.running_mean.copy_(torch.randn(module.running_mean.shape, generator=generator) * 0.5)
-                module.running_var.copy_(torch.rand(module.running_var.shape, generator=generator) * 1.5 + 0.5)
-                if module.weight is not None:
-                    module.weight.copy_(1 + 0.2 * torch.randn(module.weight.shape, generator=generator))
-                    module.bias.copy_(0.2 * torch.randn(module.bias.shape, generator=generator))
-    return model
+        for sub in module.modules():
+            if isinstance(sub, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)):
+                if getattr(sub, "weight", None) is not None:
+                    sub.weight.copy_(0.5 + torch.rand(sub.weight.shape, generator=generator))
+                if getattr(sub, "bias", None) is not None:
+                    sub.bias.copy_(0.2 * torch.randn(sub.bias.shape, generator=generator))
+            if isinstance(sub, nn.modules.batchnorm._NormBase) and sub.running_mean is not None:
+                sub.running_mean.copy_(0.2 * torch.randn(sub.running_mean.shape, generator=generator))
+                sub.running_var.copy_(0.5 + 1.5 * torch.rand(sub.running_var.shape, generator=generator))
+                if sub.momentum is not None:
+                    sub.num_batches_tracked.fill_(int(torch.randint(1, 1000, (), generator=generator)))
+        for parameter in module.parameters():
+            if parameter.numel() > 1 and bool((parameter == parameter.flatten()[0]).all()):
+                noise = 0.1 * torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype)
+                parameter.add_(noise)
+    return module
 
 
 @dataclass
@@ -63,7 +78,7 @@ class Workload:
               reduction: str = "mean_probs", seed: int = 0) -> "Workload":
         generator = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)
-        members = [randomize_batchnorm(build_model(model), generator).eval().to(device, dtype)
+        members = [randomize_state(build_model(model), generator).eval().to(device, dtype)
                    for _ in range(num_members)]
         x = torch.randn(batch, *input_shape(model), generator=generator).to(device, dtype)
         return cls(model, num_members, batch, device, dtype, reduction, members, x)

@@ -13,35 +13,10 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from fused_ensemble.benchmarking import randomize_state as randomize_
+
 REL_TOL = 1e-5
 """Relative error allowed between the fused network and the member loop in fp32: ``|out - ref| / |ref|``."""
-
-
-def randomize_(module: nn.Module, generator: torch.Generator) -> nn.Module:
-    """Gives ``module`` random normalization state and replaces constant-initialized parameters in place.
-
-    Affine normalization parameters get weights in [0.5, 1.5] and biases around 0; BatchNorm running means
-    around 0, running variances in [0.5, 2] and a random ``num_batches_tracked`` (except with ``momentum=None``,
-    whose cumulative average needs every member to have seen the same number of batches). Any other parameter
-    whose entries are all equal (zero biases, unit scales) is redrawn around its value.
-    """
-    with torch.no_grad():
-        for sub in module.modules():
-            if isinstance(sub, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)):
-                if getattr(sub, "weight", None) is not None:
-                    sub.weight.copy_(0.5 + torch.rand(sub.weight.shape, generator=generator))
-                if getattr(sub, "bias", None) is not None:
-                    sub.bias.copy_(0.2 * torch.randn(sub.bias.shape, generator=generator))
-            if isinstance(sub, nn.modules.batchnorm._NormBase) and sub.running_mean is not None:
-                sub.running_mean.copy_(0.2 * torch.randn(sub.running_mean.shape, generator=generator))
-                sub.running_var.copy_(0.5 + 1.5 * torch.rand(sub.running_var.shape, generator=generator))
-                if sub.momentum is not None:
-                    sub.num_batches_tracked.fill_(int(torch.randint(1, 1000, (), generator=generator)))
-        for parameter in module.parameters():
-            if parameter.numel() > 1 and bool((parameter == parameter.flatten()[0]).all()):
-                noise = 0.1 * torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype)
-                parameter.add_(noise)
-    return module
 
 
 def make_members(factory: Callable[[], nn.Module], n: int = 2, seed: int = 0, training: bool = False

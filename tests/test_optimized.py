@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from fused_ensemble import FusedEnsemble
-from fused_ensemble.benchmarking import randomize_batchnorm
+from fused_ensemble.benchmarking import randomize_state
 from fused_ensemble.models import build_model, input_shape
 from fused_ensemble.optimized import OptimizedEnsemble
 from fused_ensemble.prepared_conv import PreparedConv
@@ -16,7 +16,7 @@ BENCHMARK_MODELS = ["mlp", "lenet", "resnet18-cifar"]
 def _members(name, n, seed=0):
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    return [randomize_batchnorm(build_model(name), generator).eval() for _ in range(n)]
+    return [randomize_state(build_model(name), generator).eval() for _ in range(n)]
 
 
 def _assert_close_fp32(out, ref):
@@ -132,7 +132,7 @@ def test_conv_padding_modes_and_groups(force_execution):
             return self.b(torch.relu(self.bn(self.a(x)))).mean((2, 3))
 
     generator = torch.Generator().manual_seed(1)
-    members = [randomize_batchnorm(Member(), generator).eval() for _ in range(3)]
+    members = [randomize_state(Member(), generator).eval() for _ in range(3)]
     fused = FusedEnsemble(members, reduction="none").eval()
     x = torch.randn(2, 4, 7, 9)
     optimized = fused.optimize(x)
