@@ -230,6 +230,11 @@ class FusedGraph:
                 fast = _same_layout_fast_path(fast_category, leaves, leaf_layouts)
                 if fast is not None:
                     return function(*values, **keywords), fast
+                if fast_category is CHANNELWISE and _is_single_member_first_tensor(values, leaf_layouts):
+                    # Pooling has no batching rule for every memory format (vmap would fall back to a loop):
+                    # channel-pack the input instead, one copy.
+                    packed = convert(values[0], Layout.MEMBER, Layout.CHANNEL, n)
+                    return function(packed, *values[1:], **keywords), Layout.CHANNEL
             in_dims = []
             for i, (leaf, layout) in enumerate(zip(leaves, leaf_layouts)):
                 if isinstance(layout, Layout) and layout is not Layout.SHARED:
@@ -373,6 +378,12 @@ def _same_layout_fast_path(category, leaves, leaf_layouts) -> Layout | None:
     if category is CHANNELWISE and layout is Layout.CHANNEL and len(packed) == 1:
         return layout
     return None
+
+
+def _is_single_member_first_tensor(values, leaf_layouts) -> bool:
+    tensor_layouts = [lay for lay in leaf_layouts if isinstance(lay, Layout)]
+    return (len(tensor_layouts) == 1 and tensor_layouts[0] is Layout.MEMBER and bool(values)
+            and isinstance(values[0], torch.Tensor) and values[0].dim() >= 4)
 
 
 def _concatenate_channel_packed(values, keywords, leaf_layouts, n) -> torch.Tensor | None:

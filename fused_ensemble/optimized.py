@@ -5,9 +5,9 @@ What it does, each step kept only where it is exact or measured faster on the ex
 - casts weights to ``dtype`` (the reductions still accumulate in float32);
 - lays convolution weights out once, and picks per convolution between one grouped convolution and N dense
   ones by timing both on the layer's real input;
-- on CUDA, picks channels_last or contiguous memory by timing the whole forward both ways;
-- times the tuned fused graph against running the N (BatchNorm-folded) members one after another, and keeps
-  the faster: on a CPU the members' activations stay in cache between layers, which a fused layout loses;
+- times the whole forward in contiguous and channels_last memory (with 2D convolutions) x the tuned fused graph,
+  the N (BatchNorm-folded) members run one after another, or torch.func's vmap of them, and keeps the fastest: on
+  a CPU the members' activations stay in cache between layers, which a fused layout loses;
 - on CUDA, when the member ends in a Linear layer, times running it fused with the reduction (one Triton kernel,
   fused_ensemble.ensemble_head: the [N, B, K] logits never reach memory) against GEMM + ensemble_reduce;
 - on CUDA, captures the forward in a CUDA graph (static input buffer, one graph per input shape) when
@@ -119,14 +119,13 @@ class OptimizedEnsemble(nn.Module):
 
         self.execution = "fused"
         self.members = nn.ModuleList(_folded_members(fused, self.device, self.compute_dtype))
+        self._vmap = None
 
         x = example_input
         self._check_input(x)
-        if self.device.type == "cuda" and any(c.weight.dim() == 4 for c in self.convolutions):
-            self.memory_format = self._fastest_memory_format(x)
-        else:
-            self._autotune(x)
-        self.execution = self._fastest_execution(x)
+        self._tune(x)
+        if self.execution != "vmap":
+            self._vmap = None  # drop the stacked copy of the weights
         if self.execution == "fused":
             self.members = None  # drop the second copy of the weights
             if self.head is not None and self.device.type == "cuda":
@@ -151,27 +150,52 @@ class OptimizedEnsemble(nn.Module):
         with torch.no_grad():
             self._eager(x)
 
-    def _fastest_memory_format(self, x: torch.Tensor) -> torch.memory_format:
-        timings, choices = {}, {}
-        for memory_format in (torch.contiguous_format, torch.channels_last):
+    def _tune(self, x: torch.Tensor) -> None:
+        """Keeps the fastest of: contiguous or channels_last memory (when there are 2D convolutions) x the fused
+        graph (with per-convolution strategies tuned for that memory format), the N BatchNorm-folded members run
+        one after another, or their torch.func vmap. On a CPU the members' activations stay in cache between
+        layers, which can beat any fused layout; on a GPU the fused graph wins."""
+        formats = [torch.contiguous_format]
+        if any(c.weight.dim() == 4 for c in self.convolutions):
+            formats.append(torch.channels_last)
+        best = None
+        for memory_format in formats:
             self._set_memory_format(memory_format)
+            self.execution = "fused"
             self._autotune(x)
-            choices[memory_format] = [c.strategy for c in self.convolutions]
-            timings[memory_format] = median(time_ms(lambda: self._eager(x), "cuda", 10, warmup=2))
-        best = min(timings, key=timings.get)
-        self._set_memory_format(best)
-        for conv, strategy in zip(self.convolutions, choices[best]):
+            strategies = [c.strategy for c in self.convolutions]
+            for execution in self._executions():
+                self.execution = execution
+                ms = median(time_ms(lambda: self._eager(x), self.device.type, _TUNING_REPS + 2, warmup=2))
+                if best is None or ms < best[0]:
+                    best = (ms, memory_format, execution, strategies)
+        _, memory_format, self.execution, strategies = best
+        self._set_memory_format(memory_format)
+        for conv, strategy in zip(self.convolutions, strategies):
             conv.strategy = strategy
-        return best
 
-    def _fastest_execution(self, x: torch.Tensor) -> str:
-        """The fused graph, or the N members one after another (BatchNorm folded too): on a CPU the members'
-        activations stay in cache between layers, which can beat any fused layout."""
-        timings = {}
-        for execution in ("fused", "member_loop"):
-            self.execution = execution
-            timings[execution] = median(time_ms(lambda: self._eager(x), self.device.type, _TUNING_REPS + 2))
-        return min(timings, key=timings.get)
+    def _executions(self) -> tuple[str, ...]:
+        return ("fused", "member_loop", "vmap") if self.members is not None else ("fused",)
+
+    def _vmapped_members(self):
+        """torch.func's vmap of the (BatchNorm-folded) member over stacked weights: one batched op per layer.
+        Built on first use; dropped with the members when another execution wins."""
+        if self._vmap is None:
+            # Stacked by hand: torch.func.stack_module_state refuses the members after BatchNorm folding, since
+            # torch.fx gives every folded GraphModule a class of its own.
+            with torch.no_grad():
+                params = {name: torch.stack([m.get_parameter(name) for m in self.members])
+                          for name, _ in self.members[0].named_parameters()}
+                buffers = {name: torch.stack([m.get_buffer(name) for m in self.members])
+                           for name, _ in self.members[0].named_buffers()}
+            base = copy.deepcopy(self.members[0]).to("meta")
+
+            def one_member(p, b, x):
+                return torch.func.functional_call(base, (p, b), (x,))
+
+            run = torch.vmap(one_member, in_dims=(0, 0, 0 if self.member_inputs else None))
+            self._vmap = lambda x: run(params, buffers, x)
+        return self._vmap
 
     def _fastest_head_backend(self, x: torch.Tensor) -> str:
         """The final Linear + reduction as one Triton kernel (no [N, B, K] logits in memory) or as GEMM + reduce."""
@@ -190,6 +214,9 @@ class OptimizedEnsemble(nn.Module):
         for conv in self.convolutions:
             if conv.weight.dim() == 4:
                 conv.weight = conv.weight.contiguous(memory_format=memory_format)
+        if self.members is not None:
+            for member in self.members:
+                member.to(memory_format=memory_format)
 
     def _graph_is_faster(self, x: torch.Tensor) -> bool:
         eager = median(time_ms(lambda: self._eager(x), "cuda", 20, warmup=3))
@@ -223,8 +250,11 @@ class OptimizedEnsemble(nn.Module):
         from fused_ensemble.fused import apply_reduction
 
         x = x.to(self.compute_dtype)
+        if self.execution == "vmap":
+            return apply_reduction(self._vmapped_members()(x), self.reduction)
         if self.execution == "member_loop":
             inputs = x.unbind(0) if self.member_inputs else [x] * self.num_members
+            inputs = [xi.contiguous(memory_format=self.memory_format) if xi.dim() == 4 else xi for xi in inputs]
             return apply_reduction(torch.stack([m(xi) for m, xi in zip(self.members, inputs)]), self.reduction)
         if x.dim() == 4 and not self.member_inputs:
             x = x.contiguous(memory_format=self.memory_format)

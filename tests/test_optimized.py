@@ -62,19 +62,20 @@ def test_batchnorm_is_folded_and_every_conv_prepared():
 def force_execution(monkeypatch):
     """Makes optimize() keep the given execution instead of timing the candidates."""
     def force(execution):
-        monkeypatch.setattr(OptimizedEnsemble, "_fastest_execution", lambda self, x: execution)
+        monkeypatch.setattr(OptimizedEnsemble, "_executions", lambda self: (execution,))
     return force
 
 
+@pytest.mark.parametrize("execution", ["member_loop", "vmap"])
 @pytest.mark.parametrize("member_inputs", [False, True])
 @pytest.mark.parametrize("name", ["lenet", "resnet18-cifar"])
-def test_member_loop_execution_is_exact(force_execution, name, member_inputs):
-    force_execution("member_loop")
+def test_member_loop_and_vmap_executions_are_exact(force_execution, name, member_inputs, execution):
+    force_execution(execution)
     members = _members(name, 3)
     fused = FusedEnsemble(members, reduction="none", member_inputs=member_inputs).eval()
     x = torch.randn(*((3,) if member_inputs else ()), 2, *input_shape(name))
     optimized = fused.optimize(x)
-    assert optimized.execution == "member_loop"
+    assert optimized.execution == execution
     with torch.no_grad():
         _assert_close_fp32(optimized(x), fused(x))
 
