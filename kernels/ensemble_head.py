@@ -33,6 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .ensemble_reduce import _logsumexp_add
+
 REDUCTIONS = ("mean", "mean_probs", "softmax_of_mean", "log_mean_probs")
 
 MAX_SOFTMAX_BLOCK_K = 256
@@ -180,11 +182,7 @@ def _head_member_probs_kernel(x_ptr, w_ptr, b_ptr, row_max_ptr, row_log_sum_ptr,
             shifted = z - row_max[:, None]
         log_p = shifted - log_sum[:, None]
         if LOG_OUTPUT:
-            # One exp per element: the smaller of (top, log_p) is rescaled against the larger one.
-            gap = tl.where(log_p == top, 0.0, log_p - top)
-            w = tl.exp(-tl.abs(gap))
-            acc = tl.where(gap > 0, acc * w + 1.0, acc + w)
-            top = tl.maximum(top, log_p)
+            acc, top = _logsumexp_add(acc, top, log_p)
         else:
             acc += tl.exp(log_p)
         stats_offs += B

@@ -178,6 +178,16 @@ def _softmax_of_mean_long_kernel(x_ptr, out_ptr, N, R, K, stride_n, stride_r, st
 
 
 @triton.jit
+def _logsumexp_add(acc, top, log_p):
+    """Adds one member's log p to an online log-sum-exp over members kept as (top = running max, acc = sum of
+    exp(log p - top)): one exp per element, the smaller of (top, log_p) rescaled against the larger; exact where
+    the probabilities themselves underflow."""
+    gap = tl.where(log_p == top, 0.0, log_p - top)
+    w = tl.exp(-tl.abs(gap))
+    return tl.where(gap > 0, acc * w + 1.0, acc + w), tl.maximum(top, log_p)
+
+
+@triton.jit
 def _member_probs_short_kernel(x_ptr, out_ptr, lse_ptr, N, R, K, stride_n, stride_r, stride_k, log_n,
                                LOG_OUTPUT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -200,11 +210,7 @@ def _member_probs_short_kernel(x_ptr, out_ptr, lse_ptr, N, R, K, stride_n, strid
         tl.store(lse_n + rows, m + log_s, mask=row_ok)
         if LOG_OUTPUT:
             log_p = shifted - log_s[:, None]
-            # One exp per element: the smaller of (top, log_p) is rescaled against the larger one.
-            gap = tl.where(log_p == top, 0.0, log_p - top)
-            w = tl.exp(-tl.abs(gap))
-            acc = tl.where(gap > 0, acc * w + 1.0, acc + w)
-            top = tl.maximum(top, log_p)
+            acc, top = _logsumexp_add(acc, top, log_p)
         else:
             acc += e * (1.0 / s)[:, None]
         x_n += stride_n
@@ -281,10 +287,7 @@ def _member_probs_long_kernel(x_ptr, out_ptr, lse_ptr, N, R, K, stride_n, stride
         for n in range(N):
             log_p = _member_log_probs(x_n, offs, mask, row_max, row_log_sum, n, BLOCK_N)
             if LOG_OUTPUT:
-                gap = tl.where(log_p == top, 0.0, log_p - top)
-                w = tl.exp(-tl.abs(gap))
-                acc = tl.where(gap > 0, acc * w + 1.0, acc + w)
-                top = tl.maximum(top, log_p)
+                acc, top = _logsumexp_add(acc, top, log_p)
             else:
                 acc += tl.exp(log_p)
             x_n += stride_n
