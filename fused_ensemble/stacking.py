@@ -49,13 +49,17 @@ def _check_no_tied_tensors(member: nn.Module) -> None:
         seen[id(tensor)] = name
 
 
+def _check_same_names(index: int, what: str, ours: dict, theirs: dict) -> None:
+    if list(ours) != list(theirs):
+        missing = [name for name in theirs if name not in ours]
+        extra = [name for name in ours if name not in theirs]
+        raise ValueError(f"member {index}: {what} differ from member 0 (missing {missing}, extra {extra})")
+
+
 def _check_same_structure(index: int, member: nn.Module, reference: nn.Module) -> None:
     ours = dict(member.named_modules())
     theirs = dict(reference.named_modules())
-    if list(ours) != list(theirs):
-        missing = [p for p in theirs if p not in ours]
-        extra = [p for p in ours if p not in theirs]
-        raise ValueError(f"member {index}: submodules differ from member 0 (missing {missing}, extra {extra})")
+    _check_same_names(index, "submodules", ours, theirs)
     for path, module in ours.items():
         other = theirs[path]
         if type(module) is not type(other):
@@ -75,10 +79,7 @@ def _check_same_configuration(index: int, member: nn.Module, reference: nn.Modul
 
 
 def _check_same_tensors(index: int, kind: str, ours: dict, theirs: dict) -> None:
-    if list(ours) != list(theirs):
-        missing = [n for n in theirs if n not in ours]
-        extra = [n for n in ours if n not in theirs]
-        raise ValueError(f"member {index}: {kind} names differ from member 0 (missing {missing}, extra {extra})")
+    _check_same_names(index, f"{kind} names", ours, theirs)
     for name, tensor in ours.items():
         other = theirs[name]
         for attribute in ("shape", "dtype", "device"):
