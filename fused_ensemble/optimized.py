@@ -52,6 +52,13 @@ def _replace_convolutions(graph, stacked: nn.Module, memory_format) -> list[Prep
     return prepared
 
 
+def _median_ms(fn, device: str) -> float:
+    """Median time of ``fn``, repeated for about 0.2 s (at least 5 times): sub-millisecond forwards need many
+    calls for a choice between candidates that are a few percent apart."""
+    once = median(time_ms(fn, device, 1, warmup=2))
+    return median(time_ms(fn, device, max(_TUNING_REPS + 2, min(200, int(200 / max(once, 1e-3)))), warmup=0))
+
+
 def _split_head(graph, stacked: nn.Module) -> nn.Linear | None:
     """If the member ends in a Linear whose output is the member's output, cuts it off the graph (which then returns
     the features) and returns the stacked Linear, so that it can run fused with the ensemble reduction."""
@@ -166,7 +173,7 @@ class OptimizedEnsemble(nn.Module):
             strategies = [c.strategy for c in self.convolutions]
             for execution in self._executions():
                 self.execution = execution
-                ms = median(time_ms(lambda: self._eager(x), self.device.type, _TUNING_REPS + 2, warmup=2))
+                ms = _median_ms(lambda: self._eager(x), self.device.type)
                 if best is None or ms < best[0]:
                     best = (ms, memory_format, execution, strategies)
         _, memory_format, self.execution, strategies = best
