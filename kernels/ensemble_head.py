@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .ensemble_reduce import _logsumexp_add
+from .ensemble_reduce import _logsumexp_add, _member_mean
 
 REDUCTIONS = ("mean", "mean_probs", "softmax_of_mean", "log_mean_probs")
 
@@ -189,10 +189,7 @@ def _head_member_probs_kernel(x_ptr, w_ptr, b_ptr, row_max_ptr, row_log_sum_ptr,
         x_n += stride_xn
         w_n += stride_wn
         b_n += stride_bn
-    if LOG_OUTPUT:
-        result = top + tl.log(acc) - log_n
-    else:
-        result = acc / N
+    result = _member_mean(acc, top, log_n, N, LOG_OUTPUT)
     tl.store(out_ptr + rows[:, None] * K + cols[None, :], result, mask=row_ok[:, None] & col_ok[None, :])
 
 

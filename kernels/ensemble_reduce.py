@@ -188,6 +188,15 @@ def _logsumexp_add(acc, top, log_p):
 
 
 @triton.jit
+def _member_mean(acc, top, log_n, N, LOG_OUTPUT: tl.constexpr):
+    """The mean over members from the accumulators: acc / N, or (LOG_OUTPUT) log of it from the online
+    log-sum-exp kept by ``_logsumexp_add``."""
+    if LOG_OUTPUT:
+        return top + tl.log(acc) - log_n
+    return acc / N
+
+
+@triton.jit
 def _member_probs_short_kernel(x_ptr, out_ptr, lse_ptr, N, R, K, stride_n, stride_r, stride_k, log_n,
                                LOG_OUTPUT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -215,10 +224,7 @@ def _member_probs_short_kernel(x_ptr, out_ptr, lse_ptr, N, R, K, stride_n, strid
             acc += e * (1.0 / s)[:, None]
         x_n += stride_n
         lse_n += R
-    if LOG_OUTPUT:
-        result = top + tl.log(acc) - log_n
-    else:
-        result = acc / N
+    result = _member_mean(acc, top, log_n, N, LOG_OUTPUT)
     tl.store(out_ptr + rows[:, None] * K + cols[None, :], result, mask=mask)
 
 
@@ -291,10 +297,7 @@ def _member_probs_long_kernel(x_ptr, out_ptr, lse_ptr, N, R, K, stride_n, stride
             else:
                 acc += tl.exp(log_p)
             x_n += stride_n
-        if LOG_OUTPUT:
-            result = top + tl.log(acc) - log_n
-        else:
-            result = acc / N
+        result = _member_mean(acc, top, log_n, N, LOG_OUTPUT)
         tl.store(out_ptr + rows[:, None] * K + cols[None, :], result, mask=mask)
 
 
