@@ -15,6 +15,11 @@ Two regimes, chosen by the launchers from K:
   its log-sum-exp (online max/sum with rescaling); pass 2 walks the chunks once more and, per chunk, sums the
   N members in registers, so the output is written exactly once. That is 2 reads of x plus one write of the
   output; the second read hits L2 only when N rows of K fit there per resident program.
+- split-K (long rows, too few row blocks to fill the GPU: 8 rows of K=128256): the grid is (row blocks,
+  column splits). Pass 1 stores each split's (max, log sum exp) per member row in small [N, R, S] buffers;
+  pass 2, on the same grid, combines a row's partials (every program does it: S is at most a few hundred)
+  and finishes its own split. ensemble_stats adds a third, per-row launch that combines the splits'
+  entropy sums and (confidence, prediction).
 
 Index math is 64-bit: row and column offsets are int64 and members are reached by advancing a pointer.
 Under tracing, launches go through ``torch.library.wrap_triton`` when torch has it, so that the op layer can
@@ -39,6 +44,10 @@ SHORT_TILE_ELEMENTS = 1024
 
 LONG_ROW_BLOCK = 8192
 """Chunk width of the long-row kernels (with 16 warps: 1.3x faster than 4096 on an H100 at K=128256)."""
+
+SPLIT_PROGRAMS_PER_SM = 4
+"""Long rows are split (split-K) until about this many programs per SM run; not when the row blocks alone
+give half of that."""
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _wrap_triton = getattr(torch.library, "wrap_triton", None)  # torch >= 2.6
@@ -82,6 +91,21 @@ def _online_lse_update(m_run, s_run, x):
     shift = tl.where(m_new == float("-inf"), 0.0, m_new)
     s_new = s_run * alpha + tl.sum(tl.exp(x - shift[:, None]), axis=1)
     return m_new, s_new
+
+
+@triton.jit
+def _combine_lse_partials(max_ptr, log_sum_ptr, rows, R, S, BLOCK_S: tl.constexpr):
+    """Combines the split-K partials of rows (row r's S partials at r * S + s: max and log sum exp(x - max)
+    of one column split) into the row's (max, log sum exp(x - max)). Splits with nothing finite (max -inf)
+    weigh 0, so an all -inf row gives (-inf, -inf) like the unsplit pass."""
+    splits = tl.arange(0, BLOCK_S)
+    offs = rows[:, None] * S + splits[None, :]
+    mask = (rows[:, None] < R) & (splits[None, :] < S)
+    m = tl.load(max_ptr + offs, mask=mask, other=float("-inf"))
+    log_s = tl.load(log_sum_ptr + offs, mask=mask, other=float("-inf"))
+    m_row = tl.max(m, axis=1)
+    w = tl.where(m == float("-inf"), 0.0, tl.exp(m - m_row[:, None] + log_s))
+    return m_row, tl.log(tl.sum(w, axis=1))
 
 
 @triton.jit
@@ -145,15 +169,14 @@ def _softmax_of_mean_short_kernel(x_ptr, out_ptr, N, R, K, stride_n, stride_r, s
 
 
 @triton.jit
-def _softmax_of_mean_long_kernel(x_ptr, out_ptr, N, R, K, stride_n, stride_r, stride_k,
-                                 BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-    # Pass 1 writes the mean logits into out while taking their online max/sum; pass 2 normalizes in place.
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+def _mean_logits_pass(x_ptr, out_ptr, rows, N, R, K, stride_n, stride_r, stride_k, k_start, k_end,
+                      BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Writes the mean logits of columns [k_start, k_end) into out and returns their online (max, sum exp)."""
     m_run = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
     s_run = tl.zeros([BLOCK_R], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_start, k_end, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-        offs, mask = _tile_offsets(rows, cols, R, K, stride_r, stride_k)
+        offs, mask = _tile_offsets(rows, cols, R, k_end, stride_r, stride_k)
         acc = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
         x_n = x_ptr
         for _ in range(N):
@@ -162,14 +185,57 @@ def _softmax_of_mean_long_kernel(x_ptr, out_ptr, N, R, K, stride_n, stride_r, st
         logits = acc / N
         tl.store(out_ptr + rows[:, None] * K + cols[None, :], logits, mask=mask)
         m_run, s_run = _online_lse_update(m_run, s_run, logits)
+    return m_run, s_run
+
+
+@triton.jit
+def _softmax_normalize_pass(out_ptr, rows, R, K, k_start, k_end, m_run, s_run, BLOCK_K: tl.constexpr):
+    """out = exp(out - max) / sum on columns [k_start, k_end), in place."""
     inv_s = 1.0 / s_run
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_start, k_end, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-        mask = (rows[:, None] < R) & (cols[None, :] < K)
+        mask = (rows[:, None] < R) & (cols[None, :] < k_end)
         out_ptrs = out_ptr + rows[:, None] * K + cols[None, :]
         logits = tl.load(out_ptrs, mask=mask, other=float("-inf"))
         # An all -inf row gives exp(-inf - -inf) = NaN, as torch.softmax does.
         tl.store(out_ptrs, tl.exp(logits - m_run[:, None]) * inv_s[:, None], mask=mask)
+
+
+@triton.jit
+def _softmax_of_mean_long_kernel(x_ptr, out_ptr, N, R, K, stride_n, stride_r, stride_k,
+                                 BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    # Pass 1 writes the mean logits into out while taking their online max/sum; pass 2 normalizes in place.
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    m_run, s_run = _mean_logits_pass(x_ptr, out_ptr, rows, N, R, K, stride_n, stride_r, stride_k, 0, K,
+                                     BLOCK_R, BLOCK_K)
+    _softmax_normalize_pass(out_ptr, rows, R, K, 0, K, m_run, s_run, BLOCK_K)
+
+
+@triton.jit
+def _softmax_of_mean_split_kernel(x_ptr, out_ptr, max_part_ptr, log_sum_part_ptr, N, R, K, stride_n, stride_r,
+                                  stride_k, SPLIT_COLS, S, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    # Split-K pass 1, grid (row blocks, S): mean logits of one column split into out, and that split's
+    # (max, sum exp) into the [R, S] partial buffers.
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    split = tl.program_id(1)
+    k_start = split.to(tl.int64) * SPLIT_COLS
+    k_end = tl.minimum(k_start + SPLIT_COLS, K)
+    m_run, s_run = _mean_logits_pass(x_ptr, out_ptr, rows, N, R, K, stride_n, stride_r, stride_k, k_start,
+                                     k_end, BLOCK_R, BLOCK_K)
+    tl.store(max_part_ptr + rows * S + split, m_run, mask=rows < R)
+    tl.store(log_sum_part_ptr + rows * S + split, tl.log(s_run), mask=rows < R)
+
+
+@triton.jit
+def _softmax_of_mean_split_finish_kernel(out_ptr, max_part_ptr, log_sum_part_ptr, R, K, SPLIT_COLS, S,
+                                         BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr):
+    # Split-K pass 2, grid (row blocks, S): every program combines the row's partials and normalizes its split.
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    split = tl.program_id(1)
+    k_start = split.to(tl.int64) * SPLIT_COLS
+    k_end = tl.minimum(k_start + SPLIT_COLS, K)
+    m_run, log_s = _combine_lse_partials(max_part_ptr, log_sum_part_ptr, rows, R, S, BLOCK_S)
+    _softmax_normalize_pass(out_ptr, rows, R, K, k_start, k_end, m_run, tl.exp(log_s), BLOCK_K)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -229,39 +295,83 @@ def _member_probs_short_kernel(x_ptr, out_ptr, lse_ptr, N, R, K, stride_n, strid
 
 
 @triton.jit
-def _long_rows_pass1(x_ptr, lse_ptr, rows, N, R, K, stride_n, stride_r, stride_k, STORE_LSE: tl.constexpr,
+def _long_rows_pass1(x_ptr, rows, N, R, K, stride_n, stride_r, stride_k, k_start, k_end,
                      WITH_ARGMAX: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
                      BLOCK_N: tl.constexpr):
-    """Pass 1 of the long-row kernels: for every member row, max, log sum exp(x - max) and (WITH_ARGMAX) the
-    first index of the max, as [BLOCK_R, BLOCK_N] register tensors (column n = member n); STORE_LSE stores
-    the lse into lse_ptr ([N, R])."""
+    """Pass 1 of the long-row kernels over columns [k_start, k_end): for every member row, max,
+    log sum exp(x - max) and (WITH_ARGMAX) the first index of the max, as [BLOCK_R, BLOCK_N] register tensors
+    (column n = member n)."""
     members = tl.arange(0, BLOCK_N)[None, :]
     row_max = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
     row_log_sum = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
     row_argmax = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.int32)
     x_n = x_ptr
-    lse_n = lse_ptr
     for n in range(N):
         m_run = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
         s_run = tl.zeros([BLOCK_R], dtype=tl.float32)
         best_idx = tl.zeros([BLOCK_R], dtype=tl.int32)
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(k_start, k_end, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-            offs, mask = _tile_offsets(rows, cols, R, K, stride_r, stride_k)
+            offs, mask = _tile_offsets(rows, cols, R, k_end, stride_r, stride_k)
             x = tl.load(x_n + offs, mask=mask, other=float("-inf")).to(tl.float32)
             if WITH_ARGMAX:
                 # First index on ties: only a strictly larger chunk maximum replaces the running one.
                 better = tl.max(x, axis=1) > m_run
-                best_idx = tl.where(better, tl.argmax(x, axis=1, tie_break_left=True) + k0, best_idx)
+                best_idx = tl.where(better, (tl.argmax(x, axis=1, tie_break_left=True) + k0).to(tl.int32),
+                                    best_idx)
             m_run, s_run = _online_lse_update(m_run, s_run, x)
-        log_s = tl.log(s_run)
-        if STORE_LSE:
-            tl.store(lse_n + rows, m_run + log_s, mask=rows < R)
         row_max = tl.where(members == n, m_run[:, None], row_max)
-        row_log_sum = tl.where(members == n, log_s[:, None], row_log_sum)
+        row_log_sum = tl.where(members == n, tl.log(s_run)[:, None], row_log_sum)
         row_argmax = tl.where(members == n, best_idx[:, None], row_argmax)
         x_n += stride_n
-        lse_n += R
+    return row_max, row_log_sum, row_argmax
+
+
+@triton.jit
+def _store_member_lse(lse_ptr, rows, R, N, row_max, row_log_sum, BLOCK_N: tl.constexpr):
+    """Stores the member log-sum-exps row_max + row_log_sum ([BLOCK_R, BLOCK_N]) into lse ([N, R])."""
+    members = tl.arange(0, BLOCK_N)[None, :].to(tl.int64)
+    tl.store(lse_ptr + members * R + rows[:, None], row_max + row_log_sum,
+             mask=(rows[:, None] < R) & (members < N))
+
+
+@triton.jit
+def _store_member_partials(max_part_ptr, log_sum_part_ptr, argmax_part_ptr, rows, split, R, S, N, row_max,
+                           row_log_sum, row_argmax, WITH_ARGMAX: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Stores one column split's pass-1 results into the [N, R, S] partial buffers."""
+    members = tl.arange(0, BLOCK_N)[None, :].to(tl.int64)
+    offs = (members * R + rows[:, None]) * S + split
+    mask = (rows[:, None] < R) & (members < N)
+    tl.store(max_part_ptr + offs, row_max, mask=mask)
+    tl.store(log_sum_part_ptr + offs, row_log_sum, mask=mask)
+    if WITH_ARGMAX:
+        tl.store(argmax_part_ptr + offs, row_argmax, mask=mask)
+
+
+@triton.jit
+def _combine_member_partials(max_part_ptr, log_sum_part_ptr, argmax_part_ptr, rows, N, R, S,
+                             WITH_ARGMAX: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+                             BLOCK_S: tl.constexpr):
+    """The [BLOCK_R, BLOCK_N] pass-1 results of whole rows from the [N, R, S] split partials. The argmax is
+    the first split's reaching the row max: splits are in column order, so that is the first index."""
+    members = tl.arange(0, BLOCK_N)[None, :]
+    splits = tl.arange(0, BLOCK_S)[None, :]
+    row_max = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
+    row_log_sum = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
+    row_argmax = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.int32)
+    for n in range(N):
+        m, log_s = _combine_lse_partials(max_part_ptr + n * R * S, log_sum_part_ptr + n * R * S, rows, R, S,
+                                         BLOCK_S)
+        if WITH_ARGMAX:
+            offs = rows[:, None] * S + splits
+            mask = (rows[:, None] < R) & (splits < S)
+            split_max = tl.load(max_part_ptr + n * R * S + offs, mask=mask, other=float("-inf"))
+            split_idx = tl.load(argmax_part_ptr + n * R * S + offs, mask=mask, other=0)
+            first = tl.argmax(split_max, axis=1, tie_break_left=True)
+            idx = tl.sum(tl.where(splits == first[:, None], split_idx, 0), axis=1)
+            row_argmax = tl.where(members == n, idx[:, None], row_argmax)
+        row_max = tl.where(members == n, m[:, None], row_max)
+        row_log_sum = tl.where(members == n, log_s[:, None], row_log_sum)
     return row_max, row_log_sum, row_argmax
 
 
@@ -276,17 +386,13 @@ def _member_log_probs(x_n, offs, mask, row_max, row_log_sum, n, BLOCK_N: tl.cons
 
 
 @triton.jit
-def _member_probs_long_kernel(x_ptr, out_ptr, lse_ptr, N, R, K, stride_n, stride_r, stride_k, log_n,
-                              LOG_OUTPUT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-                              BLOCK_N: tl.constexpr):
-    # Pass 1 reads every member row for its lse; pass 2 walks the chunks once, summing the members in
-    # registers, so the output is written once (no read-modify-write of the output row per member).
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_max, row_log_sum, _ = _long_rows_pass1(x_ptr, lse_ptr, rows, N, R, K, stride_n, stride_r, stride_k,
-                                               True, False, BLOCK_R, BLOCK_K, BLOCK_N)
-    for k0 in range(0, K, BLOCK_K):
+def _member_probs_pass2(x_ptr, out_ptr, rows, N, R, K, stride_n, stride_r, stride_k, k_start, k_end, log_n,
+                        row_max, row_log_sum, LOG_OUTPUT: tl.constexpr, BLOCK_R: tl.constexpr,
+                        BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Pass 2 over columns [k_start, k_end): per chunk, the N members summed in registers and written once."""
+    for k0 in range(k_start, k_end, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-        offs, mask = _tile_offsets(rows, cols, R, K, stride_r, stride_k)
+        offs, mask = _tile_offsets(rows, cols, R, k_end, stride_r, stride_k)
         acc = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
         top = tl.full([BLOCK_R, BLOCK_K], float("-inf"), dtype=tl.float32)
         x_n = x_ptr
@@ -299,6 +405,53 @@ def _member_probs_long_kernel(x_ptr, out_ptr, lse_ptr, N, R, K, stride_n, stride
             x_n += stride_n
         result = _member_mean(acc, top, log_n, N, LOG_OUTPUT)
         tl.store(out_ptr + rows[:, None] * K + cols[None, :], result, mask=mask)
+
+
+@triton.jit
+def _member_probs_long_kernel(x_ptr, out_ptr, lse_ptr, N, R, K, stride_n, stride_r, stride_k, log_n,
+                              LOG_OUTPUT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+                              BLOCK_N: tl.constexpr):
+    # Pass 1 reads every member row for its lse; pass 2 walks the chunks once, summing the members in
+    # registers, so the output is written once (no read-modify-write of the output row per member).
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_max, row_log_sum, _ = _long_rows_pass1(x_ptr, rows, N, R, K, stride_n, stride_r, stride_k, 0, K,
+                                               False, BLOCK_R, BLOCK_K, BLOCK_N)
+    _store_member_lse(lse_ptr, rows, R, N, row_max, row_log_sum, BLOCK_N)
+    _member_probs_pass2(x_ptr, out_ptr, rows, N, R, K, stride_n, stride_r, stride_k, 0, K, log_n, row_max,
+                        row_log_sum, LOG_OUTPUT, BLOCK_R, BLOCK_K, BLOCK_N)
+
+
+@triton.jit
+def _member_partials_kernel(x_ptr, max_part_ptr, log_sum_part_ptr, argmax_part_ptr, N, R, K, stride_n,
+                            stride_r, stride_k, SPLIT_COLS, S, WITH_ARGMAX: tl.constexpr,
+                            BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    # Split-K pass 1, grid (row blocks, S): each program takes one column split of its rows for every member.
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    split = tl.program_id(1)
+    k_start = split.to(tl.int64) * SPLIT_COLS
+    k_end = tl.minimum(k_start + SPLIT_COLS, K)
+    row_max, row_log_sum, row_argmax = _long_rows_pass1(x_ptr, rows, N, R, K, stride_n, stride_r, stride_k,
+                                                        k_start, k_end, WITH_ARGMAX, BLOCK_R, BLOCK_K, BLOCK_N)
+    _store_member_partials(max_part_ptr, log_sum_part_ptr, argmax_part_ptr, rows, split, R, S, N, row_max,
+                           row_log_sum, row_argmax, WITH_ARGMAX, BLOCK_N)
+
+
+@triton.jit
+def _member_probs_split_kernel(x_ptr, out_ptr, lse_ptr, max_part_ptr, log_sum_part_ptr, N, R, K, stride_n,
+                               stride_r, stride_k, log_n, SPLIT_COLS, S, LOG_OUTPUT: tl.constexpr,
+                               BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                               BLOCK_S: tl.constexpr):
+    # Split-K pass 2, grid (row blocks, S): combine the member partials, then pass 2 on this program's split.
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    split = tl.program_id(1)
+    k_start = split.to(tl.int64) * SPLIT_COLS
+    k_end = tl.minimum(k_start + SPLIT_COLS, K)
+    row_max, row_log_sum, _ = _combine_member_partials(max_part_ptr, log_sum_part_ptr, max_part_ptr, rows, N,
+                                                       R, S, False, BLOCK_R, BLOCK_N, BLOCK_S)
+    if split == 0:
+        _store_member_lse(lse_ptr, rows, R, N, row_max, row_log_sum, BLOCK_N)
+    _member_probs_pass2(x_ptr, out_ptr, rows, N, R, K, stride_n, stride_r, stride_k, k_start, k_end, log_n,
+                        row_max, row_log_sum, LOG_OUTPUT, BLOCK_R, BLOCK_K, BLOCK_N)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -362,22 +515,19 @@ def _stats_short_kernel(x_ptr, probs_ptr, entropy_ptr, expected_entropy_ptr, mut
 
 
 @triton.jit
-def _stats_long_kernel(x_ptr, probs_ptr, entropy_ptr, expected_entropy_ptr, mutual_info_ptr, confidence_ptr,
-                       prediction_ptr, disagreement_ptr, N, R, K, stride_n, stride_r, stride_k,
-                       BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    # No lse is kept for stats (STORE_LSE=False), so probs_ptr stands in for the unused lse pointer.
-    row_max, row_log_sum, member_argmax = _long_rows_pass1(x_ptr, probs_ptr, rows, N, R, K, stride_n, stride_r,
-                                                           stride_k, False, True, BLOCK_R, BLOCK_K, BLOCK_N)
-    # Pass 2, chunk by chunk: member entropies, the probs chunk, and the online max/argmax of probs.
+def _stats_pass2(x_ptr, probs_ptr, rows, N, R, K, stride_n, stride_r, stride_k, k_start, k_end, row_max,
+                 row_log_sum, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Pass 2 of the long-row stats over columns [k_start, k_end): writes the probs chunks and returns the
+    sums of member entropies and of probs * log probs, the NaN count, and the max of probs with its first
+    index (-1 and 0 when the range holds no number)."""
     expected_entropy_sum = tl.zeros([BLOCK_R], dtype=tl.float32)
     entropy_sum = tl.zeros([BLOCK_R], dtype=tl.float32)
     confidence = tl.full([BLOCK_R], -1.0, dtype=tl.float32)
     prediction = tl.zeros([BLOCK_R], dtype=tl.int32)
     nan_count = tl.zeros([BLOCK_R], dtype=tl.int32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_start, k_end, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-        offs, mask = _tile_offsets(rows, cols, R, K, stride_r, stride_k)
+        offs, mask = _tile_offsets(rows, cols, R, k_end, stride_r, stride_k)
         probs_sum = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
         x_n = x_ptr
         for n in range(N):
@@ -392,10 +542,75 @@ def _stats_long_kernel(x_ptr, probs_ptr, entropy_ptr, expected_entropy_ptr, mutu
         nan_count += tl.sum((probs != probs).to(tl.int32), axis=1)
         probs_or_floor = tl.where(mask & (probs == probs), probs, -1.0)
         chunk_best = tl.max(probs_or_floor, axis=1)
-        chunk_idx = tl.argmax(probs_or_floor, axis=1, tie_break_left=True) + k0
+        chunk_idx = (tl.argmax(probs_or_floor, axis=1, tie_break_left=True) + k0).to(tl.int32)
         better = chunk_best > confidence
         prediction = tl.where(better, chunk_idx, prediction)
         confidence = tl.where(better, chunk_best, confidence)
+    return expected_entropy_sum, entropy_sum, nan_count, confidence, prediction
+
+
+@triton.jit
+def _stats_long_kernel(x_ptr, probs_ptr, entropy_ptr, expected_entropy_ptr, mutual_info_ptr, confidence_ptr,
+                       prediction_ptr, disagreement_ptr, N, R, K, stride_n, stride_r, stride_k,
+                       BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_max, row_log_sum, member_argmax = _long_rows_pass1(x_ptr, rows, N, R, K, stride_n, stride_r, stride_k,
+                                                           0, K, True, BLOCK_R, BLOCK_K, BLOCK_N)
+    expected_entropy_sum, entropy_sum, nan_count, confidence, prediction = _stats_pass2(
+        x_ptr, probs_ptr, rows, N, R, K, stride_n, stride_r, stride_k, 0, K, row_max, row_log_sum,
+        BLOCK_R, BLOCK_K, BLOCK_N)
+    _store_stats(rows, R, N, member_argmax, entropy_sum, expected_entropy_sum, confidence, nan_count > 0,
+                 prediction, entropy_ptr, expected_entropy_ptr, mutual_info_ptr, confidence_ptr, prediction_ptr,
+                 disagreement_ptr, BLOCK_N)
+
+
+@triton.jit
+def _stats_split_kernel(x_ptr, probs_ptr, max_part_ptr, log_sum_part_ptr, stat_part_ptr, prediction_part_ptr,
+                        N, R, K, stride_n, stride_r, stride_k, SPLIT_COLS, S,
+                        BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_S: tl.constexpr):
+    # Split-K pass 2, grid (row blocks, S): combine the member partials, pass 2 on this split, and store the
+    # split's partial statistics: stat_part is [4, R, S] (expected entropy sum, entropy sum, NaN count,
+    # confidence), prediction_part [R, S].
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    split = tl.program_id(1)
+    k_start = split.to(tl.int64) * SPLIT_COLS
+    k_end = tl.minimum(k_start + SPLIT_COLS, K)
+    row_max, row_log_sum, _ = _combine_member_partials(max_part_ptr, log_sum_part_ptr, max_part_ptr, rows, N,
+                                                       R, S, False, BLOCK_R, BLOCK_N, BLOCK_S)
+    expected_entropy_sum, entropy_sum, nan_count, confidence, prediction = _stats_pass2(
+        x_ptr, probs_ptr, rows, N, R, K, stride_n, stride_r, stride_k, k_start, k_end, row_max, row_log_sum,
+        BLOCK_R, BLOCK_K, BLOCK_N)
+    offs = rows * S + split
+    row_ok = rows < R
+    tl.store(stat_part_ptr + offs, expected_entropy_sum, mask=row_ok)
+    tl.store(stat_part_ptr + R * S + offs, entropy_sum, mask=row_ok)
+    tl.store(stat_part_ptr + 2 * R * S + offs, nan_count.to(tl.float32), mask=row_ok)
+    tl.store(stat_part_ptr + 3 * R * S + offs, confidence, mask=row_ok)
+    tl.store(prediction_part_ptr + offs, prediction, mask=row_ok)
+
+
+@triton.jit
+def _stats_split_finish_kernel(max_part_ptr, log_sum_part_ptr, argmax_part_ptr, stat_part_ptr,
+                               prediction_part_ptr, entropy_ptr, expected_entropy_ptr, mutual_info_ptr,
+                               confidence_ptr, prediction_ptr, disagreement_ptr, N, R, S,
+                               BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr):
+    # Grid (row blocks,): sums the splits' statistics; the first split holding the largest probability gives
+    # the prediction (first index on ties, as splits are in column order).
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    splits = tl.arange(0, BLOCK_S)[None, :]
+    offs = rows[:, None] * S + splits
+    mask = (rows[:, None] < R) & (splits < S)
+    expected_entropy_sum = tl.sum(tl.load(stat_part_ptr + offs, mask=mask, other=0.0), axis=1)
+    entropy_sum = tl.sum(tl.load(stat_part_ptr + R * S + offs, mask=mask, other=0.0), axis=1)
+    nan_count = tl.sum(tl.load(stat_part_ptr + 2 * R * S + offs, mask=mask, other=0.0), axis=1)
+    split_confidence = tl.load(stat_part_ptr + 3 * R * S + offs, mask=mask, other=-1.0)
+    split_prediction = tl.load(prediction_part_ptr + offs, mask=mask, other=0)
+    best = tl.argmax(split_confidence, axis=1, tie_break_left=True)
+    confidence = tl.max(split_confidence, axis=1)
+    prediction = tl.sum(tl.where(splits == best[:, None], split_prediction, 0), axis=1)
+    _, _, member_argmax = _combine_member_partials(max_part_ptr, log_sum_part_ptr, argmax_part_ptr, rows, N, R,
+                                                   S, True, BLOCK_R, BLOCK_N, BLOCK_S)
     _store_stats(rows, R, N, member_argmax, entropy_sum, expected_entropy_sum, confidence, nan_count > 0,
                  prediction, entropy_ptr, expected_entropy_ptr, mutual_info_ptr, confidence_ptr, prediction_ptr,
                  disagreement_ptr, BLOCK_N)
@@ -519,6 +734,33 @@ class _Plan:
         self.block_r = block_r
         # About 16 fp32 values per thread and tensor: 4 warps for 2048-element tiles, up to 16 warps.
         self.num_warps = num_warps or max(4, min(16, block_r * self.block_k // 512))
+        self.row_blocks = triton.cdiv(R, block_r)
+        self.splits = 1
+        self.split_cols = K
+
+    def split_columns(self, x: torch.Tensor, splits: int | None) -> None:
+        """Splits long rows into column ranges handled by separate programs (split-K) when there are too few
+        row blocks to fill the GPU: few rows of a vocabulary-sized K (e.g. 8 rows of 128256 classes) would
+        otherwise run on 8 of 132 SMs. ``splits`` forces a count (tests); the split width is a whole number of
+        chunks, so the actual count can be lower."""
+        if self.one_block:
+            return
+        chunks = triton.cdiv(self.split_cols, self.block_k)
+        if splits is None:
+            wanted_programs = SPLIT_PROGRAMS_PER_SM * _multiprocessors(x.device)
+            splits = 1 if self.row_blocks >= wanted_programs // 2 else triton.cdiv(wanted_programs,
+                                                                                     self.row_blocks)
+        elif splits < 1:
+            raise ValueError(f"splits must be >= 1, got {splits}")
+        chunks_per_split = triton.cdiv(chunks, min(splits, chunks))
+        self.split_cols = chunks_per_split * self.block_k
+        self.splits = triton.cdiv(chunks, chunks_per_split)
+
+
+def _multiprocessors(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132  # the interpreter on CPU: behave as on an H100, so CPU tests take the same paths
 
 
 def _check_power_of_two(name: str, value: int) -> None:
@@ -545,14 +787,15 @@ def _check_reduction(reduction: str) -> None:
 
 
 def reduce_forward(x: torch.Tensor, reduction: str, *, block_r: int | None = None, block_k: int | None = None,
-                   num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   num_warps: int | None = None, splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Reduces logits ``x`` of shape ``[N, R, K]`` (any strides) over the member dim 0.
 
     Returns ``(out, aux)``: ``out`` is a contiguous float32 ``[R, K]`` tensor (the reduction of
     ``fused_ensemble.reference.reduce_reference``); ``aux`` is the float32 ``[N, R]`` log-sum-exp of every
     member row for ``"mean_probs"`` and ``"log_mean_probs"`` (saved for backward) and an empty ``(0,)`` float32
     tensor otherwise. ``block_r`` / ``block_k`` / ``num_warps`` override the heuristic tile (powers of two;
-    ``block_k < K`` selects the long-row kernels), for tests and tuning.
+    ``block_k < K`` selects the long-row kernels) and ``splits`` the long rows' split-K count, for tests and
+    tuning.
     """
     _check_reduction(reduction)
     _check_logits(x)
@@ -563,21 +806,54 @@ def reduce_forward(x: torch.Tensor, reduction: str, *, block_r: int | None = Non
     if R == 0:
         return out, aux
     plan = _Plan(R, K, block_r, block_k, num_warps)
-    row_grid = (triton.cdiv(R, plan.block_r),)
     common = (N, R, K, *x.stride())
     meta = dict(BLOCK_R=plan.block_r, BLOCK_K=plan.block_k, num_warps=plan.num_warps)
-    if reduction == "mean":
-        _launch(_mean_kernel, (row_grid[0], triton.cdiv(K, plan.block_k)), x, out, *common, **meta)
+    if reduction == "mean":  # a 2D grid over row and class blocks fills the GPU by itself
+        _launch(_mean_kernel, (plan.row_blocks, triton.cdiv(K, plan.block_k)), x, out, *common, **meta)
+        return out, aux
+    plan.split_columns(x, splits)
+    if plan.splits > 1:
+        _reduce_forward_split(x, reduction, out, aux, plan, common, meta)
     elif reduction == "softmax_of_mean":
         kernel = _softmax_of_mean_short_kernel if plan.one_block else _softmax_of_mean_long_kernel
-        _launch(kernel, row_grid, x, out, *common, **meta)
+        _launch(kernel, (plan.row_blocks,), x, out, *common, **meta)
     else:
         kernel = _member_probs_short_kernel if plan.one_block else _member_probs_long_kernel
         if not plan.one_block:
             meta["BLOCK_N"] = triton.next_power_of_2(N)
-        _launch(kernel, row_grid, x, out, aux, *common, math.log(N),
+        _launch(kernel, (plan.row_blocks,), x, out, aux, *common, math.log(N),
                 LOG_OUTPUT=reduction == "log_mean_probs", **meta)
     return out, aux
+
+
+def _split_partials(x: torch.Tensor, plan: _Plan, members: int, with_argmax: bool = False):
+    """Float32 [members, R, S] (max, log sum exp) partial buffers, plus an int32 argmax one when asked."""
+    shape = (members, x.shape[1], plan.splits)
+    parts = [torch.empty(shape, dtype=torch.float32, device=x.device) for _ in range(2)]
+    if with_argmax:
+        parts.append(torch.empty(shape, dtype=torch.int32, device=x.device))
+    return parts
+
+
+def _reduce_forward_split(x, reduction, out, aux, plan, common, meta) -> None:
+    """Split-K launches: pass 1 writes per-split partial log-sum-exps, pass 2 combines them and finishes each
+    split. Both passes run on the (row blocks, splits) grid."""
+    grid = (plan.row_blocks, plan.splits)
+    split_args = (plan.split_cols, plan.splits)
+    block_s = triton.next_power_of_2(plan.splits)
+    if reduction == "softmax_of_mean":
+        max_part, log_sum_part = _split_partials(x, plan, 1)
+        _launch(_softmax_of_mean_split_kernel, grid, x, out, max_part, log_sum_part, *common, *split_args,
+                **meta)
+        _launch(_softmax_of_mean_split_finish_kernel, grid, out, max_part, log_sum_part, x.shape[1], x.shape[2],
+                *split_args, BLOCK_S=block_s, **meta)
+        return
+    meta = dict(meta, BLOCK_N=triton.next_power_of_2(x.shape[0]))
+    max_part, log_sum_part = _split_partials(x, plan, x.shape[0])
+    _launch(_member_partials_kernel, grid, x, max_part, log_sum_part, max_part, *common, *split_args,
+            WITH_ARGMAX=False, **meta)
+    _launch(_member_probs_split_kernel, grid, x, out, aux, max_part, log_sum_part, *common,
+            math.log(x.shape[0]), *split_args, LOG_OUTPUT=reduction == "log_mean_probs", BLOCK_S=block_s, **meta)
 
 
 def reduce_backward(grad_out: torch.Tensor, x: torch.Tensor, out: torch.Tensor, aux: torch.Tensor,
@@ -622,7 +898,7 @@ def reduce_backward(grad_out: torch.Tensor, x: torch.Tensor, out: torch.Tensor, 
 
 
 def stats_forward(x: torch.Tensor, *, block_r: int | None = None, block_k: int | None = None,
-                  num_warps: int | None = None) -> tuple[torch.Tensor, ...]:
+                  num_warps: int | None = None, splits: int | None = None) -> tuple[torch.Tensor, ...]:
     """Ensemble statistics of logits ``x`` ``[N, R, K]`` (any strides) in one pass over the logits per row.
 
     Returns ``(probs [R, K], entropy [R], expected_entropy [R], mutual_info [R], confidence [R],
@@ -636,10 +912,29 @@ def stats_forward(x: torch.Tensor, *, block_r: int | None = None, block_k: int |
     entropy, expected_entropy, mutual_info, confidence, disagreement = (
         torch.empty((R,), dtype=torch.float32, device=x.device) for _ in range(5))
     prediction = torch.empty((R,), dtype=torch.int64, device=x.device)
-    if R > 0:
-        plan = _Plan(R, K, block_r, block_k, num_warps)
+    outputs = (probs, entropy, expected_entropy, mutual_info, confidence, prediction, disagreement)
+    if R == 0:
+        return outputs
+    plan = _Plan(R, K, block_r, block_k, num_warps)
+    plan.split_columns(x, splits)
+    common = (N, R, K, *x.stride())
+    meta = dict(BLOCK_R=plan.block_r, BLOCK_K=plan.block_k, BLOCK_N=triton.next_power_of_2(N),
+                num_warps=plan.num_warps)
+    if plan.splits == 1:
         kernel = _stats_short_kernel if plan.one_block else _stats_long_kernel
-        _launch(kernel, (triton.cdiv(R, plan.block_r),), x, probs, entropy, expected_entropy, mutual_info,
-                confidence, prediction, disagreement, N, R, K, *x.stride(), BLOCK_R=plan.block_r,
-                BLOCK_K=plan.block_k, BLOCK_N=triton.next_power_of_2(N), num_warps=plan.num_warps)
-    return probs, entropy, expected_entropy, mutual_info, confidence, prediction, disagreement
+        _launch(kernel, (plan.row_blocks,), x, *outputs, *common, **meta)
+        return outputs
+    grid = (plan.row_blocks, plan.splits)
+    split_args = (plan.split_cols, plan.splits)
+    block_s = triton.next_power_of_2(plan.splits)
+    max_part, log_sum_part, argmax_part = _split_partials(x, plan, N, with_argmax=True)
+    stat_part = torch.empty((4, R, plan.splits), dtype=torch.float32, device=x.device)
+    prediction_part = torch.empty((R, plan.splits), dtype=torch.int32, device=x.device)
+    _launch(_member_partials_kernel, grid, x, max_part, log_sum_part, argmax_part, *common, *split_args,
+            WITH_ARGMAX=True, **meta)
+    _launch(_stats_split_kernel, grid, x, probs, max_part, log_sum_part, stat_part, prediction_part, *common,
+            *split_args, BLOCK_S=block_s, **meta)
+    meta.pop("BLOCK_K")
+    _launch(_stats_split_finish_kernel, (plan.row_blocks,), max_part, log_sum_part, argmax_part,
+            stat_part, prediction_part, *outputs[1:], N, R, plan.splits, BLOCK_S=block_s, **meta)
+    return outputs

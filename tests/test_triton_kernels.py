@@ -21,12 +21,20 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FP32_TOL = dict(rtol=1e-5, atol=2e-6)
 
 SHAPES = [(3, 7, 41), (1, 5, 10), (4, 3, 1), (2, 1, 17)]
-# Tile choices: the launcher's heuristic (one tile per row), and the long-row kernels forced on small K.
+# Tile choices: the launcher's heuristic (one tile per row), the long-row kernels forced on small K (one
+# program per row block), and the split-K long-row kernels (programs per row block and column split).
 PATHS = {
     "short": {},
-    "long": {"block_k": 16},
-    "long_multirow": {"block_k": 16, "block_r": 4},
+    "long": {"block_k": 16, "splits": 1},
+    "long_multirow": {"block_k": 16, "block_r": 4, "splits": 1},
+    "split": {"block_k": 16, "splits": 2},
+    "split_multirow": {"block_k": 16, "block_r": 2, "splits": 3},
 }
+
+
+def _backward_tiles(path):
+    """The tile overrides of ``path`` that reduce_backward takes (it has no split-K)."""
+    return {key: value for key, value in PATHS[path].items() if key != "splits"}
 
 
 def _assert_matches(actual, expected, rtol, atol):
@@ -81,7 +89,7 @@ def test_reduce_forward_matches_reference(reduction, shape, path):
         assert aux.shape == (0,) and aux.dtype == torch.float32
 
 
-@pytest.mark.parametrize("path", ["short", "long"])
+@pytest.mark.parametrize("path", ["short", "long", "split"])
 @pytest.mark.parametrize("layout", ["member_middle", "class_strided", "sliced", "expanded_members",
                                     "expanded_rows"])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
@@ -103,7 +111,7 @@ def _logits_with_neg_inf(shape=(3, 7, 41)):
     return x
 
 
-@pytest.mark.parametrize("path", ["short", "long"])
+@pytest.mark.parametrize("path", ["short", "long", "split"])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_reduce_forward_neg_inf(reduction, path):
     x = _logits_with_neg_inf()
@@ -113,7 +121,7 @@ def test_reduce_forward_neg_inf(reduction, path):
     _assert_matches(out, expected, **FP32_TOL)
 
 
-@pytest.mark.parametrize("path", ["short", "long"])
+@pytest.mark.parametrize("path", ["short", "long", "split"])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_reduce_forward_large_logits(reduction, path):
     # Logits of magnitude 1e4 are exact to fp32 rounding only if the max is subtracted before exp.
@@ -157,7 +165,7 @@ def test_reduce_backward_matches_autograd(reduction, shape, path):
     x = _logits(shape)
     out, aux = er.reduce_forward(x, reduction, **PATHS[path])
     grad_out = torch.randn(shape[1:], device=DEVICE)
-    grad = er.reduce_backward(grad_out, x, out, aux, reduction, **PATHS[path])
+    grad = er.reduce_backward(grad_out, x, out, aux, reduction, **_backward_tiles(path))
     if reduction in ("mean", "softmax_of_mean"):
         # One [R, K] gradient shared by every member (the op layer expands it over N).
         assert grad.shape == shape[1:] and grad.dtype == torch.float32
@@ -177,7 +185,7 @@ def test_reduce_backward_any_strides(reduction, layout):
     _assert_matches(grad, _reference_grad(x, grad_out, reduction), **FP32_TOL)
 
 
-@pytest.mark.parametrize("path", ["short", "long"])
+@pytest.mark.parametrize("path", ["short", "long", "split"])
 @pytest.mark.parametrize("reduction", ["mean_probs", "log_mean_probs"])
 def test_reduce_backward_neg_inf_entries(reduction, path):
     # -inf logits in one member: zero probability there, zero gradient, everything else finite.
@@ -185,7 +193,7 @@ def test_reduce_backward_neg_inf_entries(reduction, path):
     x[0][torch.rand(7, 41, device=DEVICE) < 0.3] = float("-inf")
     out, aux = er.reduce_forward(x, reduction, **PATHS[path])
     grad_out = torch.randn(7, 41, device=DEVICE)
-    grad = er.reduce_backward(grad_out, x, out, aux, reduction, **PATHS[path])
+    grad = er.reduce_backward(grad_out, x, out, aux, reduction, **_backward_tiles(path))
     expected = _reference_grad(x, grad_out, reduction)
     assert torch.isfinite(expected).all()
     _assert_matches(grad, expected, **FP32_TOL)
@@ -225,7 +233,7 @@ def test_stats_match_reference(shape, path):
     _assert_stats_match(er.stats_forward(x, **PATHS[path]), x, **FP32_TOL)
 
 
-@pytest.mark.parametrize("path", ["short", "long"])
+@pytest.mark.parametrize("path", ["short", "long", "split"])
 def test_stats_ties_and_disagreement(path):
     x = _logits((3, 8, 41), scale=1.0)
     x[..., 2] += 6.0
@@ -242,13 +250,13 @@ def test_stats_ties_and_disagreement(path):
     torch.testing.assert_close(stats[6].cpu(), expected_disagreement)
 
 
-@pytest.mark.parametrize("path", ["short", "long"])
+@pytest.mark.parametrize("path", ["short", "long", "split"])
 def test_stats_neg_inf(path):
     x = _logits_with_neg_inf()
     _assert_stats_match(er.stats_forward(x, **PATHS[path]), x, **FP32_TOL)
 
 
-@pytest.mark.parametrize("path", ["short", "long"])
+@pytest.mark.parametrize("path", ["short", "long", "split"])
 @pytest.mark.parametrize("layout", ["member_middle", "class_strided", "expanded_rows"])
 def test_stats_any_strides(layout, path):
     x = _logits((3, 6, 23), layout)
@@ -286,6 +294,8 @@ def test_bad_input_raises():
         er.stats_forward(x[:0])
     with pytest.raises(ValueError, match="block_k must be a power of two"):
         er.reduce_forward(x, "mean_probs", block_k=12)
+    with pytest.raises(ValueError, match="splits must be >= 1"):
+        er.stats_forward(x, block_k=2, splits=0)
     out, aux = er.reduce_forward(x, "mean_probs")
     with pytest.raises(ValueError, match="aux must be"):
         er.reduce_backward(torch.ones_like(out), x, out, aux[:1], "mean_probs")
@@ -295,7 +305,8 @@ def test_bad_input_raises():
 # GPU: half-precision inputs, real sizes, torch.compile
 # ---------------------------------------------------------------------------------------------------------
 
-GPU_SHAPES = [(3, 423, 1000), (16, 4096, 10), (4, 9, 32000), (2, 3, 131072), (8, 7, 8192)]
+# Few rows of long K take split-K by the launcher's choice; (2, 280, 16384) has enough rows not to.
+GPU_SHAPES = [(3, 423, 1000), (16, 4096, 10), (4, 9, 32000), (2, 3, 131072), (8, 7, 8192), (2, 280, 16384)]
 # Gradient tolerance relative to the largest gradient: h - s * sum_k h sums K terms in fp32.
 GRAD_TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=1e-3, atol=1e-3),
             torch.bfloat16: dict(rtol=1.6e-2, atol=1e-2)}
@@ -355,3 +366,7 @@ def test_gpu_fake_tracing_records_the_kernels():
     x = _logits((3, 5, 100))
     graph = make_fx(lambda logits: er.reduce_forward(logits, "log_mean_probs")[0], tracing_mode="fake")(x)
     assert "triton_kernel_wrapper" in graph.code
+    # Split-K: both passes are recorded.
+    x = _logits((3, 2, 20000))
+    graph = make_fx(lambda logits: er.stats_forward(logits)[1], tracing_mode="fake")(x)
+    assert graph.code.count("triton_kernel_wrapper") >= 3
