@@ -51,6 +51,7 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 # tiles (32000 and up), accumulators in global memory (log_mean_probs from 32000, the others from 131072).
 SHAPES = [
     (1, 1, 1),
+    (4, 3, 1),
     (3, 7, 10),
     (2, 5, 33),
     (4, 33, 257),
@@ -295,6 +296,66 @@ def test_bad_inputs():
     out, aux = _ops().reduce_forward(x, "mean_probs")
     with pytest.raises(RuntimeError, match="grad_out must have shape"):
         _ops().reduce_backward(torch.zeros(3, 5, device="cuda"), x, out, aux, "mean_probs")
+
+
+@pytest.mark.parametrize("k", [50, 5000])
+@pytest.mark.gpu
+@needs_cuda_kernels
+def test_stats_nan_member_argmax(k):
+    # A member's own prediction is torch.argmax's: the first NaN of its row if it has one (as the CPU kernel).
+    # Only the outputs where the reference and the kernels agree on NaN rows are compared (the reference's
+    # expected_entropy counts a NaN member as 0, the kernels propagate the NaN).
+    x = _logits(3, 4, k, torch.float32)
+    x[0, 1, 7] = math.nan
+    x[2, 1, k - 3] = math.nan  # two NaNs in one member row: the first one is its argmax
+    x[2, 1, 3] = math.nan
+    x[1, 2, k - 1] = math.nan
+    probs, entropy, _, _, confidence, prediction, disagreement = _ops().stats_forward(x)
+    ref = stats_reference(x.double(), dim=0)
+    _assert_matches(probs, ref.probs, **_tol(x.dtype))
+    _assert_matches(confidence, ref.confidence, **_tol(x.dtype))
+    assert torch.equal(torch.isnan(entropy), torch.isnan(ref.entropy))
+    nan_rows = torch.tensor([False, True, True, False], device="cuda")
+    assert torch.equal(prediction[nan_rows], ref.prediction[nan_rows])
+    member_pred = x.double().argmax(-1)
+    assert member_pred[2, 1] == 3 and member_pred[1, 2] == k - 1
+    expected_dis = (member_pred != prediction.unsqueeze(0)).double().mean(0)
+    _assert_matches(disagreement, expected_dis, rtol=0, atol=1e-6)
+
+
+@pytest.mark.gpu
+@needs_cuda_kernels
+def test_many_rows():
+    # More blocks than a grid's y or z dimension may hold (65535): 1000 columns take a block per row.
+    x = _logits(2, 70001, 1000, torch.float32)
+    for reduction in REDUCTIONS:
+        _check_forward(x, reduction)
+        _check_backward(x, reduction)
+    _check_stats(x)
+
+
+@pytest.mark.gpu
+@needs_cuda_kernels
+def test_outputs_past_int32_indexing():
+    # R * K > 2^31 output elements (logits expanded over rows, so they stay small): every offset needs 64 bits.
+    # Only a few rows, at the start, middle and end, are compared with the reference.
+    if torch.cuda.mem_get_info()[0] < 24 << 30:
+        pytest.skip("needs about 20 GB of free GPU memory")
+    n, k = 2, 4096
+    r = (1 << 31) // k + 2
+    x = _logits(n, 1, k, torch.float32).expand(n, r, k)
+    rows = torch.tensor([0, r // 2, r - 2, r - 1], device="cuda")
+    for reduction in ("mean", "mean_probs"):
+        out, aux = _ops().reduce_forward(x, reduction)
+        expected = reduce_reference(x[:, :1].double(), reduction, dim=0).expand(len(rows), k)
+        _assert_matches(out[rows], expected, **_tol(x.dtype))
+        del out, aux
+    outs = _ops().stats_forward(x)
+    ref = stats_reference(x[:, :1].double(), dim=0)
+    _assert_matches(outs[0][rows], ref.probs.expand(len(rows), k), **_tol(x.dtype))
+    prediction = outs[5][rows]
+    assert bool((prediction == prediction[0]).all())
+    assert float((ref.probs[0, prediction[0]] - ref.confidence[0]).abs()) <= 1e-6  # the argmax, up to rounding
 
 
 # ---- backward ----------------------------------------------------------------------------------------

@@ -134,6 +134,8 @@ struct SumPart {
 // (for the member entropy H = log s - e / s) and idx = first index of the max.
 // Merging rebases both sides on the larger max; a side whose max is -inf holds nothing (s = e = 0), which
 // keeps exp(-inf - -inf) = NaN out of rows that only have some -inf entries.
+// With STATS, m is NaN-propagating and idx is the first NaN if there is one (torch.argmax's rule, as the CPU
+// kernel and the reference's x.argmax); s is NaN then anyway. Without STATS, m ignores NaN (s is NaN).
 template <typename A, bool STATS>
 struct SoftmaxPart {
   A m, s, e;
@@ -142,6 +144,10 @@ struct SoftmaxPart {
   static __device__ __forceinline__ SoftmaxPart merge(SoftmaxPart a, SoftmaxPart b) {
     SoftmaxPart r;
     r.m = a.m > b.m ? a.m : b.m;
+    if constexpr (STATS) {
+      if (a.m != a.m) r.m = a.m;
+      else if (b.m != b.m) r.m = b.m;
+    }
     const A ninf = neg_inf(A());
     const A ca = a.m == ninf ? A(0) : exp_(a.m - r.m);
     const A cb = b.m == ninf ? A(0) : exp_(b.m - r.m);
@@ -149,7 +155,9 @@ struct SoftmaxPart {
     if constexpr (STATS) {
       r.e = (a.m == ninf ? A(0) : ca * (a.e - (r.m - a.m) * a.s)) +
             (b.m == ninf ? A(0) : cb * (b.e - (r.m - b.m) * b.s));
-      r.idx = a.m > b.m ? a.idx : (b.m > a.m ? b.idx : (a.idx < b.idx ? a.idx : b.idx));
+      const bool a_nan = a.m != a.m, b_nan = b.m != b.m;
+      if (a_nan != b_nan) r.idx = a_nan ? a.idx : b.idx;
+      else r.idx = a.m > b.m ? a.idx : (b.m > a.m ? b.idx : (a.idx < b.idx ? a.idx : b.idx));
     } else {
       r.e = A(0);
       r.idx = 0;
@@ -175,7 +183,8 @@ __device__ __forceinline__ SoftmaxPart<A, STATS> softmax_partial(const A* v, int
   for (int i = 0; i < COUNT; ++i) {
     if constexpr (STATS) {
       const int col = static_cast<int>(col0 + static_cast<int64_t>(i / vec) * nv_stride + i % vec);
-      if (v[i] > m || (v[i] == m && col < idx)) { m = v[i]; idx = col; }
+      // The first NaN wins (m stays NaN after it), then the first of the largest values.
+      if (v[i] > m || (v[i] == m && col < idx) || (v[i] != v[i] && m == m)) { m = v[i]; idx = col; }
     } else {
       m = v[i] > m ? v[i] : m;
     }
