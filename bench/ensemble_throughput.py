@@ -1,6 +1,7 @@
 """Ensemble-throughput matrix: every way of running N members, on the same members and input, in one process.
 
-Methods: the member loop, the loop replayed as a CUDA graph (GPU), torch.func vmap, FusedEnsemble, its
+Methods: the member loop, the loop replayed as a CUDA graph (GPU), torch.func vmap (and, with --compile-vmap,
+torch.compile of it; a point where it does not compile records why), FusedEnsemble, its
 ``optimize()``d module, and one member at batch N * B (the "ensemble efficiency" reference: an ensemble can at
 best be as fast as one member seeing all N * B images, in whichever memory format runs it faster; efficiency =
 t_single(N * B) / t_optimized).
@@ -36,9 +37,8 @@ PRESETS = {
             ("resnet50", "bfloat16", 8, 64), ("resnet18-cifar", "bfloat16", 4, 64),
             ("resnet18-cifar", "bfloat16", 32, 64), ("resnet50", "bfloat16", 8, 1),
             ("lenet", "float32", 32, 512), ("mlp", "float32", 32, 512)],
-    # The points a first GPU run lost to memory held by earlier points' CUDA graphs (fixed by freeing per point).
-    "gpu-rest": [("resnet18-cifar", "float32", 16, 512), ("resnet18-cifar", "bfloat16", 4, 64),
-                 ("resnet18-cifar", "bfloat16", 32, 64)],
+    # torch.compile of vmap (--compile-vmap) compiles for a minute or so per point: two points on a GPU lease.
+    "gpu-compile": [("resnet18-cifar", "bfloat16", 8, 1), ("resnet18-cifar", "bfloat16", 16, 64)],
     "cpu": [("resnet18-cifar", "float32", 8, 1), ("resnet18-cifar", "float32", 4, 8),
             ("resnet18-cifar", "float32", 4, 32), ("lenet", "float32", 4, 64), ("lenet", "float32", 16, 64),
             ("mlp", "float32", 4, 64), ("mlp", "float32", 16, 64)],
@@ -87,7 +87,8 @@ def _enough_reps(fn, device: str, reps: int) -> int:
     return max(reps, min(200, int(500 / max(once, 1e-3))))
 
 
-def run_point(model: str, dtype_name: str, members: int, batch: int, device: str, reps: int) -> dict:
+def run_point(model: str, dtype_name: str, members: int, batch: int, device: str, reps: int,
+              compile_vmap: bool = False) -> dict:
     dtype = DTYPES[dtype_name]
     workload = Workload.build(model, members, batch, device, dtype)
     fused = FusedEnsemble(workload.members).eval()
@@ -105,13 +106,23 @@ def run_point(model: str, dtype_name: str, members: int, batch: int, device: str
         methods["loop_graph"] = graphed(workload.loop(), device)
         if members * batch <= 2048:  # larger batches gain nothing from a graph and would pin its memory
             methods["single_member_NxB_graph"] = graphed(lambda: single(big_batch), device)
+    compile_problem = None
+    if compile_vmap:
+        try:
+            compiled = workload.vmap_compiled()
+            with torch.no_grad():
+                compiled()  # compiles here, outside the timed calls
+            methods["vmap_compile"] = compiled
+        except Exception as exc:  # "where it compiles": a model that does not is reported, not fatal
+            compile_problem = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     with torch.no_grad():
         reference = methods["loop"]()
-        errors = {name: relative_error(methods[name](), reference) for name in ("vmap", "fused", "optimized")}
+        errors = {name: relative_error(methods[name](), reference)
+                  for name in ("vmap", "vmap_compile", "fused", "optimized") if name in methods}
     timings = {name: median(time_ms(fn, device, _enough_reps(fn, device, reps), warmup=1))
                for name, fn in methods.items()}
     return {"model": model, "dtype": dtype_name, "members": members, "batch": batch, "ms": timings,
-            "relative_error_vs_loop": errors, "optimized": repr(optimized).splitlines()[0] + " " +
+            "relative_error_vs_loop": errors, "vmap_compile_problem": compile_problem, "optimized": repr(optimized).splitlines()[0] + " " +
             optimized.extra_repr()}
 
 
@@ -121,6 +132,8 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--reps", type=int, default=None)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--compile-vmap", action="store_true",
+                        help="also time torch.compile of the vmap baseline (tens of seconds of compiling per point)")
     parser.add_argument("--budget-s", type=float, default=None,
                         help="start no new point after this many seconds (the GPU lease is short)")
     args = parser.parse_args(argv)
@@ -133,13 +146,13 @@ def main(argv=None) -> int:
     peak = matmul_tflops(device)
     results = {"environment": _environment(device), "bf16_matmul_tflops": peak, "points": []}
     print(f"{'model':<15}{'dtype':<9}{'N':>3}{'B':>5} " + " ".join(f"{m:>10}" for m in
-          ("loop", "loop_graph", "vmap", "fused", "optimized", "single_NB")) + "  speedup  TFLOP/s  eff")
+          ("loop", "loop_graph", "vmap", "vmap_comp", "fused", "optimized", "single_NB")) + "  speedup  TFLOP/s  eff")
     for model, dtype_name, members, batch in PRESETS[args.preset]:
         if args.budget_s is not None and time.monotonic() - started > args.budget_s:
             print(f"time budget spent: skipping {model} {dtype_name} N={members} B={batch} and later points")
             break
         try:
-            point = run_point(model, dtype_name, members, batch, device, reps)
+            point = run_point(model, dtype_name, members, batch, device, reps, args.compile_vmap)
         except Exception:  # one failing point must not lose the others' numbers
             traceback.print_exc()
             results["points"].append({"model": model, "dtype": dtype_name, "members": members, "batch": batch,
@@ -160,7 +173,8 @@ def main(argv=None) -> int:
         if peak:
             point["fraction_of_bf16_matmul"] = point["tflops"]["optimized"] / peak
         results["points"].append(point)
-        cells = [ms.get(name) for name in ("loop", "loop_graph", "vmap", "fused", "optimized", "single_member_NxB")]
+        cells = [ms.get(name) for name in ("loop", "loop_graph", "vmap", "vmap_compile", "fused", "optimized",
+                                           "single_member_NxB")]
         print(f"{model:<15}{dtype_name:<9}{members:>3}{batch:>5} " + " ".join(
             f"{c:>10.3f}" if c is not None else f"{'-':>10}" for c in cells) +
             f"  {point['speedup_optimized_vs_best_loop']:>6.2f}x {point['tflops']['optimized']:>8.1f} "

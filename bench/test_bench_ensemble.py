@@ -2,7 +2,8 @@
 
 Run with ``pytest bench/test_bench_ensemble.py --benchmark-enable --benchmark-group-by=group`` (the default options
 carry ``--benchmark-disable``, so a plain run only checks that every method runs). Each group is one workload
-(model, N, B, dtype) and holds the member loop, torch.func vmap, FusedEnsemble and its optimize()d module;
+(model, N, B, dtype) and holds the member loop, torch.func vmap, torch.compile of that vmap (timed runs only:
+compiling takes tens of seconds), FusedEnsemble and its optimize()d module;
 ``extra_info`` records images/s, TFLOP/s (FLOPs counted by torch.utils.flop_counter) and the error against the loop.
 """
 
@@ -16,7 +17,7 @@ from fused_ensemble.benchmarking import Workload, relative_error
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 POINTS = PRESETS["gpu" if DEVICE == "cuda" else "cpu"]
-METHODS = ("loop", "vmap", "fused", "optimized")
+METHODS = ("loop", "vmap", "vmap_compiled", "fused", "optimized")
 _workloads: dict[tuple, Workload] = {}
 
 
@@ -31,6 +32,8 @@ def _workload(point) -> Workload:
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("point", POINTS, ids=lambda p: f"{p[0]}-{p[1]}-N{p[2]}-B{p[3]}")
 def test_ensemble_forward(benchmark, point, method):
+    if method == "vmap_compiled" and benchmark.disabled:
+        pytest.skip("torch.compile of vmap compiles for tens of seconds: timed runs only (--benchmark-enable)")
     workload = _workload(point)
     run = getattr(workload, method)()
     with torch.no_grad():

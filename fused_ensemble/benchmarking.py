@@ -98,6 +98,12 @@ class Workload:
         x, reduction = self.x, self.reduction
         return lambda: reduce_reference(run(params, buffers, x), reduction)
 
+    def vmap_compiled(self) -> Callable[[], torch.Tensor]:
+        """``vmap()`` under ``torch.compile`` (default mode, static shapes): compiled on the first call, which
+        the caller's warm-up should absorb. Raises whatever torch.compile raises where the model does not
+        compile."""
+        return torch.compile(self.vmap(), dynamic=False)
+
     def fused(self) -> Callable[[], torch.Tensor]:
         module = FusedEnsemble(self.members, reduction=self.reduction).eval()
         x = self.x

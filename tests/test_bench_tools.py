@@ -1,0 +1,62 @@
+"""The benchmark tools run end to end on tiny workloads: the `bench` CLI, bench/ensemble_throughput.py and
+bench/reduce_gpu.py (its CPU smoke mode). Timings are not checked (they live in bench/); the outputs' structure
+and the correctness checks the tools do themselves are."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+from fused_ensemble.__main__ import main
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+
+
+@pytest.fixture
+def bench_scripts(monkeypatch):
+    monkeypatch.syspath_prepend(BENCH)
+
+
+def test_bench_cli_writes_every_method(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    assert main(["bench", "--model", "lenet", "--members", "2", "--batch", "3", "--device", "cpu", "--reps", "2",
+                 "--optimize", "--compile-vmap", "--no-progress", "--json", str(path)]) == 0
+    result = json.loads(path.read_text())
+    assert set(result["results"]) == {"loop", "vmap", "fused", "vmap_compile", "optimized"}
+    for name, row in result["results"].items():
+        assert row["ms"] > 0 and len(row["times_ms"]) == 2, name
+        assert row["relative_error_vs_loop"] < 1e-4, name
+    assert result["environment"]["torch"] == torch.__version__
+    assert "vmap_compile" in capsys.readouterr().out
+
+
+def test_ensemble_throughput_smoke(tmp_path, bench_scripts):
+    import ensemble_throughput
+
+    path = tmp_path / "throughput.json"
+    assert ensemble_throughput.main(["--preset", "smoke", "--device", "cpu", "--reps", "1", "--json", str(path),
+                                     "--compile-vmap"]) == 0
+    points = json.loads(path.read_text())["points"]
+    assert [(p["model"], p["members"], p["batch"]) for p in points] == [("lenet", 2, 4), ("mlp", 3, 4)]
+    for point in points:
+        assert "error" not in point, point.get("error")
+        assert {"loop", "vmap", "vmap_compile", "fused", "optimized", "single_member_NxB"} <= set(point["ms"])
+        assert max(point["relative_error_vs_loop"].values()) < 1e-4
+        assert point["flops_per_forward"] > 0 and point["ensemble_efficiency"] > 0
+
+
+def test_reduce_benchmark_smoke(tmp_path, bench_scripts):
+    import reduce_gpu
+
+    report = reduce_gpu.run(str(tmp_path / "reduce.json"), smoke=True)
+    assert report["device"] == "cpu" and report["copy_GB/s"] > 0
+    rows = report["results"]
+    assert {row["workload"] for row in rows} == {"mean", "mean_probs", "softmax_of_mean", "log_mean_probs", "stats"}
+    for row in rows:
+        assert row["ms"]["eager"] > 0 and "triton" in row["skipped"]
+        # every implementation that ran was checked against eager by the tool itself
+        assert set(row["max_abs_error_vs_eager"]) == set(row["ms"])
