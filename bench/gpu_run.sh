@@ -1,26 +1,38 @@
 #!/usr/bin/env bash
-# One GPU session (about 8 minutes on an H100): build the extension, run the GPU tests, then the GPU benchmarks.
-# Everything lands in $OUT (default bench/results). Run from the repository root on the GPU machine:
-#   OUT=/some/dir GIT_COMMIT=$(git rev-parse HEAD) bash bench/gpu_run.sh
+# The one script for a lent GPU (about 8 minutes on an H100 for every step): build the extension, run the GPU
+# tests, then the GPU benchmarks. Results land in $OUT (default bench/results). From the repository root:
+#   OUT=/some/dir GIT_COMMIT=$(git rev-parse HEAD) bash bench/gpu_run.sh [STEP ...]
+# STEPs (default: all, in this order): build tests reduce train sweep ensemble compile. A device lease with
+# little time left can run a few, e.g. `bash bench/gpu_run.sh build tests reduce`.
 # Steps are independent: a failing step is reported and the next one still runs; the exit code is the number of
-# failed steps.
+# failed steps. Every step has its own time limit, so one hang cannot eat the lease.
 set -uo pipefail
 OUT=${OUT:-bench/results}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+STEPS=${*:-build tests reduce train sweep ensemble compile}
 failed=0
 step() {
     local name=$1; shift
+    case " $STEPS " in *" $name "*) ;; *) return 0 ;; esac
     local start=$SECONDS
     echo "== $name"
     if "$@"; then echo "== $name: ok ($((SECONDS - start)) s)"; else echo "== $name: FAILED ($((SECONDS - start)) s)"; failed=$((failed + 1)); fi
 }
 
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 # The extension is built against the torch installed here (a build from another torch does not load).
-step build python3 -m pip install --quiet --no-deps --no-build-isolation -e .
-step gpu-tests python3 -m pytest tests -q -m gpu -x -p no:cacheprovider --junitxml="$OUT/gpu-tests.xml"
-step reduce-bench timeout 240 python3 bench/reduce_gpu.py --out "$OUT/reduce-gpu.json"
-step ensemble-bench timeout 300 python3 bench/ensemble_throughput.py --preset gpu --budget-s 200 \
+step build timeout 240 python3 -m pip install --quiet --no-deps --no-build-isolation -e .
+# pytest-xdist spreads the Triton compiles over the CPU cores (one GPU, several processes).
+step tests timeout 240 python3 -m pytest tests -q -m gpu -n 8 -p no:cacheprovider --timeout 200 \
+    --junitxml="$OUT/gpu-tests.xml"
+step reduce timeout 200 python3 bench/reduce_gpu.py --out "$OUT/reduce-gpu.json"
+step train timeout 120 python3 -m pytest bench/test_bench_train.py -q -p no:cacheprovider --benchmark-enable \
+    --benchmark-group-by=group --benchmark-json="$OUT/train-gpu.json"
+step sweep timeout 120 python3 bench/triton_tile_sweep.py --out "$OUT/tile-sweep.json"
+step ensemble timeout 300 python3 bench/ensemble_throughput.py --preset gpu --budget-s 220 \
     --json "$OUT/ensemble-gpu.json"
+step compile timeout 200 python3 bench/ensemble_throughput.py --preset gpu-compile --compile-vmap \
+    --json "$OUT/ensemble-compile-gpu.json"
 exit $failed
