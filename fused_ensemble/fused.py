@@ -8,6 +8,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from fused_ensemble import cpu_memory
 from fused_ensemble.graph_runner import FusedGraph
 from fused_ensemble.layout import Layout
 from fused_ensemble.reference import check_reduction
@@ -62,6 +63,10 @@ class FusedEnsemble(nn.Module):
         member_inputs: if False every member sees the same input ``[B, ...]``; if True the input is
             ``[N, B, ...]`` and member i sees ``x[i]`` (bagging, members trained on different batches).
 
+    The first forward on CPU tensors with autograd on raises glibc malloc's mmap and trim thresholds to 1 GiB for the
+    process, so that the N-times-larger gradients and activations of every training step reuse memory instead of
+    page-faulting fresh memory in (see ``fused_ensemble.cpu_memory``; ``FUSED_ENSEMBLE_KEEP_CPU_MEMORY=0`` opts out).
+
     Every parameter and buffer of the fused module is the stack of the members' tensors (dim 0 is the member
     index), under the member's own name prefixed with ``stacked.``; ``to_members()`` splits them back.
     """
@@ -93,6 +98,9 @@ class FusedEnsemble(nn.Module):
                     shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
                     raise ValueError(f"member_inputs=True expects input {position} of shape [N, B, ...] with "
                                      f"N={self.num_members} members, got {shape}")
+        if not cpu_memory.settled() and torch.is_grad_enabled() and any(
+                isinstance(x, torch.Tensor) and x.device.type == "cpu" for x in inputs):
+            cpu_memory.retain_freed_cpu_memory()
         outputs = self._graphs[self.training].run([(x, layout) for x in inputs])
         return self.reduce(outputs)
 

@@ -1,0 +1,80 @@
+"""FusedEnsemble's one-time glibc malloc setting for CPU training (fused_ensemble.cpu_memory)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from fused_ensemble import FusedEnsemble, cpu_memory as fused_module
+
+
+@pytest.fixture
+def mallopt_calls(monkeypatch):
+    """Records mallopt calls instead of making them, with the once-per-process flag reset."""
+    calls = []
+    monkeypatch.setattr(fused_module, "_cpu_memory_settled", False)
+    monkeypatch.setattr(fused_module, "_mallopt", lambda parameter, value: calls.append((parameter, value)) or True)
+    for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "GLIBC_TUNABLES", "LD_PRELOAD",
+                 fused_module._KEEP_CPU_MEMORY_VARIABLE):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(fused_module.platform, "system", lambda: "Linux")
+    monkeypatch.setattr(fused_module.platform, "libc_ver", lambda: ("glibc", "2.36"))
+    return calls
+
+
+def _fused() -> FusedEnsemble:
+    return FusedEnsemble([nn.Sequential(nn.Linear(5, 3), nn.ReLU(), nn.Linear(3, 2)) for _ in range(3)],
+                         reduction="none", member_inputs=True)
+
+
+def test_first_cpu_training_forward_raises_both_thresholds_once(mallopt_calls):
+    fused = _fused()
+    x = torch.randn(3, 4, 5)
+    fused(x).sum().backward()
+    fused(x).sum().backward()
+    assert mallopt_calls == [(fused_module._M_MMAP_THRESHOLD, fused_module._RETAINED_BYTES),
+                             (fused_module._M_TRIM_THRESHOLD, fused_module._RETAINED_BYTES)]
+
+
+def test_older_glibc_cap_on_the_mmap_threshold_is_used_when_one_gib_is_refused(monkeypatch, mallopt_calls):
+    def refuse_large(parameter, value):
+        mallopt_calls.append((parameter, value))
+        return value <= fused_module._GLIBC_MAX_MMAP_THRESHOLD or parameter != fused_module._M_MMAP_THRESHOLD
+    monkeypatch.setattr(fused_module, "_mallopt", refuse_large)
+    _fused()(torch.randn(3, 4, 5))
+    assert (fused_module._M_MMAP_THRESHOLD, fused_module._GLIBC_MAX_MMAP_THRESHOLD) in mallopt_calls
+
+
+def test_inference_forward_leaves_the_allocator_alone(mallopt_calls):
+    with torch.no_grad():
+        _fused()(torch.randn(3, 4, 5))
+    assert mallopt_calls == []
+    assert not fused_module._cpu_memory_settled
+
+
+@pytest.mark.parametrize("variable, value", [
+    ("FUSED_ENSEMBLE_KEEP_CPU_MEMORY", "0"),
+    ("MALLOC_TRIM_THRESHOLD_", "1000000"),
+    ("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=1000000"),
+    ("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"),
+])
+def test_user_choices_are_respected(monkeypatch, mallopt_calls, variable, value):
+    monkeypatch.setenv(variable, value)
+    _fused()(torch.randn(3, 4, 5)).sum().backward()
+    assert mallopt_calls == []
+
+
+def test_non_glibc_platforms_are_left_alone(monkeypatch, mallopt_calls):
+    monkeypatch.setattr(fused_module.platform, "libc_ver", lambda: ("", ""))
+    _fused()(torch.randn(3, 4, 5)).sum().backward()
+    assert mallopt_calls == []
+
+
+def test_real_mallopt_accepts_the_values_on_glibc():
+    if fused_module.platform.system() != "Linux" or fused_module.platform.libc_ver()[0] != "glibc":
+        pytest.skip("glibc only")
+    # What the first CPU training forward of any test in this process sets anyway.
+    assert (fused_module._mallopt(fused_module._M_MMAP_THRESHOLD, fused_module._RETAINED_BYTES)
+            or fused_module._mallopt(fused_module._M_MMAP_THRESHOLD, fused_module._GLIBC_MAX_MMAP_THRESHOLD))
+    assert fused_module._mallopt(fused_module._M_TRIM_THRESHOLD, fused_module._RETAINED_BYTES)
