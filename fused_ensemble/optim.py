@@ -10,6 +10,11 @@ optimizer, whatever N is. (Where parameter shapes differ, CUDA runs the foreach 
 The arithmetic follows ``torch.optim.SGD`` / ``torch.optim.AdamW`` (single-tensor path) operation by
 operation, so member i ends up equal, to fp32 rounding, to a torch optimizer run on member i alone.
 
+On the CPU the same ops run over cache-sized chunks of member slices (``CPU_CHUNK_ELEMENTS``), every update
+term of one chunk before the next: stacked tensors are N times a member's, and streaming each of them through
+memory once per update term made the fused step 1.4x slower than N per-member torch.optim steps, whose tensors
+stay in cache (ResNet-18, 2-core CPU). The arithmetic, element by element, is the same either way.
+
 ``freeze(i)`` stops member i: its parameters stay bitwise unchanged and its optimizer state (moments, step
 count) does not advance, until ``unfreeze(i)``. Frozen members are saved in ``state_dict()``.
 """
@@ -23,6 +28,11 @@ import torch
 from fused_ensemble.member_values import MemberValue, check_range, per_member
 
 __all__ = ["SGD", "AdamW", "MemberOptimizer"]
+
+CPU_CHUNK_ELEMENTS = 1 << 18
+"""Elements per chunk of the CPU update (1 MB of fp32 per tensor): every update term of a chunk runs while its
+parameter, gradient and state slices are in cache. SGD with momentum and weight decay over 4 ResNet-18 members on
+the 2-core CPU: 27.4 ms at 2^18, 28.5 at 2^20, 37.8 unchunked (torch.optim.SGD, member by member: 25.5 ms)."""
 
 
 def _first_tensor(params: list):
@@ -161,7 +171,50 @@ class MemberOptimizer(torch.optim.Optimizer):
         raise NotImplementedError
 
     def _update(self, group, params, grads, states, hp) -> None:
+        """One step of every parameter of a (device, dtype) list: per-member factors first (they advance the
+        step counts), then ``_apply`` on all tensors at once (CUDA), or chunk by chunk (CPU)."""
+        factors = self._factors(group, states, hp)
+        buffers = self._buffers(group, states)
+        if hp.device.type != "cpu":
+            self._apply(group, params, grads, buffers, factors)
+            return
+        for chunk in _member_chunks([params, grads, *buffers.values(), *factors.values()], CPU_CHUNK_ELEMENTS):
+            chunk_buffers = dict(zip(buffers, chunk[2:2 + len(buffers)]))
+            chunk_factors = dict(zip(factors, chunk[2 + len(buffers):]))
+            self._apply(group, chunk[0], chunk[1], chunk_buffers, chunk_factors)
+
+    def _factors(self, group, states, hp) -> dict[str, list[torch.Tensor]]:
+        """The per-member factors of this step, each a list of ``[N, 1, ..., 1]`` views (one per parameter)."""
         raise NotImplementedError
+
+    def _buffers(self, group, states) -> dict[str, list[torch.Tensor]]:
+        """The state tensors the update reads and writes, each a list (one per parameter)."""
+        raise NotImplementedError
+
+    def _apply(self, group, params, grads, buffers, factors) -> None:
+        """The update, as foreach ops over lists of (slices of) parameters, gradients, buffers and factors."""
+        raise NotImplementedError
+
+
+def _member_chunks(lists: list[list[torch.Tensor]], max_elements: int):
+    """Splits parallel lists of per-parameter tensors (all with member dim 0; factor views broadcast) into
+    chunks of whole member slices of about ``max_elements`` parameter elements: yields one list of slices
+    per input list. Small parameters share a chunk; a member slice larger than the limit is a chunk alone."""
+    pending = [[] for _ in lists]
+    size = 0
+    for i, p in enumerate(lists[0]):
+        per_member = max(1, p[0].numel()) if p.dim() else 1
+        step = max(1, max_elements // per_member)
+        for start in range(0, p.shape[0], step):
+            for out, tensors in zip(pending, lists):
+                out.append(tensors[i][start:start + step])
+            size += min(step, p.shape[0] - start) * per_member
+            if size >= max_elements:
+                yield pending
+                pending = [[] for _ in lists]
+                size = 0
+    if pending[0]:
+        yield pending
 
 
 class _MemberTensors:
@@ -249,27 +302,40 @@ class SGD(MemberOptimizer):
             state["step"] = torch.zeros(self.num_members, dtype=torch.float32)
             state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
-    def _update(self, group, params, grads, states, hp):
+    def _factors(self, group, states, hp):
         lr, momentum = hp.values["lr"], hp.values["momentum"]
         weight_decay = hp.values["weight_decay"]
-        # addcmul with a broadcast [N, 1, ...] factor: one pass and no temporary per update term.
+        factors = {"neg_lr": hp.views(-lr)}
         if bool((weight_decay != 0).any()):
-            grads = torch._foreach_addcmul(grads, params, hp.views(weight_decay))
+            factors["weight_decay"] = hp.views(weight_decay)
         if bool((momentum != 0).any()):
             # torch.optim starts the buffer as a copy of the first gradient and ignores dampening when a
             # member's momentum is 0: buffer = 0 * buffer + 1 * g reproduces both without branching on members.
             first = hp.steps() == 0
-            buffer_decay = torch.where(first, 0.0, momentum)
-            grad_scale = 1 - torch.where(first | (momentum == 0), 0.0, hp.values["dampening"])
-            buffers = [s["momentum_buffer"] for s in states]
-            torch._foreach_mul_(buffers, hp.views(buffer_decay))
-            torch._foreach_addcmul_(buffers, grads, hp.views(grad_scale))
+            factors["buffer_decay"] = hp.views(torch.where(first, 0.0, momentum))
+            factors["grad_scale"] = hp.views(1 - torch.where(first | (momentum == 0), 0.0, hp.values["dampening"]))
+            factors["momentum"] = hp.views(momentum)
             torch._foreach_add_([s["step"] for s in states], 1)
+        return factors
+
+    def _buffers(self, group, states):
+        if states and "momentum_buffer" in states[0]:
+            return {"momentum_buffer": [s["momentum_buffer"] for s in states]}
+        return {}
+
+    def _apply(self, group, params, grads, buffers, factors):
+        # addcmul with a broadcast [N, 1, ...] factor: one pass and no temporary per update term.
+        if "weight_decay" in factors:
+            grads = torch._foreach_addcmul(grads, params, factors["weight_decay"])
+        if "momentum" in factors:
+            momentum_buffers = buffers["momentum_buffer"]
+            torch._foreach_mul_(momentum_buffers, factors["buffer_decay"])
+            torch._foreach_addcmul_(momentum_buffers, grads, factors["grad_scale"])
             if group["nesterov"]:
-                grads = torch._foreach_addcmul(grads, buffers, hp.views(momentum))
+                grads = torch._foreach_addcmul(grads, momentum_buffers, factors["momentum"])
             else:
-                grads = buffers
-        torch._foreach_addcmul_(params, grads, hp.views(-lr))
+                grads = momentum_buffers
+        torch._foreach_addcmul_(params, grads, factors["neg_lr"])
 
 
 class AdamW(MemberOptimizer):
@@ -313,29 +379,41 @@ class AdamW(MemberOptimizer):
         if group["amsgrad"]:
             state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
-    def _update(self, group, params, grads, states, hp):
+    def _factors(self, group, states, hp):
         v = hp.values
         lr, beta1, beta2 = v["lr"], v["beta1"], v["beta2"]
         torch._foreach_add_([s["step"] for s in states], 1)
         steps = hp.steps()
         bias_correction1 = 1 - beta1 ** steps
         bias_correction2_sqrt = (1 - beta2 ** steps).sqrt()
-
+        factors = {"one_minus_beta1": hp.views(1 - beta1), "beta2": hp.views(beta2),
+                   "one_minus_beta2": hp.views(1 - beta2), "bias_correction2_sqrt": hp.views(bias_correction2_sqrt),
+                   "eps": hp.views(v["eps"]), "neg_step_size": hp.views(-(lr / bias_correction1))}
         if bool((v["weight_decay"] != 0).any()):
-            torch._foreach_mul_(params, hp.views(1 - lr * v["weight_decay"]))
-        exp_avgs = [s["exp_avg"] for s in states]
-        exp_avg_sqs = [s["exp_avg_sq"] for s in states]
-        torch._foreach_lerp_(exp_avgs, grads, hp.views(1 - beta1))
-        torch._foreach_mul_(exp_avg_sqs, hp.views(beta2))
+            factors["decay"] = hp.views(1 - lr * v["weight_decay"])
+        return factors
+
+    def _buffers(self, group, states):
+        buffers = {"exp_avg": [s["exp_avg"] for s in states], "exp_avg_sq": [s["exp_avg_sq"] for s in states]}
+        if group["amsgrad"]:
+            buffers["max_exp_avg_sq"] = [s["max_exp_avg_sq"] for s in states]
+        return buffers
+
+    def _apply(self, group, params, grads, buffers, factors):
+        if "decay" in factors:
+            torch._foreach_mul_(params, factors["decay"])
+        exp_avgs, exp_avg_sqs = buffers["exp_avg"], buffers["exp_avg_sq"]
+        torch._foreach_lerp_(exp_avgs, grads, factors["one_minus_beta1"])
+        torch._foreach_mul_(exp_avg_sqs, factors["beta2"])
         # (1 - beta2) * g first, then * g: the order torch's addcmul(g, g, value=1 - beta2) multiplies in.
-        torch._foreach_addcmul_(exp_avg_sqs, torch._foreach_mul(grads, hp.views(1 - beta2)), grads)
+        torch._foreach_addcmul_(exp_avg_sqs, torch._foreach_mul(grads, factors["one_minus_beta2"]), grads)
         second_moments = exp_avg_sqs
         if group["amsgrad"]:
-            second_moments = [s["max_exp_avg_sq"] for s in states]
+            second_moments = buffers["max_exp_avg_sq"]
             torch._foreach_maximum_(second_moments, exp_avg_sqs)
         denom = torch._foreach_sqrt(second_moments)
-        torch._foreach_div_(denom, hp.views(bias_correction2_sqrt))
-        torch._foreach_add_(denom, hp.views(v["eps"]))
+        torch._foreach_div_(denom, factors["bias_correction2_sqrt"])
+        torch._foreach_add_(denom, factors["eps"])
         # p += exp_avg / (denom / -step_size): the per-member step size folded into denom saves a temporary.
-        torch._foreach_div_(denom, hp.views(-(lr / bias_correction1)))
+        torch._foreach_div_(denom, factors["neg_step_size"])
         torch._foreach_addcdiv_(params, exp_avgs, denom)

@@ -238,9 +238,12 @@ def test_works_on_torch_func_stack_module_state():
             torch.testing.assert_close(params[name][i], p, rtol=1.3e-6, atol=1e-6)
 
 
-def test_update_has_no_python_loop_over_members():
-    """The number of torch ops per step must not grow with N (counted with a dispatch mode)."""
+def test_update_has_no_python_loop_over_members(monkeypatch):
+    """The number of torch ops per step must not grow with N (counted with a dispatch mode). The CPU's cache
+    blocking (chunks of CPU_CHUNK_ELEMENTS) splits by size, not by member: off here."""
     from torch.utils._python_dispatch import TorchDispatchMode
+
+    monkeypatch.setattr(optim, "CPU_CHUNK_ELEMENTS", 1 << 40)
 
     class CountOps(TorchDispatchMode):
         def __init__(self):
@@ -291,3 +294,29 @@ def test_errors_name_the_problem():
     with pytest.raises(ValueError, match="lr has 5 values"):
         opt.step()
     assert all(torch.equal(p, b) for p, b in zip(stacked, before))  # nothing half-updated
+
+
+@pytest.mark.parametrize("make", [
+    lambda params: optim.SGD(params, lr=[0.1, 0.05, 0.2], momentum=[0.9, 0.0, 0.5], weight_decay=[1e-2, 0, 1e-3]),
+    lambda params: optim.SGD(params, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-2),
+    lambda params: optim.AdamW(params, lr=[1e-3, 3e-3, 1e-2], weight_decay=[0.1, 0.0, 0.01], amsgrad=True),
+], ids=["sgd", "sgd_nesterov", "adamw_amsgrad"])
+def test_cpu_chunked_update_is_bitwise_the_whole_update(monkeypatch, make):
+    # Chunks of 7 elements cut parameters into single-member slices and pack small ones together; the
+    # arithmetic per element must not change at all.
+    torch.manual_seed(0)
+    shapes = [(3, 5, 4), (3, 2), (3, 1), (3, 40), (3, 3, 3, 2)]
+    runs = []
+    for chunk in (1 << 40, 7):
+        monkeypatch.setattr(optim, "CPU_CHUNK_ELEMENTS", chunk)
+        torch.manual_seed(1)
+        params = [torch.randn(shape, requires_grad=True) for shape in shapes]
+        opt = make(params)
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn_like(p)
+            opt.step()
+        states = [t for p in params for _, t in optim._state_tensors(opt.state[p])]
+        runs.append([p.detach().clone() for p in params] + states)
+    for whole, chunked in zip(*runs):
+        assert torch.equal(whole, chunked)
