@@ -3,7 +3,8 @@
 Backends: ``"torch"`` (fused_ensemble.reference, autograd through it), ``"triton"`` (fused_ensemble.kernels, CUDA
 tensors, or CPU tensors under ``TRITON_INTERPRET=1``) and ``"cpp"`` (the compiled extension: C++ kernels for CPU
 tensors, CUDA C++ kernels for CUDA tensors). ``"auto"`` prefers triton, then cpp, then torch on CUDA, and cpp, then
-torch on CPU. A kernel backend that raised once under ``"auto"`` is not chosen again in this process (with a
+torch on CPU; except on CUDA for tiny rows (at most ``CUDA_CPP_MAX_CLASSES`` classes) of the reductions that take
+a softmax per member, where the CUDA C++ kernels come first (measured, see ``CUDA_CPP_MAX_CLASSES``). A kernel backend that raised once under ``"auto"`` is not chosen again in this process (with a
 warning, the way xformers remembers a failed Triton kernel); an explicitly named backend is never second-guessed.
 """
 
@@ -20,6 +21,13 @@ BACKENDS = ("auto", "torch", "triton", "cpp")
 KERNEL_BACKENDS = ("triton", "cpp")
 
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+CUDA_CPP_MAX_CLASSES = 64
+"""On CUDA, rows of at most this many classes go to the CUDA C++ kernels first for ``CUDA_CPP_FIRST``: an H100
+(2026-11-27, fp32, bench/results/reduce-h100-2026-11-27.json) at K=10 read 1.1-1.3x faster through them for
+mean_probs and log_mean_probs and 2.0-2.2x for ensemble_stats (several rows per warp vs Triton's 2D tiles), while
+Triton was as fast for mean and 1.15-1.25x faster for softmax_of_mean there, and mostly faster from K=1000 up."""
+CUDA_CPP_FIRST = ("mean_probs", "log_mean_probs", "stats")
 
 # (backend, device type) pairs whose kernels raised under "auto"; filled by note_auto_failure.
 _failed_under_auto: set[tuple[str, str]] = set()
@@ -83,9 +91,12 @@ def unavailable_reason(backend: str, device_type: str, dtype: torch.dtype) -> st
 
 
 @torch.compiler.assume_constant_result
-def _auto_choice(device_type: str, dtype: torch.dtype) -> str:
+def _auto_choice(device_type: str, dtype: torch.dtype, cpp_first: bool) -> str:
     # Evaluated once at trace time under torch.compile: the choice is a constant of the compiled graph.
-    preference = ("triton", "cpp") if device_type == "cuda" else ("cpp",)
+    if device_type == "cuda":
+        preference = ("cpp", "triton") if cpp_first else ("triton", "cpp")
+    else:
+        preference = ("cpp",)
     for backend in preference:
         failed = (backend, device_type) in _failed_under_auto
         if not failed and unavailable_reason(backend, device_type, dtype) is None:
@@ -93,11 +104,17 @@ def _auto_choice(device_type: str, dtype: torch.dtype) -> str:
     return "torch"
 
 
-def resolve_backend(backend: str, device_type: str, dtype: torch.dtype) -> str:
-    """The concrete backend for ``backend`` (which may be ``"auto"``); raises if an explicit one is unavailable."""
+def resolve_backend(backend: str, device_type: str, dtype: torch.dtype, classes: int | None = None,
+                    workload: str | None = None) -> str:
+    """The concrete backend for ``backend`` (which may be ``"auto"``); raises if an explicit one is unavailable.
+
+    ``classes`` (K) and ``workload`` (a reduction name or ``"stats"``) refine ``"auto"`` on CUDA (see
+    ``CUDA_CPP_MAX_CLASSES``)."""
     check_backend(backend)
     if backend == "auto":
-        return _auto_choice(device_type, dtype)
+        # A plain bool before the constant-folded choice (under torch.compile a symbolic K becomes a guard here).
+        cpp_first = bool(classes is not None and classes <= CUDA_CPP_MAX_CLASSES and workload in CUDA_CPP_FIRST)
+        return _auto_choice(device_type, dtype, cpp_first)
     problem = unavailable_reason(backend, device_type, dtype)
     if problem is not None:
         raise RuntimeError(f"backend={backend!r} is unavailable: {problem}")

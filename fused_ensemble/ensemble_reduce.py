@@ -38,12 +38,13 @@ def _check_classes(logits: Tensor) -> None:
         raise ValueError(f"logits have no classes: the last dim of shape {tuple(logits.shape)} is empty")
 
 
-def _run_with_fallback(run_kernel, run_reference, backend: str, logits: Tensor):
+def _run_with_fallback(run_kernel, run_reference, backend: str, logits: Tensor, workload: str):
     """Runs ``run_kernel(concrete_backend)``; under ``backend="auto"`` a kernel that raises is remembered (with a
-    warning) and the next backend is tried, down to ``run_reference()``."""
+    warning) and the next backend is tried, down to ``run_reference()``. ``workload`` (a reduction or "stats")
+    and the class count refine the automatic choice."""
     device_type = logits.device.type
     while True:
-        chosen = backends.resolve_backend(backend, device_type, logits.dtype)
+        chosen = backends.resolve_backend(backend, device_type, logits.dtype, logits.shape[-1], workload)
         if chosen == "torch":
             return run_reference()
         if backend != "auto" or torch.compiler.is_compiling():
@@ -68,8 +69,9 @@ def ensemble_reduce(logits: Tensor, reduction: str = "mean_probs", dim: int = 0,
             ``softmax(logits)``, the deep-ensemble predictive distribution), ``"softmax_of_mean"`` (softmax of
             the averaged logits) or ``"log_mean_probs"`` (``log(mean_probs)``, computed stably).
         dim: the member dim; any dim but the last (class) one, negative values count from the end.
-        backend: ``"auto"`` (CUDA tensors: Triton, else the CUDA C++ kernels, else PyTorch; CPU tensors: the C++
-            kernels if the extension is built, else PyTorch), ``"torch"`` (fused_ensemble.reference, autograd
+        backend: ``"auto"`` (CUDA tensors: Triton, else the CUDA C++ kernels, else PyTorch, except rows of at
+            most 64 classes for ``"mean_probs"``/``"log_mean_probs"`` where the CUDA C++ kernels come first as
+            they measured faster there; CPU tensors: the C++ kernels if the extension is built, else PyTorch), ``"torch"`` (fused_ensemble.reference, autograd
             through PyTorch ops), ``"triton"`` (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``) or
             ``"cpp"`` (C++ kernels for CPU tensors, CUDA C++ kernels for CUDA tensors). A kernel that fails
             under ``"auto"`` is reported once with a warning and not used again in the process.
@@ -104,7 +106,8 @@ def ensemble_reduce(logits: Tensor, reduction: str = "mean_probs", dim: int = 0,
         out, _aux = reduce_ops.reduce_op(_members_rows_classes(logits, dim), reduction, chosen)
         return out.reshape(out_shape)
 
-    out = _run_with_fallback(run_kernel, lambda: reduce_reference(logits, reduction, dim), backend, logits)
+    out = _run_with_fallback(run_kernel, lambda: reduce_reference(logits, reduction, dim), backend, logits,
+                             reduction)
     return out if out_dtype is None else out.to(out_dtype)
 
 
@@ -150,4 +153,4 @@ def ensemble_stats(logits: Tensor, dim: int = 0, backend: str = "auto") -> Ensem
         probs, *per_row = reduce_ops.stats_op(_members_rows_classes(logits, dim), chosen)
         return EnsembleStats(probs.reshape(probs_shape), *(t.reshape(row_shape) for t in per_row))
 
-    return _run_with_fallback(run_kernel, lambda: stats_reference(logits, dim), backend, logits)
+    return _run_with_fallback(run_kernel, lambda: stats_reference(logits, dim), backend, logits, "stats")
