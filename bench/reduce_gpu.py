@@ -121,54 +121,65 @@ def run(out_json_path: str | None, smoke: bool = False, static_compile: bool = F
     tiny = torch.randn(2, 4, 10, device=device)
     latency = {f"{workload}/{name}": _latency_us(fn, tiny, device)
                for (workload, name), (fn, _) in implementations.items() if fn is not None and name != "compile"}
+    import triton
+    card = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
+    # Printed and written first, and the JSON rewritten after every shape: a run cut short by its time limit
+    # still leaves every finished row and the copy bandwidth they are compared with.
+    print(f"device-to-device copy: {copy_gbs:.0f} GB/s on {card}")
+    print("per-call latency on a [2, 4, 10] input (us): " + ", ".join(f"{k} {v:.0f}" for k, v in latency.items()))
     results = []
+    report = {
+        "card": card, "device": device, "torch": torch.__version__, "triton": triton.__version__,
+        "commit": _git_commit(), "threads": torch.get_num_threads(), "dtype": "float32",
+        "compile_mode": "static" if static_compile else "dynamic", "copy_GB/s": copy_gbs,
+        "timing": "triton.testing.do_bench_cudagraph median over rotated inputs" if device == "cuda"
+        else "perf_counter median", "latency_us_tiny_input": latency, "results": results,
+    }
     for shape in shapes:
         nbytes_in = shape[0] * shape[1] * shape[2] * 4
         copies = max(2, -(-ROTATION_BYTES // nbytes_in)) if device == "cuda" else 1
         inputs = [torch.randn(shape, device=device) for _ in range(copies)]
         for workload in rw.WORKLOADS:
-            expected = rw.reference(workload)(inputs[0])
-            row = {"N": shape[0], "B": shape[1], "K": shape[2], "workload": workload,
-                   "bytes": rw.bytes_moved(workload, shape), "ms": {}, "GB/s": {}, "copy_fraction": {},
-                   "speedup_vs_eager": {}, "max_abs_error_vs_eager": {}, "skipped": {}}
-            for name in rw.IMPLEMENTATIONS:
-                fn, problem = implementations[workload, name]
-                if fn is None:
-                    row["skipped"][name] = problem
-                    continue
-                try:
-                    row["max_abs_error_vs_eager"][name] = rw.check_against_eager(workload, fn(inputs[0]), expected)
-                    seconds = time_fn(fn, inputs)
-                except Exception as exc:  # one broken implementation must not lose the rest of the run
-                    row["skipped"][name] = f"{type(exc).__name__}: {exc}"
-                    continue
-                row["ms"][name] = seconds * 1e3
-                row["GB/s"][name] = row["bytes"] / seconds / 1e9
-                row["copy_fraction"][name] = row["GB/s"][name] / copy_gbs
-            if "eager" in row["ms"]:
-                row["speedup_vs_eager"] = {name: row["ms"]["eager"] / ms for name, ms in row["ms"].items()}
-            results.append(row)
-            _print_row(row)
+            results.append(_measure_row(shape, workload, inputs, implementations, time_fn, copy_gbs))
+            _print_row(results[-1])
         del inputs
         if device == "cuda":
             torch.cuda.empty_cache()
-    import triton
-    report = {
-        "card": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
-        "device": device, "torch": torch.__version__, "triton": triton.__version__, "commit": _git_commit(),
-        "threads": torch.get_num_threads(), "dtype": "float32", "compile_mode": "static" if static_compile
-        else "dynamic", "copy_GB/s": copy_gbs, "timing": "triton.testing.do_bench_cudagraph median over rotated "
-        "inputs" if device == "cuda" else "perf_counter median", "latency_us_tiny_input": latency,
-        "results": results,
-    }
-    print(f"device-to-device copy: {copy_gbs:.0f} GB/s on {report['card']}")
-    print("per-call latency on a [2, 4, 10] input (us): " + ", ".join(f"{k} {v:.0f}" for k, v in latency.items()))
+        if out_json_path:
+            _write(report, out_json_path)
     if out_json_path:
-        os.makedirs(os.path.dirname(os.path.abspath(out_json_path)), exist_ok=True)
-        with open(out_json_path, "w") as f:
-            json.dump(report, f, indent=1)
         print(f"wrote {out_json_path}")
     return report
+
+
+def _measure_row(shape, workload, inputs, implementations, time_fn, copy_gbs) -> dict:
+    expected = rw.reference(workload)(inputs[0])
+    row = {"N": shape[0], "B": shape[1], "K": shape[2], "workload": workload,
+           "bytes": rw.bytes_moved(workload, shape), "ms": {}, "GB/s": {}, "copy_fraction": {},
+           "speedup_vs_eager": {}, "max_abs_error_vs_eager": {}, "skipped": {}}
+    for name in rw.IMPLEMENTATIONS:
+        fn, problem = implementations[workload, name]
+        if fn is None:
+            row["skipped"][name] = problem
+            continue
+        try:
+            row["max_abs_error_vs_eager"][name] = rw.check_against_eager(workload, fn(inputs[0]), expected)
+            seconds = time_fn(fn, inputs)
+        except Exception as exc:  # one broken implementation must not lose the rest of the run
+            row["skipped"][name] = f"{type(exc).__name__}: {exc}"
+            continue
+        row["ms"][name] = seconds * 1e3
+        row["GB/s"][name] = row["bytes"] / seconds / 1e9
+        row["copy_fraction"][name] = row["GB/s"][name] / copy_gbs
+    if "eager" in row["ms"]:
+        row["speedup_vs_eager"] = {name: row["ms"]["eager"] / ms for name, ms in row["ms"].items()}
+    return row
+
+
+def _write(report: dict, path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(report, f, indent=1)
 
 
 _header_printed = []
