@@ -97,6 +97,14 @@ def _online_lse_update(m_run, s_run, x):
 
 
 @triton.jit
+def _column_split(SPLIT_COLS, K):
+    """This program's column split (grid axis 1) and its columns [k_start, k_end)."""
+    split = tl.program_id(1)
+    k_start = split.to(tl.int64) * SPLIT_COLS
+    return split, k_start, tl.minimum(k_start + SPLIT_COLS, K)
+
+
+@triton.jit
 def _combine_lse_partials(max_ptr, log_sum_ptr, rows, R, S, BLOCK_S: tl.constexpr):
     """Combines the split-K partials of rows (row r's S partials at r * S + s: max and log sum exp(x - max)
     of one column split) into the row's (max, log sum exp(x - max)). Splits with nothing finite (max -inf)
@@ -220,9 +228,7 @@ def _softmax_of_mean_split_kernel(x_ptr, out_ptr, max_part_ptr, log_sum_part_ptr
     # Split-K pass 1, grid (row blocks, S): mean logits of one column split into out, and that split's
     # (max, sum exp) into the [R, S] partial buffers.
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    split = tl.program_id(1)
-    k_start = split.to(tl.int64) * SPLIT_COLS
-    k_end = tl.minimum(k_start + SPLIT_COLS, K)
+    split, k_start, k_end = _column_split(SPLIT_COLS, K)
     m_run, s_run = _mean_logits_pass(x_ptr, out_ptr, rows, N, R, K, stride_n, stride_r, stride_k, k_start,
                                      k_end, BLOCK_R, BLOCK_K)
     tl.store(max_part_ptr + rows * S + split, m_run, mask=rows < R)
@@ -234,9 +240,7 @@ def _softmax_of_mean_split_finish_kernel(out_ptr, max_part_ptr, log_sum_part_ptr
                                          BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr):
     # Split-K pass 2, grid (row blocks, S): every program combines the row's partials and normalizes its split.
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    split = tl.program_id(1)
-    k_start = split.to(tl.int64) * SPLIT_COLS
-    k_end = tl.minimum(k_start + SPLIT_COLS, K)
+    split, k_start, k_end = _column_split(SPLIT_COLS, K)
     m_run, log_s = _combine_lse_partials(max_part_ptr, log_sum_part_ptr, rows, R, S, BLOCK_S)
     _softmax_normalize_pass(out_ptr, rows, R, K, k_start, k_end, m_run, tl.exp(log_s), BLOCK_K)
 
@@ -430,9 +434,7 @@ def _member_partials_kernel(x_ptr, max_part_ptr, log_sum_part_ptr, argmax_part_p
                             BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     # Split-K pass 1, grid (row blocks, S): each program takes one column split of its rows for every member.
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    split = tl.program_id(1)
-    k_start = split.to(tl.int64) * SPLIT_COLS
-    k_end = tl.minimum(k_start + SPLIT_COLS, K)
+    split, k_start, k_end = _column_split(SPLIT_COLS, K)
     row_max, row_log_sum, row_argmax = _long_rows_pass1(x_ptr, rows, N, R, K, stride_n, stride_r, stride_k,
                                                         k_start, k_end, WITH_ARGMAX, BLOCK_R, BLOCK_K, BLOCK_N)
     _store_member_partials(max_part_ptr, log_sum_part_ptr, argmax_part_ptr, rows, split, R, S, N, row_max,
@@ -446,9 +448,7 @@ def _member_probs_split_kernel(x_ptr, out_ptr, lse_ptr, max_part_ptr, log_sum_pa
                                BLOCK_S: tl.constexpr):
     # Split-K pass 2, grid (row blocks, S): combine the member partials, then pass 2 on this program's split.
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    split = tl.program_id(1)
-    k_start = split.to(tl.int64) * SPLIT_COLS
-    k_end = tl.minimum(k_start + SPLIT_COLS, K)
+    split, k_start, k_end = _column_split(SPLIT_COLS, K)
     row_max, row_log_sum, _ = _combine_member_partials(max_part_ptr, log_sum_part_ptr, max_part_ptr, rows, N,
                                                        R, S, False, BLOCK_R, BLOCK_N, BLOCK_S)
     if split == 0:
@@ -576,9 +576,7 @@ def _stats_split_kernel(x_ptr, probs_ptr, max_part_ptr, log_sum_part_ptr, stat_p
     # split's partial statistics: stat_part is [4, R, S] (expected entropy sum, entropy sum, NaN count,
     # confidence), prediction_part [R, S].
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    split = tl.program_id(1)
-    k_start = split.to(tl.int64) * SPLIT_COLS
-    k_end = tl.minimum(k_start + SPLIT_COLS, K)
+    split, k_start, k_end = _column_split(SPLIT_COLS, K)
     row_max, row_log_sum, _ = _combine_member_partials(max_part_ptr, log_sum_part_ptr, max_part_ptr, rows, N,
                                                        R, S, False, BLOCK_R, BLOCK_N, BLOCK_S)
     expected_entropy_sum, entropy_sum, nan_count, confidence, prediction = _stats_pass2(

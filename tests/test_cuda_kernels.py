@@ -200,9 +200,7 @@ def test_layouts(layout, shape, dtype):
         assert 0 in x.stride()
     if layout == "misaligned":
         assert x.data_ptr() % 16 != 0
-    for reduction in REDUCTIONS:
-        _check_forward(x, reduction)
-    _check_stats(x)
+    _check_every_op(x, backward=False)
 
 
 @pytest.mark.parametrize("shape", [(16, 65536, 10), (8, 4096, 1000)], ids=lambda s: "x".join(map(str, s)))
@@ -210,9 +208,7 @@ def test_layouts(layout, shape, dtype):
 @needs_cuda_kernels
 def test_benchmark_shapes(shape):
     x = _logits(*shape, torch.float32)
-    for reduction in REDUCTIONS:
-        _check_forward(x, reduction)
-    _check_stats(x)
+    _check_every_op(x, backward=False)
 
 
 @pytest.mark.parametrize("shape", [(3, 80, 5000), (2, 70, 20000)], ids=lambda s: "x".join(map(str, s)))
@@ -222,11 +218,7 @@ def test_benchmark_shapes(shape):
 def test_many_long_rows(shape, dtype):
     # Enough rows that softmax_of_mean stays fused (few long rows take the mean kernel, then a row softmax);
     # 20000 columns need two tiles per row.
-    x = _logits(*shape, dtype)
-    for reduction in REDUCTIONS:
-        _check_forward(x, reduction)
-        _check_backward(x, reduction)
-    _check_stats(x)
+    _check_every_op(_logits(*shape, dtype))
 
 
 @pytest.mark.gpu
@@ -235,9 +227,7 @@ def test_many_members():
     # 600 member argmaxes per row do not fit in shared memory next to 128 rows: the statistics keep them in a
     # global scratch tensor.
     x = _logits(600, 100, 10, torch.float32)
-    for reduction in REDUCTIONS:
-        _check_forward(x, reduction)
-    _check_stats(x)
+    _check_every_op(x, backward=False)
 
 
 @pytest.mark.parametrize("shape", [(3, 5, 10), (4, 3, 1000), (2, 2, 40000)], ids=lambda s: "x".join(map(str, s)))
@@ -255,9 +245,7 @@ def test_neg_inf_logits(shape):
             assert not bool(torch.isnan(out).any()), "finite rows must stay free of NaN"
     _check_stats(x)
     x[1 % n, r - 1, :] = -math.inf  # one member row with no finite logit: NaN exactly where the reference has it
-    for reduction in REDUCTIONS:
-        _check_forward(x, reduction)
-    _check_stats(x)
+    _check_every_op(x, backward=False)
 
 
 @pytest.mark.parametrize("k", [10, 1000, 40000])
@@ -265,9 +253,7 @@ def test_neg_inf_logits(shape):
 @needs_cuda_kernels
 def test_large_magnitude_logits(k):
     x = _logits(4, 6, k, torch.float32, scale=1e4)
-    for reduction in REDUCTIONS:
-        _check_forward(x, reduction)
-    _check_stats(x)
+    _check_every_op(x, backward=False)
 
 
 @pytest.mark.gpu
@@ -350,11 +336,7 @@ def test_stats_nan_member_argmax(k):
 @needs_cuda_kernels
 def test_many_rows():
     # More blocks than a grid's y or z dimension may hold (65535): 1000 columns take a block per row.
-    x = _logits(2, 70001, 1000, torch.float32)
-    for reduction in REDUCTIONS:
-        _check_forward(x, reduction)
-        _check_backward(x, reduction)
-    _check_stats(x)
+    _check_every_op(_logits(2, 70001, 1000, torch.float32))
 
 
 @pytest.mark.gpu
@@ -389,6 +371,15 @@ def _reference_grad(x, grad_out, reduction):
     x64 = x.detach().double().requires_grad_(True)
     reduce_reference(x64, reduction, dim=0).backward(grad_out.double())
     return x64.grad
+
+
+def _check_every_op(x, backward=True):
+    """Every reduction forward (and backward), and the statistics, against the reference."""
+    for reduction in REDUCTIONS:
+        _check_forward(x, reduction)
+        if backward:
+            _check_backward(x, reduction)
+    _check_stats(x)
 
 
 def _check_backward(x, reduction, grad_tol=None):
