@@ -44,6 +44,11 @@ PRESETS = {
             ("mlp", "float32", 4, 64), ("mlp", "float32", 16, 64)],
     "smoke": [("lenet", "float32", 2, 4), ("mlp", "float32", 3, 4)],
 }
+# The whole matrix (4 models x N in {1, 4, 8, 16, 32} x B in {1, 64, 512} x fp32/bf16, 120 points): hours
+# on a GPU, for a long lease; "gpu" above is the subset that fits a short one.
+PRESETS["gpu-full"] = [(model, dtype, members, batch) for model in ("resnet18-cifar", "resnet50", "lenet", "mlp")
+                       for dtype in ("bfloat16", "float32") for members in (1, 4, 8, 16, 32)
+                       for batch in (1, 64, 512)]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

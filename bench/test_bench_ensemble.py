@@ -9,6 +9,8 @@ compiling takes tens of seconds), FusedEnsemble and its optimize()d module;
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -16,7 +18,8 @@ from ensemble_throughput import PRESETS, flops_per_sample
 from fused_ensemble.benchmarking import Workload, relative_error
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-POINTS = PRESETS["gpu" if DEVICE == "cuda" else "cpu"]
+# FUSED_ENSEMBLE_BENCH_PRESET picks another preset of bench/ensemble_throughput.py (e.g. gpu-full, smoke).
+POINTS = PRESETS[os.environ.get("FUSED_ENSEMBLE_BENCH_PRESET", "gpu" if DEVICE == "cuda" else "cpu")]
 METHODS = ("loop", "vmap", "vmap_compiled", "fused", "optimized")
 _workloads: dict[tuple, Workload] = {}
 
