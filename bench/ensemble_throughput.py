@@ -1,10 +1,10 @@
 """Ensemble-throughput matrix: every way of running N members, on the same members and input, in one process.
 
 Methods: the member loop, the loop replayed as a CUDA graph (GPU), torch.func vmap (and, with --compile-vmap,
-torch.compile of it; a point where it does not compile records why), FusedEnsemble, its
-``optimize()``d module, and one member at batch N * B (the "ensemble efficiency" reference: an ensemble can at
-best be as fast as one member seeing all N * B images, in whichever memory format runs it faster; efficiency =
-t_single(N * B) / t_optimized).
+torch.compile of it; a point where it does not compile records why), FusedEnsemble, its ``optimize()``d module
+(and, with --optimize-compile, ``optimize(x, compile=True)``), and one member at batch N * B (the "ensemble
+efficiency" reference: an ensemble can at best be as fast as one member seeing all N * B images, in whichever
+memory format runs it faster; efficiency = t_single(N * B) / t_optimized).
 
     python bench/ensemble_throughput.py --preset gpu --json bench/results/ensemble-h100.json   # on a GPU
     python bench/ensemble_throughput.py --preset cpu --json bench/results/ensemble-cpu.json    # 2-core CPU
@@ -93,7 +93,7 @@ def _enough_reps(fn, device: str, reps: int) -> int:
 
 
 def run_point(model: str, dtype_name: str, members: int, batch: int, device: str, reps: int,
-              compile_vmap: bool = False) -> dict:
+              compile_vmap: bool = False, optimize_compile: bool = False) -> dict:
     dtype = DTYPES[dtype_name]
     workload = Workload.build(model, members, batch, device, dtype)
     fused = FusedEnsemble(workload.members).eval()
@@ -120,14 +120,19 @@ def run_point(model: str, dtype_name: str, members: int, batch: int, device: str
             methods["vmap_compile"] = compiled
         except Exception as exc:  # "where it compiles": a model that does not is reported, not fatal
             compile_problem = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    if optimize_compile:
+        optimized_compiled = fused.optimize(workload.x, compile=True)
+        methods["optimized_compile"] = lambda: optimized_compiled(workload.x)
     with torch.no_grad():
         reference = methods["loop"]()
         errors = {name: relative_error(methods[name](), reference)
-                  for name in ("vmap", "vmap_compile", "fused", "optimized") if name in methods}
+                  for name in ("vmap", "vmap_compile", "fused", "optimized", "optimized_compile") if name in methods}
     timings = {name: median(time_ms(fn, device, _enough_reps(fn, device, reps), warmup=1))
                for name, fn in methods.items()}
     return {"model": model, "dtype": dtype_name, "members": members, "batch": batch, "ms": timings,
-            "relative_error_vs_loop": errors, "vmap_compile_problem": compile_problem, "optimized": repr(optimized).splitlines()[0] + " " +
+            "relative_error_vs_loop": errors, "vmap_compile_problem": compile_problem,
+            "optimized_compile": optimized_compiled.extra_repr() if optimize_compile else None,
+            "optimized": repr(optimized).splitlines()[0] + " " +
             optimized.extra_repr()}
 
 
@@ -137,6 +142,8 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--reps", type=int, default=None)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--optimize-compile", action="store_true",
+                        help="also time fused.optimize(x, compile=True) (seconds to minutes of compiling per point)")
     parser.add_argument("--compile-vmap", action="store_true",
                         help="also time torch.compile of the vmap baseline (tens of seconds of compiling per point)")
     parser.add_argument("--budget-s", type=float, default=None,
@@ -151,13 +158,15 @@ def main(argv=None) -> int:
     peak = matmul_tflops(device)
     results = {"environment": _environment(device), "bf16_matmul_tflops": peak, "points": []}
     print(f"{'model':<15}{'dtype':<9}{'N':>3}{'B':>5} " + " ".join(f"{m:>10}" for m in
-          ("loop", "loop_graph", "vmap", "vmap_comp", "fused", "optimized", "single_NB")) + "  speedup  TFLOP/s  eff")
+          ("loop", "loop_graph", "vmap", "vmap_comp", "fused", "optimized", "opt_comp", "single_NB")) +
+          "  speedup  TFLOP/s  eff")
     for model, dtype_name, members, batch in PRESETS[args.preset]:
         if args.budget_s is not None and time.monotonic() - started > args.budget_s:
             print(f"time budget spent: skipping {model} {dtype_name} N={members} B={batch} and later points")
             break
         try:
-            point = run_point(model, dtype_name, members, batch, device, reps, args.compile_vmap)
+            point = run_point(model, dtype_name, members, batch, device, reps, args.compile_vmap,
+                              args.optimize_compile)
         except Exception:  # one failing point must not lose the others' numbers
             traceback.print_exc()
             results["points"].append({"model": model, "dtype": dtype_name, "members": members, "batch": batch,
@@ -179,7 +188,7 @@ def main(argv=None) -> int:
             point["fraction_of_bf16_matmul"] = point["tflops"]["optimized"] / peak
         results["points"].append(point)
         cells = [ms.get(name) for name in ("loop", "loop_graph", "vmap", "vmap_compile", "fused", "optimized",
-                                           "single_member_NxB")]
+                                           "optimized_compile", "single_member_NxB")]
         print(f"{model:<15}{dtype_name:<9}{members:>3}{batch:>5} " + " ".join(
             f"{c:>10.3f}" if c is not None else f"{'-':>10}" for c in cells) +
             f"  {point['speedup_optimized_vs_best_loop']:>6.2f}x {point['tflops']['optimized']:>8.1f} "

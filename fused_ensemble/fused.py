@@ -109,15 +109,17 @@ class FusedEnsemble(nn.Module):
         return apply_reduction(outputs, self.reduction)
 
     def optimize(self, example_input: torch.Tensor, dtype: torch.dtype | None = None,
-                 cuda_graph: bool | None = None) -> "OptimizedEnsemble":
+                 cuda_graph: bool | None = None, compile: bool = False) -> "OptimizedEnsemble":
         """An inference module with this ensemble's outputs (within ``dtype``'s tolerance), tuned for the example
         input's device, dtype and sample shape: BatchNorm folded into convolutions, weights cast to ``dtype``
         (default: unchanged), each convolution run grouped or as N dense convolutions, whichever was faster on the
-        example, and on CUDA channels_last when faster and a CUDA graph when ``cuda_graph`` is True or, by default,
-        when replaying one is faster. Inputs of another device, dtype or sample shape raise a ValueError."""
+        example, the fastest of the fused graph, the member loop and vmap, in the faster memory format; with
+        ``compile=True`` the chosen forward under ``torch.compile`` when that is faster (compiling takes seconds to
+        minutes); on CUDA a CUDA graph when ``cuda_graph`` is True or, by default, when replaying one is faster.
+        Inputs of another device, dtype or sample shape raise a ValueError."""
         from fused_ensemble.optimized import OptimizedEnsemble
 
-        return OptimizedEnsemble(self, example_input, dtype=dtype, cuda_graph=cuda_graph)
+        return OptimizedEnsemble(self, example_input, dtype=dtype, cuda_graph=cuda_graph, compile=compile)
 
     def to_members(self) -> list[nn.Module]:
         """The N members as ordinary modules, with this module's current weights, buffers, device and mode."""

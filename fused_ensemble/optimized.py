@@ -10,6 +10,9 @@ What it does, each step kept only where it is exact or measured faster on the ex
   a CPU the members' activations stay in cache between layers, which a fused layout loses;
 - on CUDA, when the member ends in a Linear layer, times running it fused with the reduction (one Triton kernel,
   fused_ensemble.ensemble_head: the [N, B, K] logits never reach memory) against GEMM + ensemble_reduce;
+- with ``compile=True``, compiles the chosen forward with ``torch.compile`` (inductor fuses the elementwise ops
+  between layers and drops the Python overhead) and keeps it when it is faster and gives the same outputs: on the
+  2-core CPU, LeNet-5 N=4, B=64 went from 3.4 to 1.8 ms. Off by default: compiling takes seconds to minutes;
 - on CUDA, captures the forward in a CUDA graph (static input buffer, one graph per input shape) when
   ``cuda_graph=True``, or by default when replaying the graph is faster than running eagerly.
 """
@@ -95,7 +98,7 @@ class OptimizedEnsemble(nn.Module):
     new shape). Its weights are a snapshot: re-run ``optimize`` after training the fused module."""
 
     def __init__(self, fused: nn.Module, example_input: torch.Tensor, dtype: torch.dtype | None = None,
-                 cuda_graph: bool | None = None):
+                 cuda_graph: bool | None = None, compile: bool = False):
         super().__init__()
         from fused_ensemble.fused import _trace
 
@@ -123,6 +126,8 @@ class OptimizedEnsemble(nn.Module):
         self.memory_format = torch.contiguous_format
         self._cuda_graphs: dict[tuple, tuple] = {}
         self.cuda_graph = False
+        self.compiled = False
+        self._compiled_forward = None
 
         self.execution = "fused"
         self.members = nn.ModuleList(_folded_members(fused, self.device, self.compute_dtype))
@@ -137,6 +142,8 @@ class OptimizedEnsemble(nn.Module):
             self.members = None  # drop the second copy of the weights
             if self.head is not None and self.device.type == "cuda":
                 self.head_backend = self._fastest_head_backend(x)
+        if compile:
+            self.compiled = self._compiled_is_faster(x)
         if self.device.type == "cuda":
             self.cuda_graph = self._graph_is_faster(x) if cuda_graph is None else bool(cuda_graph)
 
@@ -147,7 +154,7 @@ class OptimizedEnsemble(nn.Module):
                 f"dtype={self.compute_dtype}, "
                 f"folded_batchnorms={self.folded_batchnorms}, grouped_convs={strategies.count('grouped')}, "
                 f"per_member_convs={strategies.count('per_member')}, memory_format={self.memory_format}, "
-                f"cuda_graph={self.cuda_graph}")
+                f"compiled={self.compiled}, cuda_graph={self.cuda_graph}")
 
     # ---- tuning ---------------------------------------------------------------------------------------------
 
@@ -216,6 +223,26 @@ class OptimizedEnsemble(nn.Module):
                               f"using GEMM + ensemble_reduce")
         return min(timings, key=timings.get)
 
+    def _compiled_is_faster(self, x: torch.Tensor) -> bool:
+        """Compiles the tuned forward and keeps it when it is faster on ``x`` and matches the eager outputs; a model
+        torch.compile cannot handle here (or a machine without inductor's C++ compiler) keeps the eager forward."""
+        compiled = torch.compile(self._eager)
+        try:
+            with torch.no_grad():
+                expected, actual = self._eager(x), compiled(x)  # the first compiled call compiles
+        except Exception as error:
+            warnings.warn(f"optimize(compile=True): torch.compile failed ({type(error).__name__}: {error}); "
+                          f"keeping the eager forward")
+            return False
+        tolerance = 1e-4 if self.compute_dtype == torch.float32 else 3e-2
+        if not torch.allclose(actual, expected, rtol=tolerance, atol=tolerance * expected.abs().max().item()):
+            warnings.warn("optimize(compile=True): the compiled forward differs from the eager one; keeping eager")
+            return False
+        if _median_ms(lambda: compiled(x), self.device.type) >= _median_ms(lambda: self._eager(x), self.device.type):
+            return False
+        self._compiled_forward = compiled
+        return True
+
     def _set_memory_format(self, memory_format: torch.memory_format) -> None:
         self.memory_format = memory_format
         for conv in self.convolutions:
@@ -226,7 +253,7 @@ class OptimizedEnsemble(nn.Module):
                 member.to(memory_format=memory_format)
 
     def _graph_is_faster(self, x: torch.Tensor) -> bool:
-        eager = median(time_ms(lambda: self._eager(x), "cuda", 20, warmup=3))
+        eager = median(time_ms(lambda: self._run(x), "cuda", 20, warmup=3))
         if eager > _GRAPH_WORTH_TRYING_BELOW_MS:
             return False
         graphed = median(time_ms(lambda: self._replay(x), "cuda", 20, warmup=3))
@@ -284,20 +311,27 @@ class OptimizedEnsemble(nn.Module):
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side), torch.no_grad():
                 for _ in range(2):  # warm-up outside the graph: cuDNN/cuBLAS pick algorithms, allocate workspaces
-                    self._eager(static_input)
+                    self._run(static_input)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph), torch.no_grad():
-                static_output = self._eager(static_input)
+                static_output = self._run(static_input)
             self._cuda_graphs[key] = (graph, static_input, static_output)
         graph, static_input, static_output = self._cuda_graphs[key]
         static_input.copy_(x)
         graph.replay()
         return static_output.clone()
 
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
+        """The chosen forward: compiled (when ``compiled``) or eager. Under an outer torch.compile, eager: the outer
+        compile traces it."""
+        if self.compiled and not torch.compiler.is_compiling():
+            return self._compiled_forward(x)
+        return self._eager(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
         with torch.no_grad():
             if self.cuda_graph and not torch.compiler.is_compiling():
                 return self._replay(x)
-            return self._eager(x)
+            return self._run(x)

@@ -38,12 +38,13 @@ def test_ensemble_throughput_smoke(tmp_path, bench_scripts):
 
     path = tmp_path / "throughput.json"
     assert ensemble_throughput.main(["--preset", "smoke", "--device", "cpu", "--reps", "1", "--json", str(path),
-                                     "--compile-vmap"]) == 0
+                                     "--compile-vmap", "--optimize-compile"]) == 0
     points = json.loads(path.read_text())["points"]
     assert [(p["model"], p["members"], p["batch"]) for p in points] == [("lenet", 2, 4), ("mlp", 3, 4)]
     for point in points:
         assert "error" not in point, point.get("error")
-        assert {"loop", "vmap", "vmap_compile", "fused", "optimized", "single_member_NxB"} <= set(point["ms"])
+        assert {"loop", "vmap", "vmap_compile", "fused", "optimized", "optimized_compile",
+                "single_member_NxB"} <= set(point["ms"])
         assert max(point["relative_error_vs_loop"].values()) < 1e-4
         assert point["flops_per_forward"] > 0 and point["ensemble_efficiency"] > 0
 

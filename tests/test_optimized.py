@@ -197,6 +197,49 @@ def test_optimized_under_torch_compile_fullgraph():
         _assert_close_fp32(compiled(x), optimized(x))
 
 
+@pytest.mark.slow
+def test_compile_candidate_matches_and_is_kept_only_when_faster(monkeypatch):
+    fused = FusedEnsemble(_members("lenet", 3)).eval()
+    x = torch.randn(4, *input_shape("lenet"))
+    optimized = fused.optimize(x, compile=True)
+    assert f"compiled={optimized.compiled}" in optimized.extra_repr()
+    with torch.no_grad():
+        _assert_close_fp32(optimized(x), fused(x))
+        x2 = torch.randn(7, *input_shape("lenet"))  # another batch size recompiles, still right
+        _assert_close_fp32(optimized(x2), fused(x2))
+        # Under an outer torch.compile the eager forward is what gets traced.
+        _assert_close_fp32(torch.compile(optimized, fullgraph=True)(x), fused(x))
+    # A compiled forward that is not faster is not kept (every candidate timed equal here).
+    from fused_ensemble import optimized as optimized_module
+
+    monkeypatch.setattr(optimized_module, "_median_ms", lambda fn, device: 1.0)
+    assert fused.optimize(x, compile=True).compiled is False
+
+
+def test_compile_failure_keeps_the_eager_forward(monkeypatch):
+    def broken_compile(fn, *args, **kwargs):
+        def run(*a, **k):
+            raise RuntimeError("no C++ compiler here")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    fused = FusedEnsemble(_members("mlp", 2)).eval()
+    x = torch.randn(3, *input_shape("mlp"))
+    with pytest.warns(UserWarning, match="torch.compile failed .*no C.. compiler here"):
+        optimized = fused.optimize(x, compile=True)
+    assert optimized.compiled is False
+    with torch.no_grad():
+        _assert_close_fp32(optimized(x), fused(x))
+
+
+def test_a_compiled_forward_with_other_outputs_is_refused(monkeypatch):
+    monkeypatch.setattr(torch, "compile", lambda fn, *args, **kwargs: (lambda x: fn(x) + 1.0))
+    fused = FusedEnsemble(_members("mlp", 2)).eval()
+    with pytest.warns(UserWarning, match="differs from the eager one"):
+        optimized = fused.optimize(torch.randn(3, *input_shape("mlp")), compile=True)
+    assert optimized.compiled is False
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("cuda_graph", [True, False])
 def test_cuda_graph_path_matches_eager(cuda_graph):
