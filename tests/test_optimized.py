@@ -216,6 +216,19 @@ def test_compile_candidate_matches_and_is_kept_only_when_faster(monkeypatch):
     assert fused.optimize(x, compile=True).compiled is False
 
 
+@pytest.mark.slow
+def test_compiled_candidates_do_not_share_dynamo_recompile_budget():
+    # Dynamo stops compiling a code object after 8 recompiles and runs it eagerly: 4 ensembles x 3 executions
+    # must still each compile their own graph.
+    from torch._dynamo.utils import counters
+
+    x = torch.randn(2, *input_shape("mlp"))
+    before = counters["stats"]["unique_graphs"]
+    for seed in range(4):
+        FusedEnsemble(_members("mlp", 2 + seed, seed)).eval().optimize(x, compile=True)
+    assert counters["stats"]["unique_graphs"] - before >= 12
+
+
 def test_compile_failure_keeps_the_eager_forward(monkeypatch):
     def broken_compile(fn, *args, **kwargs):
         def run(*a, **k):
