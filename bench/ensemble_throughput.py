@@ -30,6 +30,11 @@ from fused_ensemble.benchmarking import Workload, median, relative_error, time_m
 from fused_ensemble.fused import FusedEnsemble
 from fused_ensemble.models import build_model, input_shape
 
+# --compile-vmap compiles the same vmap lambda once per point: past dynamo's default of 8 recompiles per code object
+# it would silently run eagerly, and "vmap_compile" would time eager (the gpu-full preset has 120 points).
+torch._dynamo.config.cache_size_limit = 1024
+torch._dynamo.config.accumulated_cache_size_limit = 1024
+
 # (model, dtype, members, batch)
 PRESETS = {
     "gpu": [("resnet18-cifar", "bfloat16", 8, 1), ("resnet18-cifar", "bfloat16", 16, 64),
