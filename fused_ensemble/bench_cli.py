@@ -26,6 +26,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions (default: 3 on CPU, 50 on GPU)")
     parser.add_argument("--optimize", action="store_true",
                         help="also time FusedEnsemble.optimize(x) (tunes every convolution first: slow on CPU)")
+    parser.add_argument("--optimize-compile", action="store_true",
+                        help="also time FusedEnsemble.optimize(x, compile=True) (compiles each candidate: slow)")
     parser.add_argument("--compile-vmap", action="store_true",
                         help="also time torch.compile of the vmap baseline (compiles first: tens of seconds)")
     parser.add_argument("--json", default=None, metavar="PATH", help="write the results as JSON to PATH")
@@ -64,7 +66,8 @@ def run_bench(args: argparse.Namespace) -> dict:
     if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
-    methods = METHODS + (("vmap_compile",) if args.compile_vmap else ()) + (("optimized",) if args.optimize else ())
+    methods = (METHODS + (("vmap_compile",) if args.compile_vmap else ()) + (("optimized",) if args.optimize else ())
+               + (("optimized_compile",) if args.optimize_compile else ()))
     stages = tqdm(total=1 + 2 * len(methods), desc="bench", disable=args.no_progress, leave=False)
     stages.set_postfix_str("building members")
     workload = Workload.build(args.model, args.members, args.batch, device, dtype, args.reduction)
@@ -74,6 +77,9 @@ def run_bench(args: argparse.Namespace) -> dict:
     if args.optimize:
         stages.set_postfix_str("optimizing")
         runners["optimized"] = workload.optimized()
+    if args.optimize_compile:
+        stages.set_postfix_str("optimizing with torch.compile")
+        runners["optimized_compile"] = workload.optimized(compile=True)
     stages.update()
     outputs = {}
     with torch.no_grad():
@@ -108,9 +114,9 @@ def run_bench(args: argparse.Namespace) -> dict:
 def format_table(result: dict) -> str:
     lines = [f"{result['model']}: N={result['members']} members, batch {result['batch']}, {result['dtype']}, "
              f"{result['environment']['card']}, median of {result['reps']}",
-             f"{'method':<12} {'ms':>10} {'images/s':>10} {'vs loop':>8} {'vs vmap':>8} {'rel err':>9}"]
+             f"{'method':<18} {'ms':>10} {'images/s':>10} {'vs loop':>8} {'vs vmap':>8} {'rel err':>9}"]
     for name, row in result["results"].items():
-        lines.append(f"{name:<12} {row['ms']:>10.2f} {row['images_per_s']:>10.1f} {row['speedup_vs_loop']:>7.2f}x "
+        lines.append(f"{name:<18} {row['ms']:>10.2f} {row['images_per_s']:>10.1f} {row['speedup_vs_loop']:>7.2f}x "
                      f"{row['speedup_vs_vmap']:>7.2f}x {row['relative_error_vs_loop']:>9.1e}")
     return "\n".join(lines)
 

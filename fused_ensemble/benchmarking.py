@@ -109,8 +109,8 @@ class Workload:
         x = self.x
         return lambda: module(x)
 
-    def optimized(self) -> Callable[[], torch.Tensor]:
-        module = FusedEnsemble(self.members, reduction=self.reduction).eval().optimize(self.x)
+    def optimized(self, compile: bool = False) -> Callable[[], torch.Tensor]:
+        module = FusedEnsemble(self.members, reduction=self.reduction).eval().optimize(self.x, compile=compile)
         x = self.x
         return lambda: module(x)
 
