@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .ensemble_reduce import _logsumexp_add, _member_mean
+from .ensemble_reduce import _add_member, _member_mean
 
 REDUCTIONS = ("mean", "mean_probs", "softmax_of_mean", "log_mean_probs")
 
@@ -181,10 +181,7 @@ def _head_member_probs_kernel(x_ptr, w_ptr, b_ptr, row_max_ptr, row_log_sum_ptr,
             log_sum = tl.load(row_log_sum_ptr + stats_offs, mask=row_ok, other=0.0)
             shifted = z - row_max[:, None]
         log_p = shifted - log_sum[:, None]
-        if LOG_OUTPUT:
-            acc, top = _logsumexp_add(acc, top, log_p)
-        else:
-            acc += tl.exp(log_p)
+        acc, top = _add_member(acc, top, log_p, tl.exp(log_p), LOG_OUTPUT)
         stats_offs += B
         x_n += stride_xn
         w_n += stride_wn

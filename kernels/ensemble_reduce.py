@@ -261,6 +261,16 @@ def _logsumexp_add(acc, top, log_p):
 
 
 @triton.jit
+def _add_member(acc, top, log_p, p, LOG_OUTPUT: tl.constexpr):
+    """Adds one member to the accumulators that ``_member_mean`` finishes: its probabilities ``p`` to acc, or
+    (LOG_OUTPUT) its ``log_p`` to the online log-sum-exp of ``_logsumexp_add`` (the unused one of ``p`` and
+    ``log_p`` is compiled away)."""
+    if LOG_OUTPUT:
+        return _logsumexp_add(acc, top, log_p)
+    return acc + p, top
+
+
+@triton.jit
 def _member_mean(acc, top, log_n, N, LOG_OUTPUT: tl.constexpr):
     """The mean over members from the accumulators: acc / N, or (LOG_OUTPUT) log of it from the online
     log-sum-exp kept by ``_logsumexp_add``."""
@@ -290,11 +300,7 @@ def _member_probs_short_kernel(x_ptr, out_ptr, lse_ptr, N, R, K, stride_n, strid
         s = tl.sum(e, axis=1)
         log_s = tl.log(s)
         tl.store(lse_n + rows, m + log_s, mask=row_ok)
-        if LOG_OUTPUT:
-            log_p = shifted - log_s[:, None]
-            acc, top = _logsumexp_add(acc, top, log_p)
-        else:
-            acc += e * (1.0 / s)[:, None]
+        acc, top = _add_member(acc, top, shifted - log_s[:, None], e * (1.0 / s)[:, None], LOG_OUTPUT)
         x_n += stride_n
         lse_n += R
     result = _member_mean(acc, top, log_n, N, LOG_OUTPUT)
@@ -405,10 +411,7 @@ def _member_probs_pass2(x_ptr, out_ptr, rows, N, R, K, stride_n, stride_r, strid
         x_n = x_ptr
         for n in range(N):
             log_p = _member_log_probs(x_n, offs, mask, row_max, row_log_sum, n, BLOCK_N)
-            if LOG_OUTPUT:
-                acc, top = _logsumexp_add(acc, top, log_p)
-            else:
-                acc += tl.exp(log_p)
+            acc, top = _add_member(acc, top, log_p, tl.exp(log_p), LOG_OUTPUT)
             x_n += stride_n
         result = _member_mean(acc, top, log_n, N, LOG_OUTPUT)
         tl.store(out_ptr + rows[:, None] * K + cols[None, :], result, mask=mask)
