@@ -260,6 +260,16 @@ _COMPILE_FOR_SM90 = textwrap.dedent("""
             constexprs = {name: meta[name] for name in fn.arg_names if name in meta}
             kernel = triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32))
             assert "mma" in kernel.asm["ptx"], (fn.__name__, dtype)  # tl.dot became tensor-core code
+
+    # The reduction kernels that share the member accumulation with the head, both ways.
+    from fused_ensemble.kernels import ensemble_reduce as er
+    for log_output in (False, True):
+        meta = dict(LOG_OUTPUT=log_output, BLOCK_R=4, BLOCK_K=64, BLOCK_N=8, BLOCK_S=4)
+        for fn in (er._member_probs_short_kernel, er._member_probs_long_kernel, er._member_probs_split_kernel):
+            signature = {name: "constexpr" if name in meta else "*fp32" if name.endswith("_ptr") else
+                         "fp32" if name == "log_n" else "i64" for name in fn.arg_names}
+            constexprs = {name: meta[name] for name in fn.arg_names if name in meta}
+            triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32))
 """)
 
 
