@@ -16,13 +16,12 @@ import torch
 from torch import Tensor
 
 from fused_ensemble.ensemble_reduce import ensemble_reduce
-from fused_ensemble.reference import check_reduction
+from fused_ensemble.reference import check_float_tensor, check_reduction
 
 __all__ = ["ensemble_linear_reduce", "HEAD_BACKENDS"]
 
 HEAD_BACKENDS = ("auto", "torch", "triton")
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # Why the Triton head kernels cannot be imported (None: they can); checked once.
@@ -50,11 +49,7 @@ def _check_inputs(x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
     for name, t in named:
         if t is None and name == "bias":
             continue
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64), "
-                            f"got {t.dtype}")
+        check_float_tensor(t, name)
         if t.dtype != weight.dtype:
             raise TypeError(f"{name} has dtype {t.dtype} but weight has {weight.dtype}; all inputs must share one "
                             f"dtype")

@@ -47,13 +47,18 @@ def check_reduction(reduction: str) -> None:
         raise ValueError(f"unknown reduction {reduction!r}; expected one of {', '.join(map(repr, REDUCTIONS))}")
 
 
+def check_float_tensor(t, name: str) -> None:
+    """Raises unless ``t`` is a float16/bfloat16/float32/float64 tensor (``name`` says which argument)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64), "
+                        f"got {t.dtype}")
+
+
 def normalize_member_dim(logits: torch.Tensor, dim: int) -> int:
     """Checks ``logits`` and returns ``dim`` as a non-negative index of the member dim."""
-    if not isinstance(logits, torch.Tensor):
-        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
-    if logits.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"logits must be a floating-point tensor (float16, bfloat16, float32 or float64), "
-                        f"got {logits.dtype}")
+    check_float_tensor(logits, "logits")
     if logits.dim() < 2:
         raise ValueError(f"logits must have a member dim and a class dim (at least 2 dims), "
                          f"got shape {tuple(logits.shape)}")
