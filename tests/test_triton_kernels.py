@@ -8,14 +8,12 @@ import pytest
 import torch
 
 from fused_ensemble.reference import REDUCTIONS, reduce_reference, stats_reference
+from interpreter_warnings import IGNORE_INTERPRETER_WARNINGS
 
 triton = pytest.importorskip("triton")
 from fused_ensemble.kernels import ensemble_reduce as er  # noqa: E402
 
-# The interpreter evaluates masked-off lanes too (-inf - -inf, log 0), which numpy reports as warnings.
-pytestmark = [pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
-              pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning"),
-              pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")]
+pytestmark = IGNORE_INTERPRETER_WARNINGS
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FP32_TOL = dict(rtol=1e-5, atol=2e-6)
