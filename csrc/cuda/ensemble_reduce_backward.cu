@@ -50,22 +50,6 @@ struct BackwardParams {
   A inv_n, log_n;
 };
 
-template <typename T, int VEC, int NV, typename A>
-__device__ __forceinline__ void load_row_tile(A* v, const T* __restrict__ row, int t, const Group& g, int64_t K,
-                                              int64_t sK, bool row_ok, A fill) {
-#pragma unroll
-  for (int j = 0; j < NV; ++j) {
-    const int64_t k0 = slot_column(t, j, NV, g, VEC);
-    if (row_ok && k0 < K) {
-      if constexpr (VEC > 1) load_contig<T, VEC>(row + k0, v + j * VEC);
-      else v[j] = static_cast<A>(row[k0 * sK]);
-    } else {
-#pragma unroll
-      for (int e = 0; e < VEC; ++e) v[j * VEC + e] = fill;
-    }
-  }
-}
-
 template <typename T, int VEC, int E, Mode MODE>
 __global__ void __launch_bounds__(kMaxRowBlock) reduce_backward_kernel(const BackwardParams<acc_type<T>> p) {
   using A = acc_type<T>;

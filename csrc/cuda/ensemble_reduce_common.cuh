@@ -97,6 +97,24 @@ __device__ __forceinline__ int64_t slot_column(int t, int j, int nv, const Group
   return ((static_cast<int64_t>(t) * nv + j) * g.tpr + g.lane) * vec;
 }
 
+// Loads tile t of a row (elements of type T, column stride sK) into registers as A; `fill` where the row has
+// no column (rows past the end, columns past K).
+template <typename T, int VEC, int NV, typename A>
+__device__ __forceinline__ void load_row_tile(A* v, const T* __restrict__ row, int t, const Group& g, int64_t K,
+                                              int64_t sK, bool row_ok, A fill) {
+#pragma unroll
+  for (int j = 0; j < NV; ++j) {
+    const int64_t k0 = slot_column(t, j, NV, g, VEC);
+    if (row_ok && k0 < K) {
+      if constexpr (VEC > 1) load_contig<T, VEC>(row + k0, v + j * VEC);
+      else v[j] = static_cast<A>(row[k0 * sK]);
+    } else {
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) v[j * VEC + e] = fill;
+    }
+  }
+}
+
 __device__ __forceinline__ float shfl_xor(float v, int o) { return __shfl_xor_sync(kFullMask, v, o); }
 __device__ __forceinline__ double shfl_xor(double v, int o) { return __shfl_xor_sync(kFullMask, v, o); }
 __device__ __forceinline__ int shfl_xor(int v, int o) { return __shfl_xor_sync(kFullMask, v, o); }

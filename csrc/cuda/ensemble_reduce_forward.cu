@@ -89,23 +89,6 @@ struct RowParams {
   int64_t* prediction;
 };
 
-// Loads tile t of a member row into registers (-inf where the row has no column).
-template <typename T, int VEC, int NV, typename A>
-__device__ __forceinline__ void load_tile(A* v, const T* __restrict__ row, int t, const Group& g, int64_t K,
-                                          int64_t sK, bool row_ok) {
-#pragma unroll
-  for (int j = 0; j < NV; ++j) {
-    const int64_t k0 = slot_column(t, j, NV, g, VEC);
-    if (row_ok && k0 < K) {
-      if constexpr (VEC > 1) load_contig<T, VEC>(row + k0, v + j * VEC);
-      else v[j] = static_cast<A>(row[k0 * sK]);
-    } else {
-#pragma unroll
-      for (int e = 0; e < VEC; ++e) v[j * VEC + e] = neg_inf(A());
-    }
-  }
-}
-
 template <typename T, int VEC, int E, int MAX_BLOCK, Mode MODE>
 __global__ void __launch_bounds__(MAX_BLOCK) reduce_rows_kernel(const RowParams<acc_type<T>> p) {
   using A = acc_type<T>;
@@ -149,7 +132,7 @@ __global__ void __launch_bounds__(MAX_BLOCK) reduce_rows_kernel(const RowParams<
 #pragma unroll
       for (int i = 0; i < E; ++i) mean[i] = A(0);
       for (int64_t n = 0; n < p.N; ++n) {
-        load_tile<T, VEC, NV>(v, x + n * p.sN + rr * p.sR, t, g, K, p.sK, row_ok);
+        load_row_tile<T, VEC, NV>(v, x + n * p.sN + rr * p.sR, t, g, K, p.sK, row_ok, ninf);
 #pragma unroll
         for (int i = 0; i < E; ++i) mean[i] += v[i];  // padding stays -inf
       }
@@ -170,7 +153,7 @@ __global__ void __launch_bounds__(MAX_BLOCK) reduce_rows_kernel(const RowParams<
       const bool first = n == 0;
       SoftmaxPart<A, kStats> part = SoftmaxPart<A, kStats>::identity();
       for (int t = 0; t < p.tiles; ++t) {
-        load_tile<T, VEC, NV>(v, row, t, g, K, p.sK, row_ok);
+        load_row_tile<T, VEC, NV>(v, row, t, g, K, p.sK, row_ok, ninf);
         part = softmax_partial<A, kStats, E>(v, slot_column(t, 0, NV, g, VEC), VEC, col_stride, part);
       }
       part = group_reduce(part, g, scratch, parity);
@@ -186,7 +169,7 @@ __global__ void __launch_bounds__(MAX_BLOCK) reduce_rows_kernel(const RowParams<
       // exp(x - m) / s rather than exp(x - lse): lse = m + log s is rounded to the magnitude of m.
       const A scale = p.inv_n / part.s;
       for (int t = p.tiles - 1; t >= 0; --t) {
-        if (t != p.tiles - 1) load_tile<T, VEC, NV>(v, row, t, g, K, p.sK, row_ok);
+        if (t != p.tiles - 1) load_row_tile<T, VEC, NV>(v, row, t, g, K, p.sK, row_ok, ninf);
 #pragma unroll
         for (int j = 0; j < NV; ++j) {
           const int64_t k0 = slot_column(t, j, NV, g, VEC);
