@@ -10,6 +10,7 @@ import subprocess
 
 import torch
 
+from fused_ensemble import cpu_memory
 from fused_ensemble.benchmarking import Workload, best_device, median, parse_dtype, relative_error, time_ms
 from fused_ensemble.models import MODELS
 
@@ -43,7 +44,7 @@ def _environment(device: str) -> dict:
         except OSError:
             pass
     info = {"torch": torch.__version__, "python": platform.python_version(), "commit": commit or None,
-            "cpu_threads": torch.get_num_threads()}
+            "cpu_threads": torch.get_num_threads(), "cpu_allocator": cpu_memory.outcome()}
     if device.startswith("cuda"):
         info["card"] = torch.cuda.get_device_name()
     else:

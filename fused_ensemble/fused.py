@@ -63,8 +63,8 @@ class FusedEnsemble(nn.Module):
         member_inputs: if False every member sees the same input ``[B, ...]``; if True the input is
             ``[N, B, ...]`` and member i sees ``x[i]`` (bagging, members trained on different batches).
 
-    The first forward on CPU tensors with autograd on raises glibc malloc's mmap and trim thresholds to 1 GiB for the
-    process, so that the N-times-larger gradients and activations of every training step reuse memory instead of
+    The first forward on CPU tensors raises glibc malloc's mmap and trim thresholds to 1 GiB for the process, so that
+    the N-times-larger weights' reordered copies, gradients and activations of every call reuse memory instead of
     page-faulting fresh memory in (see ``fused_ensemble.cpu_memory``; ``FUSED_ENSEMBLE_KEEP_CPU_MEMORY=0`` opts out).
 
     Every parameter and buffer of the fused module is the stack of the members' tensors (dim 0 is the member
@@ -98,9 +98,7 @@ class FusedEnsemble(nn.Module):
                     shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
                     raise ValueError(f"member_inputs=True expects input {position} of shape [N, B, ...] with "
                                      f"N={self.num_members} members, got {shape}")
-        if not cpu_memory.settled() and torch.is_grad_enabled() and any(
-                isinstance(x, torch.Tensor) and x.device.type == "cpu" for x in inputs):
-            cpu_memory.retain_freed_cpu_memory()
+        cpu_memory.retain_for(inputs)
         outputs = self._graphs[self.training].run([(x, layout) for x in inputs])
         return self.reduce(outputs)
 

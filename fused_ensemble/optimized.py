@@ -26,6 +26,7 @@ import warnings
 import torch
 from torch import nn
 
+from fused_ensemble import cpu_memory
 from fused_ensemble.batchnorm_folding import fold_batchnorm
 from fused_ensemble.benchmarking import median, time_ms
 from fused_ensemble.graph_runner import FusedGraph
@@ -126,6 +127,8 @@ class OptimizedEnsemble(nn.Module):
         if cuda_graph and self.device.type != "cuda":
             raise ValueError(f"cuda_graph=True needs a CUDA example input, got one on {self.device}")
 
+        # Tuning times the candidates: on the CPU, with the allocator the fused module's own forward settles.
+        cpu_memory.retain_for([example_input])
         stacked = copy.deepcopy(fused.stacked).eval().to(self.device)
         graph = _trace(stacked, training=False)
         self.folded_batchnorms = fold_batchnorm(graph, stacked)

@@ -1,4 +1,4 @@
-"""FusedEnsemble's one-time glibc malloc setting for CPU training (fused_ensemble.cpu_memory)."""
+"""FusedEnsemble's one-time glibc malloc setting for CPU forwards (fused_ensemble.cpu_memory)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ def mallopt_calls(monkeypatch):
     """Records mallopt calls instead of making them, with the once-per-process flag reset."""
     calls = []
     monkeypatch.setattr(fused_module, "_cpu_memory_settled", False)
+    monkeypatch.setattr(fused_module, "_outcome", "not set yet")
     monkeypatch.setattr(fused_module, "_mallopt", lambda parameter, value: calls.append((parameter, value)) or True)
     for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "GLIBC_TUNABLES", "LD_PRELOAD",
                  fused_module._KEEP_CPU_MEMORY_VARIABLE):
@@ -46,11 +47,25 @@ def test_older_glibc_cap_on_the_mmap_threshold_is_used_when_one_gib_is_refused(m
     assert (fused_module._M_MMAP_THRESHOLD, fused_module._GLIBC_MAX_MMAP_THRESHOLD) in mallopt_calls
 
 
-def test_inference_forward_leaves_the_allocator_alone(mallopt_calls):
+def test_inference_forward_settles_the_allocator_too(mallopt_calls):
     with torch.no_grad():
         _fused()(torch.randn(3, 4, 5))
-    assert mallopt_calls == []
-    assert not fused_module._cpu_memory_settled
+    assert len(mallopt_calls) == 2
+    assert fused_module.settled()
+    assert fused_module.outcome().startswith("glibc mmap threshold 1024 MiB")
+
+
+def test_optimize_settles_the_allocator_before_tuning(mallopt_calls):
+    fused = FusedEnsemble([nn.Sequential(nn.Linear(5, 3), nn.ReLU(), nn.Linear(3, 2)) for _ in range(3)]).eval()
+    fused.optimize(torch.randn(4, 5))
+    assert len(mallopt_calls) == 2
+
+
+def test_only_cpu_tensors_settle_it(mallopt_calls):
+    fused_module.retain_for([torch.empty(2, device="meta"), "not a tensor"])
+    assert mallopt_calls == [] and not fused_module.settled()
+    fused_module.retain_for([torch.empty(2)])
+    assert len(mallopt_calls) == 2
 
 
 @pytest.mark.parametrize("variable, value", [
@@ -63,6 +78,7 @@ def test_user_choices_are_respected(monkeypatch, mallopt_calls, variable, value)
     monkeypatch.setenv(variable, value)
     _fused()(torch.randn(3, 4, 5)).sum().backward()
     assert mallopt_calls == []
+    assert fused_module.outcome().startswith("left alone")
 
 
 def test_non_glibc_platforms_are_left_alone(monkeypatch, mallopt_calls):
@@ -74,7 +90,7 @@ def test_non_glibc_platforms_are_left_alone(monkeypatch, mallopt_calls):
 def test_real_mallopt_accepts_the_values_on_glibc():
     if fused_module.platform.system() != "Linux" or fused_module.platform.libc_ver()[0] != "glibc":
         pytest.skip("glibc only")
-    # What the first CPU training forward of any test in this process sets anyway.
+    # What the first CPU forward of any test in this process sets anyway.
     assert (fused_module._mallopt(fused_module._M_MMAP_THRESHOLD, fused_module._RETAINED_BYTES)
             or fused_module._mallopt(fused_module._M_MMAP_THRESHOLD, fused_module._GLIBC_MAX_MMAP_THRESHOLD))
     assert fused_module._mallopt(fused_module._M_TRIM_THRESHOLD, fused_module._RETAINED_BYTES)
