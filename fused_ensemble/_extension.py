@@ -113,7 +113,7 @@ def build_jit(verbose: bool = False) -> bool:
         return False
     cuda_sources = sorted(glob.glob(os.path.join(_CSRC, "cuda", "*.cu")))
     with_cuda = bool(cuda_sources) and torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
-    cxx_flags = ["-O3", "-std=c++20", "-fopenmp"]
+    cxx_flags = ["-O3", "-std=c++20", "-fopenmp", "-fno-math-errno"]  # as setup.py
     if with_cuda:
         sources += cuda_sources
         cxx_flags.append("-DFUSED_ENSEMBLE_WITH_CUDA")

@@ -4,6 +4,8 @@ import pytest
 import torch
 
 from fused_ensemble import optim
+from fused_ensemble._extension import extension_status, load_extension
+from fused_ensemble.member_values import per_member
 
 N = 4
 SHAPES = [(5, 3), (5,), (2, 3, 3, 3)]  # one member's parameter shapes: linear weight, bias, conv weight
@@ -66,10 +68,15 @@ SGD_CASES = {
 }
 
 
+# fused=None: the C++ kernels on the CPU (csrc/cpu/member_optimizers.cpp); fused=False: the chunked foreach ops.
+KERNELS = pytest.mark.parametrize("fused", [None, False], ids=["cpp_kernels", "foreach"])
+
+
+@KERNELS
 @pytest.mark.parametrize("case", list(SGD_CASES))
-def test_sgd_matches_torch_per_member(case):
+def test_sgd_matches_torch_per_member(case, fused):
     fused_kwargs, member_kwargs = SGD_CASES[case]
-    stacked, members, _, _ = run_both(optim.SGD, torch.optim.SGD, fused_kwargs, member_kwargs)
+    stacked, members, _, _ = run_both(optim.SGD, torch.optim.SGD, dict(fused_kwargs, fused=fused), member_kwargs)
     assert_members_equal(stacked, members)
 
 
@@ -86,10 +93,12 @@ ADAMW_CASES = {
 }
 
 
+@KERNELS
 @pytest.mark.parametrize("case", list(ADAMW_CASES))
-def test_adamw_matches_torch_per_member(case):
+def test_adamw_matches_torch_per_member(case, fused):
     fused_kwargs, member_kwargs = ADAMW_CASES[case]
-    stacked, members, fused_opt, torch_opts = run_both(optim.AdamW, torch.optim.AdamW, fused_kwargs, member_kwargs)
+    stacked, members, fused_opt, torch_opts = run_both(optim.AdamW, torch.optim.AdamW,
+                                                       dict(fused_kwargs, fused=fused), member_kwargs)
     assert_members_equal(stacked, members)
     for j, p in enumerate(stacked):
         state = fused_opt.state[p]
@@ -112,14 +121,15 @@ def test_matches_torch_on_cuda_with_a_frozen_member(case):
     assert_members_equal(stacked, members)
 
 
+@KERNELS
 @pytest.mark.parametrize("cls, torch_cls, kwargs", [
     (optim.SGD, torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=1e-2)),
     (optim.AdamW, torch.optim.AdamW, dict(lr=1e-2)),
 ])
-def test_frozen_member_is_bitwise_unchanged_and_resumes(cls, torch_cls, kwargs):
+def test_frozen_member_is_bitwise_unchanged_and_resumes(cls, torch_cls, kwargs, fused):
     members = make_members()
     stacked = stack(members)
-    opt = cls(stacked, **kwargs)
+    opt = cls(stacked, **kwargs, fused=fused)
     for p in stacked:
         p.grad = torch.randn_like(p)
     opt.step()
@@ -139,16 +149,114 @@ def test_frozen_member_is_bitwise_unchanged_and_resumes(cls, torch_cls, kwargs):
         assert torch.isfinite(p).all()
 
     # Frozen at step 1 (0-based) only: member 2 must match a torch run that skipped that step.
-    stacked_after, members_after, _, _ = run_both(cls, torch_cls, kwargs, lambda i: kwargs,
+    stacked_after, members_after, _, _ = run_both(cls, torch_cls, dict(kwargs, fused=fused), lambda i: kwargs,
                                                   steps=4, frozen_steps={1: [2], 2: [0, 2]})
     assert_members_equal(stacked_after, members_after)
 
 
-def test_frozen_from_the_start_then_unfrozen_matches_a_fresh_torch_run():
+@KERNELS
+def test_frozen_from_the_start_then_unfrozen_matches_a_fresh_torch_run(fused):
+    # Member 1's first step comes two steps after the others': its momentum buffer starts as its gradient then.
     kwargs = dict(lr=0.1, momentum=0.9, dampening=0.2)
-    stacked, members, _, _ = run_both(optim.SGD, torch.optim.SGD, kwargs, lambda i: kwargs,
+    stacked, members, _, _ = run_both(optim.SGD, torch.optim.SGD, dict(kwargs, fused=fused), lambda i: kwargs,
                                       steps=4, frozen_steps={0: [1], 1: [1]})
     assert_members_equal(stacked, members)
+
+
+@pytest.mark.parametrize("make", [
+    lambda params, fused: optim.SGD(params, lr=[0.1, 0.05, 0.2, 0.3], momentum=[0.9, 0.0, 0.5, 0.9],
+                                    weight_decay=[1e-2, 0, 1e-3, 1e-2], fused=fused),
+    lambda params, fused: optim.SGD(params, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-2, fused=fused),
+    lambda params, fused: optim.AdamW(params, lr=[1e-3, 3e-3, 1e-2, 1e-3], weight_decay=[0.1, 0.0, 0.01, 0.1],
+                                      amsgrad=True, fused=fused),
+], ids=["sgd", "sgd_nesterov", "adamw_amsgrad"])
+def test_fused_kernels_and_foreach_ops_agree_and_leave_gradients_alone(make):
+    runs = []
+    for fused in (None, False):
+        torch.manual_seed(3)
+        params = stack(make_members())
+        opt = make(params, fused)
+        for _ in range(3):
+            grads = [torch.randn_like(p) for p in params]
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+            opt.step()
+            assert all(torch.equal(p.grad, g) for p, g in zip(params, grads))
+        runs.append([p.detach().clone() for p in params] + [t for p in params for t in _used_state(opt, p)])
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=1.3e-6, atol=1e-6)
+
+
+def _used_state(opt, p):
+    """The state tensors of ``p`` an update reads; the momentum buffer of a member with momentum 0 is not (the
+    foreach ops fill it with the gradient, the C++ kernel leaves it alone; torch.optim has none)."""
+    state = dict(optim._state_tensors(opt.state[p]))
+    if "momentum_buffer" in state:
+        momentum = torch.tensor(per_member(opt.param_groups[0]["momentum"], "momentum", opt.num_members))
+        state["momentum_buffer"] = state["momentum_buffer"] * (momentum != 0).view(-1, *[1] * (p.dim() - 1))
+    return list(state.values())
+
+
+@pytest.mark.parametrize("cls", [optim.SGD, optim.AdamW])
+def test_fused_true_says_why_it_cannot_run_and_none_falls_back(cls):
+    members = make_members()
+    transposed = [torch.stack([m[0].detach() for m in members]).transpose(1, 2).requires_grad_()]  # [N, 3, 5]
+    transposed[0].grad = torch.randn(N, 5, 3).transpose(1, 2)
+    with pytest.raises(RuntimeError, match="not contiguous"):
+        cls(transposed, lr=0.1, fused=True).step()
+    before = transposed[0].detach().clone()
+    cls(transposed, lr=0.1).step()  # fused=None: the foreach ops
+    assert not torch.equal(transposed[0], before)
+
+    meta = [torch.empty(N, 3, device="meta", requires_grad=True)]
+    meta[0].grad = torch.empty(N, 3, device="meta")
+    with pytest.raises(RuntimeError, match="CPU parameters only"):
+        cls(meta, lr=0.1, fused=True).step()
+    with pytest.raises(TypeError, match="fused must be"):
+        cls(meta, lr=0.1, fused="yes")
+
+
+@pytest.mark.parametrize("cls", [optim.SGD, optim.AdamW])
+def test_cpu_default_runs_the_cpp_kernels(monkeypatch, cls):
+    if not load_extension():
+        pytest.skip(f"the C++ extension is {extension_status()}")
+
+    def foreach_ops(*args):
+        raise AssertionError("the foreach ops ran")
+    monkeypatch.setattr(cls, "_apply", foreach_ops)
+    stacked = stack(make_members())
+    before = [p.detach().clone() for p in stacked]
+    opt = cls(stacked, lr=0.1)
+    for p in stacked:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    assert all(not torch.equal(p, b) for p, b in zip(stacked, before))
+
+
+def test_half_precision_parameters_take_the_foreach_ops():
+    torch.manual_seed(0)
+    runs = []
+    for fused in (None, False):
+        params = [torch.linspace(-1, 1, N * 30, dtype=torch.bfloat16).view(N, 6, 5).requires_grad_()]
+        opt = optim.AdamW(params, lr=[1e-2, 2e-2, 3e-2, 4e-2], fused=fused)
+        for step in range(3):
+            params[0].grad = torch.linspace(-step, 1, N * 30, dtype=torch.bfloat16).view(N, 6, 5)
+            opt.step()
+        runs.append(params[0].detach())
+    assert torch.equal(*runs)
+    with pytest.raises(RuntimeError, match="float32 and float64"):
+        optim.AdamW(params, fused=True).step()
+
+
+def test_fused_true_without_the_extension_says_so(monkeypatch):
+    monkeypatch.setattr(optim, "load_extension", lambda: False)
+    monkeypatch.setattr(optim, "extension_status", lambda: "not built (no fused_ensemble/_C*.so)")
+    stacked = stack(make_members())
+    for p in stacked:
+        p.grad = torch.randn_like(p)
+    with pytest.raises(RuntimeError, match=r"compiled extension is not built"):
+        optim.SGD(stacked, lr=0.1, fused=True).step()
+    optim.SGD(stacked, lr=0.1).step()  # fused=None: the foreach ops
 
 
 def test_param_groups_have_their_own_per_member_values():
@@ -297,9 +405,11 @@ def test_errors_name_the_problem():
 
 
 @pytest.mark.parametrize("make", [
-    lambda params: optim.SGD(params, lr=[0.1, 0.05, 0.2], momentum=[0.9, 0.0, 0.5], weight_decay=[1e-2, 0, 1e-3]),
-    lambda params: optim.SGD(params, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-2),
-    lambda params: optim.AdamW(params, lr=[1e-3, 3e-3, 1e-2], weight_decay=[0.1, 0.0, 0.01], amsgrad=True),
+    lambda params: optim.SGD(params, lr=[0.1, 0.05, 0.2], momentum=[0.9, 0.0, 0.5], weight_decay=[1e-2, 0, 1e-3],
+                             fused=False),
+    lambda params: optim.SGD(params, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-2, fused=False),
+    lambda params: optim.AdamW(params, lr=[1e-3, 3e-3, 1e-2], weight_decay=[0.1, 0.0, 0.01], amsgrad=True,
+                               fused=False),
 ], ids=["sgd", "sgd_nesterov", "adamw_amsgrad"])
 def test_cpu_chunked_update_is_bitwise_the_whole_update(monkeypatch, make):
     # Chunks of 7 elements cut parameters into single-member slices and pack small ones together; the
@@ -320,3 +430,39 @@ def test_cpu_chunked_update_is_bitwise_the_whole_update(monkeypatch, make):
         runs.append([p.detach().clone() for p in params] + states)
     for whole, chunked in zip(*runs):
         assert torch.equal(whole, chunked)
+
+
+@pytest.mark.parametrize("op", ["member_sgd_", "member_adamw_"])
+def test_cpp_kernel_schemas_declare_what_they_mutate(op):
+    if not load_extension():
+        pytest.skip(f"the C++ extension is {extension_status()}")
+    torch.manual_seed(0)
+    params = [torch.randn(N, 3, 2, dtype=torch.float64), torch.randn(N, 5, dtype=torch.float64)]
+    grads = [torch.randn_like(p) for p in params]
+    states = [[torch.rand_like(p) for p in params] for _ in range(3)]
+    if op == "member_sgd_":
+        factors = torch.tensor([-0.1, 0.01, 0.9, 0.8, 0.0, 1.0], dtype=torch.float64).expand(2, N, 6).contiguous()
+        args = (params, grads, states[0], factors, True)
+    else:
+        factors = torch.tensor([0.99, 0.1, 0.999, 1e-3, 0.5, 1e-8, -0.01, 1.0],
+                               dtype=torch.float64).expand(2, N, 8).contiguous()
+        args = (params, grads, *states, factors)
+    torch.library.opcheck(getattr(torch.ops.fused_ensemble_ext, op), args, test_utils=("test_schema",))
+
+
+def test_cpp_kernels_reject_mismatched_inputs():
+    if not load_extension():
+        pytest.skip(f"the C++ extension is {extension_status()}")
+    params = [torch.randn(N, 3)]
+    factors = torch.zeros(1, N, 6, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="grads\\[0\\] must be a contiguous CPU tensor"):
+        torch.ops.fused_ensemble_ext.member_sgd_(params, [torch.randn(N, 4)], [], factors, False)
+    with pytest.raises(RuntimeError, match="factors must be a contiguous float64 CPU tensor of shape \\[1, 4, 6\\]"):
+        torch.ops.fused_ensemble_ext.member_sgd_(params, [torch.randn(N, 3)], [], factors[:, :, :5], False)
+    momentum = factors.clone()
+    momentum[0, :, 2] = 0.9
+    momentum[0, :, 5] = 1.0
+    with pytest.raises(RuntimeError, match="momentum but no momentum buffers"):
+        torch.ops.fused_ensemble_ext.member_sgd_(params, [torch.randn(N, 3)], [], momentum, False)
+    with pytest.raises(RuntimeError, match="float32 or float64"):
+        torch.ops.fused_ensemble_ext.member_sgd_([params[0].half()], [torch.randn(N, 3).half()], [], factors, False)
