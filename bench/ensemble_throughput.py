@@ -27,7 +27,7 @@ import torch
 
 from fused_ensemble import cpu_memory
 from fused_ensemble.bench_cli import _environment
-from fused_ensemble.benchmarking import Workload, median, relative_error, time_ms
+from fused_ensemble.benchmarking import Workload, interleaved_times, median, relative_error, time_ms
 from fused_ensemble.fused import FusedEnsemble
 from fused_ensemble.models import build_model, input_shape
 
@@ -91,13 +91,6 @@ def graphed(fn, device: str):
     return graph.replay
 
 
-def _enough_reps(fn, device: str, reps: int) -> int:
-    """At least ``reps``, and more for fast calls (about half a second of calls): a few 1 ms calls on a shared
-    CPU give a median that moves by 10-30% between runs."""
-    once = median(time_ms(fn, device, 1, warmup=1))
-    return max(reps, min(200, int(500 / max(once, 1e-3))))
-
-
 def run_point(model: str, dtype_name: str, members: int, batch: int, device: str, reps: int,
               compile_vmap: bool = False, optimize_compile: bool = False) -> dict:
     dtype = DTYPES[dtype_name]
@@ -133,8 +126,7 @@ def run_point(model: str, dtype_name: str, members: int, batch: int, device: str
         reference = methods["loop"]()
         errors = {name: relative_error(methods[name](), reference)
                   for name in ("vmap", "vmap_compile", "fused", "optimized", "optimized_compile") if name in methods}
-    timings = {name: median(time_ms(fn, device, _enough_reps(fn, device, reps), warmup=1))
-               for name, fn in methods.items()}
+    timings = {name: median(times) for name, times in interleaved_times(methods, device, reps).items()}
     return {"model": model, "dtype": dtype_name, "members": members, "batch": batch, "ms": timings,
             "relative_error_vs_loop": errors, "vmap_compile_problem": compile_problem,
             "optimized_compile": optimized_compiled.extra_repr() if optimize_compile else None,

@@ -140,6 +140,25 @@ def time_ms(fn: Callable[[], object], device: str, reps: int, warmup: int = 1) -
     return times
 
 
+def interleaved_times(fns: dict[str, Callable[[], object]], device: str, min_reps: int, budget_ms: float = 500.0,
+                      rounds: int = 5, max_reps: int = 200) -> dict[str, list[float]]:
+    """Wall times in ms of every function of ``fns`` (as ``time_ms``), taken in ``rounds`` rounds that each call
+    every function in turn. A machine that slows down or speeds up while it is measured (a shared CPU, clock
+    changes) then shifts all functions' times alike, instead of favouring the one that ran in a quiet moment.
+    Each function gets at least ``min_reps`` calls and, when calls are fast, about ``budget_ms`` of them (at most
+    ``max_reps``), sized by one call after a warm-up call: a handful of 1 ms calls on a shared CPU gives a median
+    that moves by 10-30% between runs."""
+    once = {name: median(time_ms(fn, device, 1, warmup=1)) for name, fn in fns.items()}
+    reps = {name: max(min_reps, min(max_reps, int(budget_ms / max(ms, 1e-3)))) for name, ms in once.items()}
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for round_index in range(rounds):
+        for name, fn in fns.items():
+            # Round r makes calls [r * reps / rounds, (r + 1) * reps / rounds): reps in all, at least one a round.
+            calls = max(1, (round_index + 1) * reps[name] // rounds - round_index * reps[name] // rounds)
+            times[name] += time_ms(fn, device, calls, warmup=0)
+    return times
+
+
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     out, ref = out.double(), ref.double()
     return float((out - ref).norm() / ref.norm().clamp_min(1e-30))

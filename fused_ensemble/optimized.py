@@ -28,7 +28,7 @@ from torch import nn
 
 from fused_ensemble import cpu_memory
 from fused_ensemble.batchnorm_folding import fold_batchnorm
-from fused_ensemble.benchmarking import median, time_ms
+from fused_ensemble.benchmarking import interleaved_times, median, time_ms
 from fused_ensemble.graph_runner import FusedGraph
 from fused_ensemble.layout import Layout
 from fused_ensemble.module_rules import linear as linear_rule
@@ -57,11 +57,14 @@ def _replace_convolutions(graph, stacked: nn.Module, memory_format) -> list[Prep
     return prepared
 
 
-def _median_ms(fn, device: str) -> float:
-    """Median time of ``fn``, repeated for about 0.2 s (at least 5 times): sub-millisecond forwards need many
-    calls for a choice between candidates that are a few percent apart."""
-    once = median(time_ms(fn, device, 1, warmup=2))
-    return median(time_ms(fn, device, max(_TUNING_REPS + 2, min(200, int(200 / max(once, 1e-3)))), warmup=0))
+def _fastest(candidates: dict, device: str) -> tuple[object, float]:
+    """The key of the fastest of ``candidates`` (callables) and its median ms: each timed for about 0.2 s (at
+    least 5 calls; sub-millisecond forwards need many calls for a choice between candidates a few percent apart),
+    in interleaved rounds so that a machine whose speed drifts meanwhile favours none of them."""
+    times = interleaved_times(candidates, device, _TUNING_REPS + 2, budget_ms=200.0)
+    medians = {key: median(ms) for key, ms in times.items()}
+    best = min(medians, key=medians.get)
+    return best, medians[best]
 
 
 def _with_own_code(method):
@@ -192,11 +195,10 @@ class OptimizedEnsemble(nn.Module):
             self.execution = "fused"
             self._autotune(x)
             strategies = [c.strategy for c in self.convolutions]
-            for execution in self._executions():
-                self.execution = execution
-                ms = _median_ms(lambda: self._eager(x), self.device.type)
-                if best is None or ms < best[0]:
-                    best = (ms, memory_format, execution, strategies)
+            execution, ms = _fastest({execution: self._eager_as(execution, x) for execution in self._executions()},
+                                     self.device.type)
+            if best is None or ms < best[0]:
+                best = (ms, memory_format, execution, strategies)
         _, memory_format, self.execution, strategies = best
         self._set_memory_format(memory_format)
         for conv, strategy in zip(self.convolutions, strategies):
@@ -243,16 +245,13 @@ class OptimizedEnsemble(nn.Module):
         or vmap's elementwise ops as well as the fused graph's). A compiled forward must match the eager outputs;
         a model torch.compile cannot handle here (or a machine without inductor's C++ compiler) keeps eager."""
         eager_execution = self.execution
-        best = (_median_ms(lambda: self._eager(x), self.device.type), eager_execution, None)
+        candidates = {(eager_execution, None): self._eager_as(eager_execution, x)}
         for execution in self._executions():
             self.execution = execution
             compiled = self._compiled(x)
-            if compiled is None:
-                continue
-            ms = _median_ms(lambda: compiled(x), self.device.type)
-            if ms < best[0]:
-                best = (ms, execution, compiled)
-        _, self.execution, self._compiled_forward = best
+            if compiled is not None:
+                candidates[(execution, compiled)] = self._eager_as(execution, x, compiled)
+        (self.execution, self._compiled_forward), _ = _fastest(candidates, self.device.type)
         self.compiled = self._compiled_forward is not None
 
     def _compiled(self, x: torch.Tensor):
@@ -309,6 +308,16 @@ class OptimizedEnsemble(nn.Module):
         if self.member_inputs and x.shape[0] != self.num_members:
             raise ValueError(f"member_inputs=True expects input of shape [N, B, ...] with N={self.num_members}, "
                              f"got {tuple(x.shape)}")
+
+    def _eager_as(self, execution: str, x: torch.Tensor, forward=None):
+        """A callable that runs ``forward`` (default: the eager forward) on ``x`` with ``execution`` selected, for
+        timing candidates in turns."""
+        forward = forward or self._eager
+
+        def run():
+            self.execution = execution
+            return forward(x)
+        return run
 
     def _eager(self, x: torch.Tensor) -> torch.Tensor:
         from fused_ensemble.fused import apply_reduction

@@ -212,7 +212,7 @@ def test_compile_candidate_matches_and_is_kept_only_when_faster(monkeypatch):
     # A compiled forward that is not faster is not kept (every candidate timed equal here).
     from fused_ensemble import optimized as optimized_module
 
-    monkeypatch.setattr(optimized_module, "_median_ms", lambda fn, device: 1.0)
+    monkeypatch.setattr(optimized_module, "interleaved_times", lambda fns, *args, **kwargs: {k: [1.0] for k in fns})
     assert fused.optimize(x, compile=True).compiled is False
 
 
