@@ -3,9 +3,11 @@
 Backends: ``"torch"`` (fused_ensemble.reference, autograd through it), ``"triton"`` (fused_ensemble.kernels, CUDA
 tensors, or CPU tensors under ``TRITON_INTERPRET=1``) and ``"cpp"`` (the compiled extension: C++ kernels for CPU
 tensors, CUDA C++ kernels for CUDA tensors). ``"auto"`` prefers triton, then cpp, then torch on CUDA, and cpp, then
-torch on CPU; except on CUDA for tiny rows (at most ``CUDA_CPP_MAX_CLASSES`` classes) of the reductions that take
-a softmax per member, where the CUDA C++ kernels come first (measured, see ``CUDA_CPP_MAX_CLASSES``). A kernel backend that raised once under ``"auto"`` is not chosen again in this process (with a
-warning, the way xformers remembers a failed Triton kernel); an explicitly named backend is never second-guessed.
+torch on CPU; except on CUDA for ``"mean"`` and for tiny rows (at most ``CUDA_CPP_MAX_CLASSES`` classes) of the
+reductions that take a softmax per member, where the CUDA C++ kernels come first (measured, see
+``CUDA_CPP_MAX_CLASSES`` and ``CUDA_CPP_FIRST_ANY_K``). A kernel backend that raised once under ``"auto"`` is not
+chosen again in this process (with a warning, the way xformers remembers a failed Triton kernel); an explicitly
+named backend is never second-guessed.
 """
 
 from __future__ import annotations
@@ -28,6 +30,10 @@ CUDA_CPP_MAX_CLASSES = 64
 mean_probs and log_mean_probs and 2.0-2.2x for ensemble_stats (several rows per warp vs Triton's 2D tiles), while
 Triton was as fast for mean and 1.15-1.25x faster for softmax_of_mean there, and mostly faster from K=1000 up."""
 CUDA_CPP_FIRST = ("mean_probs", "log_mean_probs", "stats")
+CUDA_CPP_FIRST_ANY_K = ("mean",)
+"""Reductions that go to the CUDA C++ kernels first on CUDA whatever K is. ``mean``, same H100 run: CUDA C++ read
+0.90-0.96 of copy and 0.96-1.05x eager's ``torch.mean`` at all 11 shapes, Triton 0.81-0.94 and 0.89-1.03x (slower
+than eager at 6); a mean has no per-member softmax to fuse, so a copy-speed kernel is all there is to gain."""
 
 # (backend, device type) pairs whose kernels raised under "auto"; filled by note_auto_failure.
 _failed_under_auto: set[tuple[str, str]] = set()
@@ -113,7 +119,8 @@ def resolve_backend(backend: str, device_type: str, dtype: torch.dtype, classes:
     check_backend(backend)
     if backend == "auto":
         # A plain bool before the constant-folded choice (under torch.compile a symbolic K becomes a guard here).
-        cpp_first = bool(classes is not None and classes <= CUDA_CPP_MAX_CLASSES and workload in CUDA_CPP_FIRST)
+        cpp_first = bool(workload in CUDA_CPP_FIRST_ANY_K or (
+            classes is not None and classes <= CUDA_CPP_MAX_CLASSES and workload in CUDA_CPP_FIRST))
         return _auto_choice(device_type, dtype, cpp_first)
     problem = unavailable_reason(backend, device_type, dtype)
     if problem is not None:

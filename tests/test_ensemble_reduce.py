@@ -431,8 +431,8 @@ def test_auto_prefers_the_kernels_for_the_device():
 
 
 def test_auto_on_cuda_takes_the_cuda_cpp_kernels_for_tiny_rows(monkeypatch):
-    # Where both kernel backends could run: the CUDA C++ kernels first for tiny rows of the per-member softmax
-    # workloads (measured faster there), Triton first everywhere else.
+    # Where both kernel backends could run: the CUDA C++ kernels first for "mean" and for tiny rows of the
+    # per-member softmax workloads (measured faster there), Triton first everywhere else.
     available = {"triton", "cpp"}
     monkeypatch.setattr(backends, "unavailable_reason",
                         lambda backend, device, dtype: None if backend in available else "not here")
@@ -440,8 +440,9 @@ def test_auto_on_cuda_takes_the_cuda_cpp_kernels_for_tiny_rows(monkeypatch):
     for workload in ("mean_probs", "log_mean_probs", "stats"):
         assert resolve("auto", "cuda", torch.float32, 10, workload) == "cpp"
         assert resolve("auto", "cuda", torch.float32, backends.CUDA_CPP_MAX_CLASSES + 1, workload) == "triton"
-    for workload in ("mean", "softmax_of_mean"):
-        assert resolve("auto", "cuda", torch.float32, 10, workload) == "triton"
+    assert resolve("auto", "cuda", torch.float32, 10, "softmax_of_mean") == "triton"
+    for classes in (10, 128256):
+        assert resolve("auto", "cuda", torch.float32, classes, "mean") == "cpp"
     assert resolve("auto", "cuda", torch.float32) == "triton"  # no shape given
     assert resolve("auto", "cpu", torch.float32, 10, "stats") == "cpp"
     available.discard("cpp")
