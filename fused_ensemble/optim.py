@@ -14,11 +14,12 @@ operation, so member i ends up equal, to fp32 rounding, to a torch optimizer run
 On the CPU the update runs by default (``fused=None``) as one C++ kernel call per optimizer and parameter group
 (``torch.ops.fused_ensemble_ext.member_sgd_`` / ``member_adamw_``, csrc/cpu/member_optimizers.cpp): one pass over
 each parameter, gradient and state tensor, chunks of member slices spread over the threads, each member with its
-own factors, frozen members skipped. The foreach ops stream each stacked tensor through memory once per update
-term. Over 4 ResNet-18 members on the 2-core CPU, SGD with momentum and weight decay took 11.7 ms (foreach ops
-20-25 ms, torch.optim's default for the members one by one 26, ``torch.optim.SGD(fused=True)`` 14.3) and AdamW
-17.1 ms (foreach 45-53, ``torch.optim.AdamW(fused=True)`` 19.3). The kernels follow the single-tensor
-arithmetic of torch.optim operation by operation.
+own factors, frozen members skipped; the element loops are compiled once per CPU capability (AVX2, AVX-512).
+The foreach ops stream each stacked tensor through memory once per update term. Over 4 ResNet-18 members on the
+2-core CPU (``bench/test_bench_optim.py``, medians): SGD with momentum and weight decay 13.5 ms, as fast as
+``torch.optim.SGD(fused=True)`` on the members' own tensors (13.9), against 27.1 for the foreach ops and 24.7 for
+torch.optim's default; AdamW 19.3 ms (torch fused 19.2, foreach 55.4, torch default 49.7). The kernels follow the
+single-tensor arithmetic of torch.optim operation by operation.
 
 ``fused=False``, and what the kernels do not take (float16/bfloat16 or non-contiguous tensors, a build without the
 extension), use the foreach ops; on the CPU over cache-sized chunks of member slices (``CPU_CHUNK_ELEMENTS``), every

@@ -6,7 +6,6 @@
 // included; never made contiguous here). Outputs are float32, or float64 for float64 logits.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <ATen/Version.h>
 #include <Python.h>
 #include <torch/library.h>
 
@@ -26,16 +25,16 @@ namespace fused_ensemble::cpu {
 namespace {
 
 const KernelTable& kernels() {
-  // The widest vectors both the CPU and this torch build use (torch honours ATEN_CPU_CAPABILITY, so do we).
-  static const KernelTable& table = []() -> const KernelTable& {
+  switch (kernel_capability()) {
 #ifdef FUSED_ENSEMBLE_X86_KERNELS
-    const std::string capability = at::get_cpu_capability();
-    if (capability == "AVX512") return AVX512::kernel_table();
-    if (capability == "AVX2") return AVX2::kernel_table();
+    case Capability::Avx512:
+      return AVX512::kernel_table();
+    case Capability::Avx2:
+      return AVX2::kernel_table();
 #endif
-    return DEFAULT::kernel_table();
-  }();
-  return table;
+    default:
+      return DEFAULT::kernel_table();
+  }
 }
 
 Reduction parse_reduction(c10::string_view reduction) {

@@ -7,19 +7,33 @@
 //
 // The per-(parameter, member) factors come from Python as a float64 tensor [P, N, F] (F factors, listed below per
 // optimizer): derived values (1 - lr * wd, bias corrections) are computed there in float64, as torch.optim computes
-// them in Python floats, and rounded here once to the parameter dtype. The element arithmetic follows
-// torch.optim's single-tensor path operation by operation.
+// them in Python floats, and rounded here once to the parameter dtype. This file checks the inputs and splits the
+// work into chunks over the threads; the element loops (member_optimizers_impl.h, torch.optim's single-tensor
+// arithmetic operation by operation) are compiled once per CPU capability.
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <cmath>
 #include <cstdint>
 #include <vector>
 
+#include "member_optimizers.h"
+
 namespace fused_ensemble::cpu {
 namespace {
+
+const OptimizerKernelTable& kernels() {
+  switch (kernel_capability()) {
+#ifdef FUSED_ENSEMBLE_X86_KERNELS
+    case Capability::Avx512:
+      return AVX512::optimizer_kernel_table();
+    case Capability::Avx2:
+      return AVX2::optimizer_kernel_table();
+#endif
+    default:
+      return DEFAULT::optimizer_kernel_table();
+  }
+}
 
 // Elements of one member slice per task: enough to outweigh the scheduling, few enough (64 KB of fp32 per
 // tensor) that the update's tensors of a task stay in L2 and that a handful of large parameters still spread
@@ -106,10 +120,24 @@ T* member_data(const at::Tensor& t, const Task& task, int64_t members) {
   return t.data_ptr<T>() + task.member * (t.numel() / members) + task.begin;
 }
 
-// torch.optim.SGD, one member slice:
-//   g = grad (+ weight_decay * p);  buf = g (first step) or momentum * buf + (1 - dampening) * g;
-//   g = g + momentum * buf (nesterov) or buf;  p = p - lr * g.
-// A member with momentum 0 uses no buffer; one with weight decay 0 adds nothing.
+template <typename T>
+void sgd_chunks(const std::vector<Task>& tasks, at::TensorList params, at::TensorList grads,
+                at::TensorList momentum_buffers, const double* f, bool nesterov,
+                void (*kernel)(const SgdChunk<T>&)) {
+  const int64_t members = params[0].size(0);
+  run_tasks(tasks, [&](const Task& task) {
+    const double* factor = f + (task.param * members + task.member) * kSgdFactors;
+    const bool momentum = factor[kSgdMomentum] != 0.0;
+    kernel({member_data<T>(params[task.param], task, members), member_data<T>(grads[task.param], task, members),
+            momentum ? member_data<T>(momentum_buffers[task.param], task, members) : nullptr,
+            task.end - task.begin, static_cast<T>(factor[kSgdNegLr]), static_cast<T>(factor[kSgdWeightDecay]),
+            static_cast<T>(factor[kSgdMomentum]), static_cast<T>(factor[kSgdGradScale]),
+            factor[kSgdFirstStep] != 0.0, nesterov});
+  });
+}
+
+// torch.optim.SGD for every active member slice; a member with momentum 0 uses no buffer, one with weight decay 0
+// adds nothing.
 void member_sgd_(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
                  const at::Tensor& factors, bool nesterov) {
   const std::vector<Task> tasks = plan("member_sgd_", params, factors, kSgdFactors, kSgdActive);
@@ -123,44 +151,34 @@ void member_sgd_(at::TensorList params, at::TensorList grads, at::TensorList mom
                   "fused_ensemble_ext::member_sgd_: a member has momentum but no momentum buffers were given");
     }
   }
-  AT_DISPATCH_FLOATING_TYPES(params[0].scalar_type(), "member_sgd_", [&] {
-    run_tasks(tasks, [&](const Task& task) {
-      const double* factor = f + (task.param * members + task.member) * kSgdFactors;
-      const auto neg_lr = static_cast<scalar_t>(factor[kSgdNegLr]);
-      const auto weight_decay = static_cast<scalar_t>(factor[kSgdWeightDecay]);
-      const auto momentum = static_cast<scalar_t>(factor[kSgdMomentum]);
-      const auto grad_scale = static_cast<scalar_t>(factor[kSgdGradScale]);
-      const bool first_step = factor[kSgdFirstStep] != 0.0;
-      const int64_t n = task.end - task.begin;
-      scalar_t* p = member_data<scalar_t>(params[task.param], task, members);
-      const scalar_t* grad = member_data<scalar_t>(grads[task.param], task, members);
-      if (momentum == scalar_t(0)) {
-        for (int64_t k = 0; k < n; ++k) {
-          const scalar_t g = weight_decay != scalar_t(0) ? grad[k] + weight_decay * p[k] : grad[k];
-          p[k] = p[k] + neg_lr * g;
-        }
-        return;
-      }
-      scalar_t* buf = member_data<scalar_t>(momentum_buffers[task.param], task, members);
-      for (int64_t k = 0; k < n; ++k) {
-        const scalar_t g = weight_decay != scalar_t(0) ? grad[k] + weight_decay * p[k] : grad[k];
-        const scalar_t b = first_step ? g : buf[k] * momentum + grad_scale * g;
-        buf[k] = b;
-        p[k] = p[k] + neg_lr * (nesterov ? g + momentum * b : b);
-      }
-    });
+  const OptimizerKernelTable& table = kernels();
+  if (params[0].scalar_type() == at::kDouble) {
+    sgd_chunks<double>(tasks, params, grads, momentum_buffers, f, nesterov, table.sgd_double);
+  } else {
+    sgd_chunks<float>(tasks, params, grads, momentum_buffers, f, nesterov, table.sgd_float);
+  }
+}
+
+template <typename T>
+void adamw_chunks(const std::vector<Task>& tasks, at::TensorList params, at::TensorList grads,
+                  at::TensorList exp_avgs, at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+                  const double* f, void (*kernel)(const AdamWChunk<T>&)) {
+  const int64_t members = params[0].size(0);
+  const bool amsgrad = !max_exp_avg_sqs.empty();
+  run_tasks(tasks, [&](const Task& task) {
+    const double* factor = f + (task.param * members + task.member) * kAdamFactors;
+    kernel({member_data<T>(params[task.param], task, members), member_data<T>(grads[task.param], task, members),
+            member_data<T>(exp_avgs[task.param], task, members),
+            member_data<T>(exp_avg_sqs[task.param], task, members),
+            amsgrad ? member_data<T>(max_exp_avg_sqs[task.param], task, members) : nullptr, task.end - task.begin,
+            static_cast<T>(factor[kAdamDecay]), static_cast<T>(factor[kAdamOneMinusBeta1]),
+            static_cast<T>(factor[kAdamBeta2]), static_cast<T>(factor[kAdamOneMinusBeta2]),
+            static_cast<T>(factor[kAdamBiasCorrection2Sqrt]), static_cast<T>(factor[kAdamEps]),
+            static_cast<T>(factor[kAdamNegStepSize])});
   });
 }
 
-// NaN-propagating maximum, as torch.maximum.
-template <typename T>
-T maximum(T a, T b) {
-  return (a != a || a > b) ? a : b;
-}
-
-// torch.optim.AdamW, one member slice, with this step's bias corrections:
-//   p = p * (1 - lr * wd);  m = lerp(m, g, 1 - beta1);  v = beta2 * v + (1 - beta2) * g * g;
-//   vmax = max(vmax, v) (amsgrad);  p = p - lr / bc1 * m / (sqrt(v or vmax) / sqrt(bc2) + eps).
+// torch.optim.AdamW for every active member slice, with this step's bias corrections.
 void member_adamw_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                    at::TensorList max_exp_avg_sqs, const at::Tensor& factors) {
   const std::vector<Task> tasks = plan("member_adamw_", params, factors, kAdamFactors, kAdamActive);
@@ -168,44 +186,13 @@ void member_adamw_(at::TensorList params, at::TensorList grads, at::TensorList e
   check_list("member_adamw_", "exp_avgs", exp_avgs, params, false);
   check_list("member_adamw_", "exp_avg_sqs", exp_avg_sqs, params, false);
   check_list("member_adamw_", "max_exp_avg_sqs", max_exp_avg_sqs, params, true);
-  const bool amsgrad = !max_exp_avg_sqs.empty();
-  const int64_t members = params[0].size(0);
   const double* f = factors.data_ptr<double>();
-  AT_DISPATCH_FLOATING_TYPES(params[0].scalar_type(), "member_adamw_", [&] {
-    run_tasks(tasks, [&](const Task& task) {
-      const double* factor = f + (task.param * members + task.member) * kAdamFactors;
-      const auto decay = static_cast<scalar_t>(factor[kAdamDecay]);
-      const auto weight = static_cast<scalar_t>(factor[kAdamOneMinusBeta1]);
-      const auto beta2 = static_cast<scalar_t>(factor[kAdamBeta2]);
-      const auto one_minus_beta2 = static_cast<scalar_t>(factor[kAdamOneMinusBeta2]);
-      const auto bias_correction2_sqrt = static_cast<scalar_t>(factor[kAdamBiasCorrection2Sqrt]);
-      const auto eps = static_cast<scalar_t>(factor[kAdamEps]);
-      const auto neg_step_size = static_cast<scalar_t>(factor[kAdamNegStepSize]);
-      const bool small_weight = std::abs(weight) < scalar_t(0.5);  // torch's lerp picks its formula by the weight
-      const int64_t n = task.end - task.begin;
-      scalar_t* p = member_data<scalar_t>(params[task.param], task, members);
-      const scalar_t* grad = member_data<scalar_t>(grads[task.param], task, members);
-      scalar_t* m = member_data<scalar_t>(exp_avgs[task.param], task, members);
-      scalar_t* v = member_data<scalar_t>(exp_avg_sqs[task.param], task, members);
-      scalar_t* v_max = amsgrad ? member_data<scalar_t>(max_exp_avg_sqs[task.param], task, members) : nullptr;
-      for (int64_t k = 0; k < n; ++k) {
-        const scalar_t g = grad[k];
-        const scalar_t param = decay != scalar_t(1) ? p[k] * decay : p[k];
-        const scalar_t diff = g - m[k];
-        const scalar_t m_k = small_weight ? m[k] + weight * diff : g - diff * (scalar_t(1) - weight);
-        const scalar_t v_k = v[k] * beta2 + one_minus_beta2 * g * g;
-        m[k] = m_k;
-        v[k] = v_k;
-        scalar_t second = v_k;
-        if (amsgrad) {
-          second = maximum(v_max[k], v_k);
-          v_max[k] = second;
-        }
-        const scalar_t denom = std::sqrt(second) / bias_correction2_sqrt + eps;
-        p[k] = param + neg_step_size * (m_k / denom);
-      }
-    });
-  });
+  const OptimizerKernelTable& table = kernels();
+  if (params[0].scalar_type() == at::kDouble) {
+    adamw_chunks<double>(tasks, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, f, table.adamw_double);
+  } else {
+    adamw_chunks<float>(tasks, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, f, table.adamw_float);
+  }
 }
 
 }  // namespace

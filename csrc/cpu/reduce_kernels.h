@@ -7,11 +7,7 @@
 
 #include <cstdint>
 
-// The AVX2/AVX512 copies are compiled with `#pragma GCC target`, which GCC supports on x86-64; elsewhere
-// (clang, aarch64) only the DEFAULT copy is built and at::vec picks the platform's vectors by itself.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define FUSED_ENSEMBLE_X86_KERNELS 1
-#endif
+#include "cpu_capability.h"
 
 namespace fused_ensemble::cpu {
 

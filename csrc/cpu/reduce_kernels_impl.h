@@ -1,5 +1,5 @@
 // Row kernels of the ensemble reduction, written once with at::vec::Vectorized and compiled once per CPU
-// capability. Include only from a reduce_kernels_<capability>.cpp, which defines CPU_CAPABILITY (and
+// capability. Include only from a kernels_<capability>.cpp, which defines CPU_CAPABILITY (and
 // CPU_CAPABILITY_AVX2 / CPU_CAPABILITY_AVX512 with the matching `#pragma GCC target`) before any include.
 //
 // Every function works on one row r at a time: the N member rows x[n, r, :] are turned into contiguous "acc"

@@ -1,0 +1,138 @@
+"""Where one training step's time goes, member loop against FusedEnsemble (and vmap): torch.profiler over a few
+steps of each (the steps of train_steps.py), operators grouped by kind, per step.
+
+For issue #5's GPU target (fused >= 2x the loop at N=8, B=128; 1.55x on an H100 so far): the table says which
+kinds of work the fused step does slower than N member steps (grouped convolutions forward or backward, BatchNorm
+over N*C channels, the optimizer, layout copies). On CUDA the times are the device time of the kernels each
+operator launched; on the CPU, operators' self CPU time.
+
+    python bench/profile_train_step.py --members 8 --batch 128 --steps 5 --json bench/results/profile-train.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import defaultdict
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from fused_ensemble import cpu_memory
+from fused_ensemble.bench_cli import _environment
+from fused_ensemble.models import MODELS, input_shape
+from train_steps import BUILDERS, build_members
+
+# Operator kinds, first match wins (aten and our ops' names, lower case).
+KINDS = (
+    ("conv backward", ("convolution_backward",)),
+    ("conv forward", ("convolution", "conv2d", "conv1d", "conv3d")),
+    ("batchnorm", ("batch_norm",)),
+    ("optimizer", ("_foreach_", "_fused_sgd", "_fused_adam", "member_sgd", "member_adamw", "sgd")),
+    ("matmul", ("mm", "addmm", "matmul", "linear")),
+    ("loss", ("cross_entropy", "log_softmax", "nll_loss")),
+    ("layout copies", ("copy_", "contiguous", "clone", "cat", "stack")),
+)
+
+
+def kind_of(name: str) -> str:
+    lowered = name.lower()
+    for kind, needles in KINDS:
+        if any(needle in lowered for needle in needles):
+            return kind
+    return "elementwise and other"
+
+
+def profile_step(step, x, y, steps: int, device: str) -> dict:
+    """Per-step wall ms (profiler off) and per-operator self time (profiler on) of ``step``."""
+    for _ in range(3):  # warm-up: cuDNN autotuning, optimizer state, allocator
+        step(x, y)
+    synchronize = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step(x, y)
+    synchronize()
+    wall_ms = (time.perf_counter() - start) * 1e3 / steps
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step(x, y)
+        synchronize()
+    operators = []
+    for event in prof.key_averages():
+        self_us = event.self_device_time_total if device == "cuda" else event.self_cpu_time_total
+        if self_us > 0:
+            operators.append({"name": event.key, "kind": kind_of(event.key), "calls_per_step": event.count / steps,
+                              "self_ms_per_step": self_us / 1e3 / steps})
+    operators.sort(key=lambda op: -op["self_ms_per_step"])
+    kinds: dict[str, float] = defaultdict(float)
+    for op in operators:
+        kinds[op["kind"]] += op["self_ms_per_step"]
+    return {"wall_ms_per_step": wall_ms, "profiled_ms_per_step": sum(kinds.values()),
+            "kinds_ms_per_step": dict(sorted(kinds.items(), key=lambda item: -item[1])), "operators": operators}
+
+
+def run(members: int, batch: int, steps: int, device: str, model: str, implementations: list[str]) -> dict:
+    if device == "cpu":
+        cpu_memory.retain_freed_cpu_memory()  # the allocator every implementation runs with (see cpu_memory)
+    torch.backends.cudnn.benchmark = True
+    x = torch.randn(members, batch, *input_shape(model), device=device)
+    y = torch.randint(0, 10, (members, batch), device=device)
+    result = {"environment": _environment(device), "model": model, "members": members, "batch": batch,
+              "steps": steps, "time": "device time of launched kernels" if device == "cuda" else "self CPU time",
+              "implementations": {}}
+    for name in implementations:
+        step = BUILDERS[name](build_members(members, device, model))
+        result["implementations"][name] = profile_step(step, x, y, steps, device)
+        del step
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return result
+
+
+def format_table(result: dict, top: int = 12) -> str:
+    names = list(result["implementations"])
+    rows = result["implementations"]
+    lines = [f"{result['model']}: N={result['members']}, batch {result['batch']} per member, "
+             f"{result['environment']['card']}; ms per step ({result['time']})",
+             f"{'':<28}" + "".join(f"{name:>12}" for name in names),
+             f"{'wall (profiler off)':<28}" + "".join(f"{rows[n]['wall_ms_per_step']:>12.2f}" for n in names)]
+    kinds = sorted({kind for n in names for kind in rows[n]["kinds_ms_per_step"]},
+                   key=lambda kind: -max(rows[n]["kinds_ms_per_step"].get(kind, 0.0) for n in names))
+    for kind in kinds:
+        lines.append(f"{kind:<28}" + "".join(f"{rows[n]['kinds_ms_per_step'].get(kind, 0.0):>12.2f}" for n in names))
+    for name in names:
+        lines.append(f"\n{name}: top operators")
+        for op in rows[name]["operators"][:top]:
+            lines.append(f"  {op['self_ms_per_step']:>9.2f} ms  {op['calls_per_step']:>6.0f} calls  {op['name']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--members", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=None, help="per member (default: 128 on CUDA, 2 on the CPU)")
+    parser.add_argument("--steps", type=int, default=5, help="profiled steps per implementation")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--model", default="resnet18-cifar", choices=sorted(MODELS))
+    parser.add_argument("--implementations", default="loop,fused", help="comma-separated, of loop, vmap, fused")
+    parser.add_argument("--json", default=None, metavar="PATH")
+    args = parser.parse_args(argv)
+    implementations = args.implementations.split(",")
+    unknown = [name for name in implementations if name not in BUILDERS]
+    if unknown:
+        parser.error(f"unknown implementations {unknown}; expected some of {sorted(BUILDERS)}")
+    batch = args.batch or (128 if args.device == "cuda" else 2)
+    result = run(args.members, batch, args.steps, args.device, args.model, implementations)
+    print(format_table(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""pytest-benchmark suite of one optimizer step over N members' parameters (CIFAR ResNet-18, 11.2M parameters per
+member), ``fused_ensemble.optim`` against torch.optim.
+
+Run with ``pytest bench/test_bench_optim.py --benchmark-enable --benchmark-group-by=group`` (skipped otherwise).
+Each group (one optimizer) compares, on the same random gradients:
+
+- ``fused_ensemble``: ``fused_ensemble.optim.SGD`` / ``AdamW`` on the stacked ``[N, ...]`` parameters, default
+  ``fused=None`` (the C++ kernels on the CPU, foreach ops on CUDA);
+- ``fused_ensemble_foreach``: the same with ``fused=False``;
+- ``torch_fused``: ``torch.optim`` with ``fused=True`` over the N members' own parameters (what a member loop's
+  strongest optimizer does);
+- ``torch_default``: ``torch.optim`` with its defaults over the members' parameters.
+
+Every optimizer has its state before timing (the first step, which allocates it, is a warm-up round).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fused_ensemble import cpu_memory, optim
+from fused_ensemble.models import build_model
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+MEMBERS = 8 if DEVICE == "cuda" else 4
+IMPLEMENTATIONS = ("fused_ensemble", "fused_ensemble_foreach", "torch_fused", "torch_default")
+OPTIMIZERS = {
+    "sgd": (optim.SGD, torch.optim.SGD, dict(lr=0.01, momentum=0.9, weight_decay=5e-4)),
+    "adamw": (optim.AdamW, torch.optim.AdamW, dict(lr=1e-3, weight_decay=1e-2)),
+}
+
+_parameters: dict[str, tuple[list, list]] = {}
+
+
+def _member_and_stacked_parameters():
+    """The members' parameters and their [N, ...] stacks, with random gradients (built once per session)."""
+    if "resnet" not in _parameters:
+        torch.manual_seed(0)
+        members = [build_model("resnet18-cifar", 10).to(DEVICE) for _ in range(MEMBERS)]
+        member_params = [p for m in members for p in m.parameters()]
+        stacked = [torch.stack([p.detach() for p in group]).requires_grad_()
+                   for group in zip(*[m.parameters() for m in members])]
+        for p in member_params + stacked:
+            p.grad = torch.randn_like(p)
+        _parameters["resnet"] = (member_params, stacked)
+    return _parameters["resnet"]
+
+
+def _optimizer(name: str, implementation: str):
+    ours, theirs, kwargs = OPTIMIZERS[name]
+    member_params, stacked = _member_and_stacked_parameters()
+    if implementation == "fused_ensemble":
+        return ours(stacked, **kwargs)
+    if implementation == "fused_ensemble_foreach":
+        return ours(stacked, **kwargs, fused=False)
+    if implementation == "torch_fused":
+        return theirs(member_params, **kwargs, fused=True)
+    return theirs(member_params, **kwargs)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_bench_optimizer_step(benchmark, name, implementation):
+    if benchmark.disabled:
+        pytest.skip("benchmarks run with --benchmark-enable")
+    if DEVICE == "cpu":
+        cpu_memory.retain_freed_cpu_memory()  # the allocator the training benchmark runs with
+    opt = _optimizer(name, implementation)
+
+    def step():
+        opt.step()
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+
+    benchmark.group = f"{name} step, {MEMBERS} x resnet18-cifar, {DEVICE}"
+    benchmark.extra_info.update(members=MEMBERS, device=DEVICE, implementation=implementation,
+                                threads=torch.get_num_threads())
+    benchmark.pedantic(step, rounds=20, warmup_rounds=2)

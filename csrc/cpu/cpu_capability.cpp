@@ -1,0 +1,21 @@
+#include "cpu_capability.h"
+
+#include <ATen/Version.h>
+
+#include <string>
+
+namespace fused_ensemble::cpu {
+
+Capability kernel_capability() {
+  static const Capability capability = [] {
+#ifdef FUSED_ENSEMBLE_X86_KERNELS
+    const std::string name = at::get_cpu_capability();
+    if (name == "AVX512") return Capability::Avx512;
+    if (name == "AVX2") return Capability::Avx2;
+#endif
+    return Capability::Default;
+  }();
+  return capability;
+}
+
+}  // namespace fused_ensemble::cpu
