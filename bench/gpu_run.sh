@@ -3,8 +3,9 @@
 # $OUT (default bench/results). From the repository root:
 #   OUT=/some/dir GIT_COMMIT=$(git rev-parse HEAD) bash bench/gpu_run.sh [STEP ...]
 # STEPs: build tests reduce ensemble (the default, about 8 minutes on an H100: build 64 s, tests 116 s with 8 xdist
-# workers, reduce ~130 s, ensemble ~160 s for its first 3-4 points), plus train (74 s), sweep and compile (Triton
-# tile sweep, torch.compile of vmap: a few minutes each) when named.
+# workers, reduce ~130 s, ensemble ~160 s for its first 3-4 points), plus train (74 s), profile (where a training
+# step's time goes, loop vs vmap vs fused; not timed on a GPU yet), optim (optimizer steps), sweep and compile
+# (Triton tile sweep, torch.compile of vmap: a few minutes each) when named.
 # Steps are independent: a failing step is reported and the next one still runs; the exit code is the number of
 # failed steps. Every step has its own time limit, so one hang cannot eat the lease.
 set -uo pipefail
@@ -31,6 +32,10 @@ step tests timeout 240 python3 -m pytest tests -q -m gpu -n 8 -p no:cacheprovide
 step reduce timeout 200 python3 bench/reduce_gpu.py --out "$OUT/reduce-gpu.json"
 step train timeout 120 python3 -m pytest bench/test_bench_train.py -q -p no:cacheprovider --benchmark-enable \
     --benchmark-group-by=group --benchmark-json="$OUT/train-gpu.json"
+step profile timeout 150 python3 bench/profile_train_step.py --members 8 --implementations loop,vmap,fused \
+    --json "$OUT/profile-train-gpu.json"
+step optim timeout 90 python3 -m pytest bench/test_bench_optim.py -q -p no:cacheprovider --benchmark-enable \
+    --benchmark-group-by=group --benchmark-json="$OUT/optim-gpu.json"
 step sweep timeout 120 python3 bench/triton_tile_sweep.py --out "$OUT/tile-sweep.json"
 step ensemble timeout 220 python3 bench/ensemble_throughput.py --preset gpu --budget-s 120 \
     --json "$OUT/ensemble-gpu.json"

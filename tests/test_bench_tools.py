@@ -73,3 +73,19 @@ def test_interleaved_times_take_turns_and_count_every_call():
     assert calls[:4] == ["a", "a", "b", "b"]
     assert timed == ["a"] * 2 + ["b"] * 2 + ["a"] * 2 + ["b"] * 2 + ["a"] * 3 + ["b"] * 3
 
+
+
+def test_profile_train_step_accounts_for_the_step(tmp_path, bench_scripts):
+    import profile_train_step
+
+    path = tmp_path / "profile.json"
+    assert profile_train_step.main(["--members", "2", "--batch", "2", "--steps", "1", "--device", "cpu",
+                                    "--model", "lenet", "--implementations", "loop,fused", "--json", str(path)]) == 0
+    result = json.loads(path.read_text())
+    assert set(result["implementations"]) == {"loop", "fused"}
+    for row in result["implementations"].values():
+        assert row["wall_ms_per_step"] > 0 and row["operators"]
+        assert row["kinds_ms_per_step"]["conv forward"] > 0 and row["kinds_ms_per_step"]["optimizer"] > 0
+        assert abs(sum(row["kinds_ms_per_step"].values()) - row["profiled_ms_per_step"]) < 1e-6
+    assert profile_train_step.kind_of("aten::convolution_backward") == "conv backward"
+    assert profile_train_step.kind_of("fused_ensemble_ext::member_sgd_") == "optimizer"
