@@ -89,3 +89,15 @@ def test_profile_train_step_accounts_for_the_step(tmp_path, bench_scripts):
         assert abs(sum(row["kinds_ms_per_step"].values()) - row["profiled_ms_per_step"]) < 1e-6
     assert profile_train_step.kind_of("aten::convolution_backward") == "conv backward"
     assert profile_train_step.kind_of("fused_ensemble_ext::member_sgd_") == "optimizer"
+
+
+def test_train_throughput_times_the_three_steps_in_turns(tmp_path, bench_scripts):
+    import train_throughput
+
+    path = tmp_path / "train.json"
+    assert train_throughput.main(["--members", "2", "--batch", "1", "--device", "cpu", "--rounds", "2", "--reps", "2",
+                                  "--json", str(path)]) == 0
+    (point,) = json.loads(path.read_text())["points"]
+    assert set(point["ms"]) == {"loop", "vmap", "fused"}
+    assert all(len(times) == 2 for times in point["times_ms"].values())
+    assert point["fused_vs_loop"] == pytest.approx(point["ms"]["loop"] / point["ms"]["fused"])
