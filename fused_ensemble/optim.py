@@ -24,7 +24,9 @@ single-tensor arithmetic of torch.optim operation by operation.
 ``fused=False``, and what the kernels do not take (float16/bfloat16 or non-contiguous tensors, a build without the
 extension), use the foreach ops; on the CPU over cache-sized chunks of member slices (``CPU_CHUNK_ELEMENTS``), every
 update term of one chunk before the next, which keeps the tensors in cache as a per-member optimizer would (the
-arithmetic, element by element, is the same chunked or not). On CUDA the foreach ops run on whole parameters.
+arithmetic, element by element, is the same chunked or not). On CUDA the foreach ops run on whole parameters by
+default; ``fused=True`` runs CUDA kernels of the same one-pass update (csrc/cuda/member_optimizers.cu, one launch
+per parameter), which are not yet tested or timed on a GPU here.
 
 ``freeze(i)`` stops member i: its parameters stay bitwise unchanged and its optimizer state (moments, step
 count) does not advance, until ``unfreeze(i)``. Frozen members are saved in ``state_dict()``.
@@ -36,7 +38,7 @@ from collections.abc import Iterable
 
 import torch
 
-from fused_ensemble._extension import extension_status, load_extension
+from fused_ensemble._extension import extension_status, has_cuda_kernels, load_extension
 from fused_ensemble.member_values import MemberValue, check_range, per_member
 
 __all__ = ["SGD", "AdamW", "MemberOptimizer"]
@@ -193,15 +195,19 @@ class MemberOptimizer(torch.optim.Optimizer):
         """Whether this (device, dtype) list of parameters runs on the C++ kernels (see the module doc)."""
         if self.fused is False:
             return False
+        if device.type == "cuda" and self.fused is None:
+            return False  # the CUDA kernels are not timed on a GPU yet: foreach ops by default there
         reason = None
-        if device.type != "cpu":
-            reason = f"they update CPU parameters only, got {device.type} ones"
+        if device.type not in ("cpu", "cuda"):
+            reason = f"they update CPU and CUDA parameters, got {device.type} ones"
         elif dtype not in (torch.float32, torch.float64):
             reason = f"they take float32 and float64 parameters, got {dtype}"
         elif not all(t.is_contiguous() for p in params for t in (p, p.grad, *_state_tensors_of(self.state[p]))):
             reason = "a parameter, gradient or state tensor is not contiguous"
         elif not load_extension():
             reason = f"the compiled extension is {extension_status()}"
+        elif device.type == "cuda" and not has_cuda_kernels():
+            reason = "the compiled extension has no CUDA kernels (built without a CUDA toolkit)"
         if reason is None:
             return True
         if self.fused:
@@ -334,9 +340,9 @@ class SGD(MemberOptimizer):
 
     ``lr``, ``momentum``, ``dampening`` and ``weight_decay`` may each be a number or a length-N sequence.
     ``params``: parameters whose dim 0 is the member index (e.g. ``fused.parameters()``); ``num_members``
-    defaults to dim 0 of the first parameter. ``fused``: None (default) runs torch's fused SGD kernel on CPU
-    parameters it takes and foreach ops elsewhere, False always the foreach ops, True requires the fused kernel
-    (a RuntimeError says why it cannot run); see the module doc.
+    defaults to dim 0 of the first parameter. ``fused``: None (default) runs the one-pass C++ kernel on CPU
+    parameters it takes and foreach ops elsewhere, False always the foreach ops, True requires the one-pass
+    kernels, on the CPU or CUDA (a RuntimeError says why they cannot run); see the module doc.
     """
 
     member_keys = ("lr", "momentum", "dampening", "weight_decay")
@@ -426,7 +432,7 @@ class AdamW(MemberOptimizer):
 
     ``lr``, ``eps``, ``weight_decay`` may be numbers or length-N sequences; ``betas`` is a pair whose two
     entries may each be a number or a length-N sequence. ``amsgrad`` is shared by all members. ``fused`` as in
-    ``SGD`` (torch's fused AdamW kernel).
+    ``SGD``.
     """
 
     member_keys = ("lr", "eps", "weight_decay")

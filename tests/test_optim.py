@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fused_ensemble import optim
-from fused_ensemble._extension import extension_status, load_extension
+from fused_ensemble._extension import extension_status, has_cuda_kernels, load_extension
 from fused_ensemble.member_values import per_member
 
 N = 4
@@ -110,15 +110,26 @@ def test_adamw_matches_torch_per_member(case, fused):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", ["sgd-nesterov_wd", "adamw-amsgrad", "adamw-lr_wd_per_member"])
-def test_matches_torch_on_cuda_with_a_frozen_member(case):
-    """CUDA runs the foreach ops on broadcast shapes through its per-tensor path: same results."""
+@pytest.mark.parametrize("fused", [None, True], ids=["foreach", "cuda_kernels"])
+@pytest.mark.parametrize("case", ["sgd-nesterov_wd", "sgd-momentum_dampening", "adamw-amsgrad",
+                                  "adamw-lr_wd_per_member", "adamw-betas_eps_per_member"])
+def test_matches_torch_on_cuda_with_a_frozen_member(case, fused):
+    """CUDA runs the foreach ops on broadcast shapes through its per-tensor path (fused=None), or the one-pass
+    CUDA kernels (fused=True): same results."""
+    if fused and not has_cuda_kernels():
+        pytest.skip("the extension was built without CUDA kernels")
     kind, name = case.split("-", 1)
     cases, classes = (SGD_CASES, (optim.SGD, torch.optim.SGD)) if kind == "sgd" else \
         (ADAMW_CASES, (optim.AdamW, torch.optim.AdamW))
     fused_kwargs, member_kwargs = cases[name]
-    stacked, members, _, _ = run_both(*classes, fused_kwargs, member_kwargs, frozen_steps={2: [1]}, device="cuda")
+    stacked, members, _, _ = run_both(*classes, dict(fused_kwargs, fused=fused), member_kwargs,
+                                      frozen_steps={2: [1], 3: [0, 2]}, device="cuda")
     assert_members_equal(stacked, members)
+
+
+def test_cuda_parameters_take_the_foreach_ops_unless_fused_is_true():
+    opt = optim.SGD([torch.zeros(N, 2, requires_grad=True)], lr=0.1)
+    assert opt._use_fused_kernels(torch.device("cuda"), torch.float32, []) is False
 
 
 @KERNELS
@@ -210,7 +221,7 @@ def test_fused_true_says_why_it_cannot_run_and_none_falls_back(cls):
 
     meta = [torch.empty(N, 3, device="meta", requires_grad=True)]
     meta[0].grad = torch.empty(N, 3, device="meta")
-    with pytest.raises(RuntimeError, match="CPU parameters only"):
+    with pytest.raises(RuntimeError, match="CPU and CUDA parameters, got meta ones"):
         cls(meta, lr=0.1, fused=True).step()
     with pytest.raises(TypeError, match="fused must be"):
         cls(meta, lr=0.1, fused="yes")

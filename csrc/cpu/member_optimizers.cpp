@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "../member_optimizer_factors.h"
 #include "member_optimizers.h"
 
 namespace fused_ensemble::cpu {
@@ -39,21 +40,6 @@ const OptimizerKernelTable& kernels() {
 // tensor) that the update's tensors of a task stay in L2 and that a handful of large parameters still spread
 // over every thread.
 constexpr int64_t kTaskElements = 1 << 14;
-
-// SGD factors, per (parameter, member).
-enum SgdFactor { kSgdNegLr, kSgdWeightDecay, kSgdMomentum, kSgdGradScale, kSgdFirstStep, kSgdActive, kSgdFactors };
-// AdamW factors, per (parameter, member).
-enum AdamFactor {
-  kAdamDecay,
-  kAdamOneMinusBeta1,
-  kAdamBeta2,
-  kAdamOneMinusBeta2,
-  kAdamBiasCorrection2Sqrt,
-  kAdamEps,
-  kAdamNegStepSize,
-  kAdamActive,
-  kAdamFactors
-};
 
 struct Task {
   int64_t param, member, begin, end;  // elements [begin, end) of member `member`'s slice of parameter `param`
