@@ -103,7 +103,7 @@ def ensemble_reduce(logits: Tensor, reduction: str = "mean_probs", dim: int = 0,
     out_shape = logits.shape[:dim] + logits.shape[dim + 1:]
 
     def run_kernel(chosen: str) -> Tensor:
-        out, _aux = reduce_ops.reduce_op(_members_rows_classes(logits, dim), reduction, chosen)
+        out, _aux = reduce_ops.reduce(_members_rows_classes(logits, dim), reduction, chosen)
         return out.reshape(out_shape)
 
     out = _run_with_fallback(run_kernel, lambda: reduce_reference(logits, reduction, dim), backend, logits,
@@ -150,7 +150,7 @@ def ensemble_stats(logits: Tensor, dim: int = 0, backend: str = "auto") -> Ensem
     row_shape = probs_shape[:-1]
 
     def run_kernel(chosen: str) -> EnsembleStats:
-        probs, *per_row = reduce_ops.stats_op(_members_rows_classes(logits, dim), chosen)
+        probs, *per_row = reduce_ops.stats(_members_rows_classes(logits, dim), chosen)
         return EnsembleStats(probs.reshape(probs_shape), *(t.reshape(row_shape) for t in per_row))
 
     return _run_with_fallback(run_kernel, lambda: stats_reference(logits, dim), backend, logits, "stats")

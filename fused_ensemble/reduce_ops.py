@@ -9,7 +9,8 @@ Three custom ops over logits ``x`` of shape [N, R, K] (members, rows, classes; a
   prediction, disagreement)``
 
 ``backend`` is ``"triton"`` (fused_ensemble.kernels.ensemble_reduce) or ``"cpp"`` (the ``fused_ensemble_ext``
-ops of the compiled extension). Each op has a fake (meta) implementation, and ``reduce`` an autograd formula
+ops of the compiled extension). ``reduce`` and ``stats`` are what the public API calls: the custom ops, or, where
+the custom op would only call its kernel (see ``_plain_eager_call``), the kernel itself. Each op has a fake (meta) implementation, and ``reduce`` an autograd formula
 whose backward is the kernels' own backward, so ``torch.compile(fullgraph=True)`` sees one opaque node per op
 and ``torch.library.opcheck`` passes. The shapes and dtypes follow the kernel contract (module docstring of
 fused_ensemble.ensemble_reduce).
@@ -21,6 +22,7 @@ import importlib
 
 import torch
 from torch import Tensor
+from torch.utils import _python_dispatch
 
 from fused_ensemble.reference import compute_dtype
 
@@ -107,3 +109,29 @@ def _stats_fake(x: Tensor, backend: str):
     per_row = [x.new_empty((rows,), dtype=dtype) for _ in range(4)]
     prediction = x.new_empty((rows,), dtype=torch.int64)
     return (probs, *per_row, prediction, x.new_empty((rows,), dtype=dtype))
+
+
+def _plain_eager_call(x: Tensor) -> bool:
+    """Whether a custom op call on ``x`` would do nothing but call its kernel: eager mode (not traced by
+    torch.compile), a plain tensor (no FakeTensor or other subclass), no dispatch mode (FlopCounterMode,
+    FakeTensorMode, ...) and nothing to differentiate. Then calling the kernel directly skips about 7 us of
+    custom-op dispatch a call (a third of the public API's host time on a CPU at small sizes)."""
+    return (type(x) is Tensor and not torch.compiler.is_compiling()
+            and _python_dispatch._get_current_dispatch_mode() is None
+            and not (x.requires_grad and torch.is_grad_enabled()))
+
+
+def reduce(x: Tensor, reduction: str, backend: str) -> tuple[Tensor, Tensor]:
+    """``reduce_op``, or its kernel directly where that is all the op would do."""
+    if _plain_eager_call(x):
+        out, aux = _kernels(backend).reduce_forward(x, reduction)
+        return out.contiguous(), aux.contiguous()
+    return reduce_op(x, reduction, backend)
+
+
+def stats(x: Tensor, backend: str) -> tuple[Tensor, ...]:
+    """``stats_op``, or its kernel directly where that is all the op would do."""
+    if _plain_eager_call(x):
+        return tuple(t.contiguous() for t in _kernels(backend).stats_forward(x))
+    return stats_op(x, backend)
+

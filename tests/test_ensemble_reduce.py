@@ -482,3 +482,41 @@ def test_stats_kernels_refuse_inputs_that_need_grad():
     s = ensemble_stats(x)  # auto: the differentiable reference
     s.entropy.sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.skipif(not backends.unavailable_reason("cpp", "cpu", torch.float32) is None,
+                    reason="needs the C++ extension")
+def test_plain_eager_calls_skip_the_custom_op_and_everything_else_goes_through_it(monkeypatch):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from fused_ensemble import reduce_ops
+
+    x = torch.randn(3, 5, 7)
+    expected = ensemble_reduce(x, "mean_probs", backend="cpp")
+    expected_stats = ensemble_stats(x, backend="cpp")
+
+    class SeenOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with SeenOps() as seen:  # a dispatch mode must see the op, not the kernels inside it
+        torch.testing.assert_close(ensemble_reduce(x, "mean_probs", backend="cpp"), expected)
+        ensemble_stats(x, backend="cpp")
+    assert any(name.startswith("fused_ensemble.reduce") for name in seen.names), seen.names
+    assert any(name.startswith("fused_ensemble.stats") for name in seen.names), seen.names
+
+    def no_custom_op(*args):
+        raise AssertionError("the custom op ran")
+    monkeypatch.setattr(reduce_ops, "reduce_op", no_custom_op)
+    monkeypatch.setattr(reduce_ops, "stats_op", no_custom_op)
+    torch.testing.assert_close(ensemble_reduce(x, "mean_probs", backend="cpp"), expected)
+    for got, want in zip(ensemble_stats(x, backend="cpp"), expected_stats):
+        torch.testing.assert_close(got, want)
+    leaf = x.clone().requires_grad_()
+    with pytest.raises(AssertionError, match="the custom op ran"):  # autograd needs the op's backward
+        ensemble_reduce(leaf, "mean_probs", backend="cpp")
