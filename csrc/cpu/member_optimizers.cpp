@@ -5,11 +5,11 @@
 // nine passes); here one pass reads the parameter, gradient and state of a chunk and writes it back, for all
 // members and parameters in one call (no Python loop over members or parameters). Frozen members are skipped.
 //
-// The per-(parameter, member) factors come from Python as a float64 tensor [P, N, F] (F factors, listed below per
-// optimizer): derived values (1 - lr * wd, bias corrections) are computed there in float64, as torch.optim computes
-// them in Python floats, and rounded here once to the parameter dtype. This file checks the inputs and splits the
-// work into chunks over the threads; the element loops (member_optimizers_impl.h, torch.optim's single-tensor
-// arithmetic operation by operation) are compiled once per CPU capability.
+// The per-(parameter, member) factors come from Python as a float64 tensor [P, N, F] (layout in
+// csrc/member_optimizer_factors.h): derived values (1 - lr * wd, bias corrections) are computed there in float64,
+// as torch.optim computes them in Python floats, and rounded here once to the parameter dtype. This file checks
+// the inputs and splits the work into chunks over the threads; the element loops (member_optimizers_impl.h,
+// torch.optim's single-tensor arithmetic operation by operation) are compiled once per CPU capability.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
