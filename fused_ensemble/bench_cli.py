@@ -25,7 +25,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     parser.add_argument("--reduction", default="mean_probs")
-    parser.add_argument("--reps", type=int, default=None, help="timed calls per method, at least (default: 3 on CPU, 50 on GPU; fast calls get about "
+    parser.add_argument("--reps", type=int, default=None,
+                        help="timed calls per method, at least (default: 3 on CPU, 50 on GPU; fast calls get about "
                              "0.5 s of calls, and the methods take turns in 5 rounds)")
     parser.add_argument("--optimize", action="store_true",
                         help="also time FusedEnsemble.optimize(x) (tunes every convolution first: slow on CPU)")

@@ -69,11 +69,12 @@ def ensemble_reduce(logits: Tensor, reduction: str = "mean_probs", dim: int = 0,
             ``softmax(logits)``, the deep-ensemble predictive distribution), ``"softmax_of_mean"`` (softmax of
             the averaged logits) or ``"log_mean_probs"`` (``log(mean_probs)``, computed stably).
         dim: the member dim; any dim but the last (class) one, negative values count from the end.
-        backend: ``"auto"`` (CUDA tensors: Triton, else the CUDA C++ kernels, else PyTorch, except rows of at
-            most 64 classes for ``"mean_probs"``/``"log_mean_probs"`` where the CUDA C++ kernels come first as
-            they measured faster there; CPU tensors: the C++ kernels if the extension is built, else PyTorch), ``"torch"`` (fused_ensemble.reference, autograd
-            through PyTorch ops), ``"triton"`` (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``) or
-            ``"cpp"`` (C++ kernels for CPU tensors, CUDA C++ kernels for CUDA tensors). A kernel that fails
+        backend: ``"auto"`` (CUDA tensors: Triton, else the CUDA C++ kernels, else PyTorch, except ``"mean"``
+            and rows of at most 64 classes for ``"mean_probs"``/``"log_mean_probs"``, where the CUDA C++ kernels
+            come first as they measured faster there; CPU tensors: the C++ kernels if the extension is built,
+            else PyTorch), ``"torch"`` (fused_ensemble.reference, autograd through PyTorch ops), ``"triton"``
+            (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``) or ``"cpp"`` (C++ kernels for CPU
+            tensors, CUDA C++ kernels for CUDA tensors). A kernel that fails
             under ``"auto"`` is reported once with a warning and not used again in the process.
         out_dtype: dtype of the result; by default float32 (float64 for float64 logits), whatever the input
             dtype: accumulation is always in float32 (float64).

@@ -8,12 +8,12 @@ Three custom ops over logits ``x`` of shape [N, R, K] (members, rows, classes; a
 - ``fused_ensemble::stats(Tensor x, str backend) -> (probs, entropy, expected_entropy, mutual_info, confidence,
   prediction, disagreement)``
 
-``backend`` is ``"triton"`` (fused_ensemble.kernels.ensemble_reduce) or ``"cpp"`` (the ``fused_ensemble_ext``
-ops of the compiled extension). ``reduce`` and ``stats`` are what the public API calls: the custom ops, or, where
-the custom op would only call its kernel (see ``_plain_eager_call``), the kernel itself. Each op has a fake (meta) implementation, and ``reduce`` an autograd formula
-whose backward is the kernels' own backward, so ``torch.compile(fullgraph=True)`` sees one opaque node per op
-and ``torch.library.opcheck`` passes. The shapes and dtypes follow the kernel contract (module docstring of
-fused_ensemble.ensemble_reduce).
+``backend`` is ``"triton"`` (fused_ensemble.kernels.ensemble_reduce) or ``"cpp"`` (the ``fused_ensemble_ext`` ops of
+the compiled extension). ``reduce`` and ``stats`` are what the public API calls: the custom ops, or, where the
+custom op would only call its kernel (see ``_plain_eager_call``), the kernel itself. Each op has a fake (meta)
+implementation, and ``reduce`` an autograd formula whose backward is the kernels' own backward, so
+``torch.compile(fullgraph=True)`` sees one opaque node per op and ``torch.library.opcheck`` passes. The shapes and
+dtypes follow the kernel contract (module docstring of fused_ensemble.ensemble_reduce).
 """
 
 from __future__ import annotations
