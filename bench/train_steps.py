@@ -5,8 +5,9 @@
   every member's parameters (torch's one-pass kernel: over 4 ResNet-18 members on the 2-core CPU 13.9 ms against
   24.7 for its default, bench/test_bench_optim.py): the strongest plain-PyTorch loop;
 - ``vmap``: ``torch.func.stack_module_state`` + ``functional_call`` under ``torch.vmap``,
-  ``torch.optim.SGD(fused=True)`` on the stacked leaves. vmap cannot update BatchNorm running statistics in place, so its BatchNorm layers run
-  without them (``replace_all_batch_norm_modules_``): it does a little less work than the others;
+  ``torch.optim.SGD(fused=True)`` on the stacked leaves. vmap cannot update BatchNorm running statistics in place,
+  so its BatchNorm layers run without them (``replace_all_batch_norm_modules_``): it does a little less work than
+  the others;
 - ``fused``: ``FusedEnsemble(..., reduction="none", member_inputs=True)`` + ``fused_ensemble.optim.SGD``.
 
 Each builder takes the members (modules in train mode on the step's device) and returns ``step(x, y)`` for
