@@ -477,3 +477,39 @@ def test_cpp_kernels_reject_mismatched_inputs():
         torch.ops.fused_ensemble_ext.member_sgd_(params, [torch.randn(N, 3)], [], momentum, False)
     with pytest.raises(RuntimeError, match="float32 or float64"):
         torch.ops.fused_ensemble_ext.member_sgd_([params[0].half()], [torch.randn(N, 3).half()], [], factors, False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("cls, torch_cls, kwargs", [
+    (optim.SGD, torch.optim.SGD, dict(lr=[0.1, 0.05, 0.2], momentum=[0.9, 0.0, 0.5], weight_decay=[1e-2, 0.0, 1e-3],
+                                      nesterov=False)),
+    (optim.AdamW, torch.optim.AdamW, dict(lr=[1e-2, 3e-3, 1e-3], weight_decay=[0.1, 0.0, 0.01], amsgrad=True)),
+], ids=["sgd", "adamw"])
+def test_cpp_kernels_on_slices_longer_than_a_task(cls, torch_cls, kwargs, dtype):
+    # Member slices of 40000 elements span three tasks of the C++ kernel (2^14 elements each, the last one
+    # partial), next to a parameter smaller than one task; member 1 is frozen for one step.
+    torch.manual_seed(0)
+    shapes = [(3, 200, 200), (3, 7)]
+    stacked = [torch.randn(shape, dtype=dtype, requires_grad=True) for shape in shapes]
+    members = [[p[i].detach().clone().requires_grad_() for p in stacked] for i in range(3)]
+    opt = cls(stacked, **kwargs)
+    refs = [torch_cls(m, **{k: (v[i] if isinstance(v, list) else v) for k, v in kwargs.items()})
+            for i, m in enumerate(members)]
+    for step in range(3):
+        frozen = [1] if step == 1 else []
+        for i in range(3):
+            (opt.freeze if i in frozen else opt.unfreeze)(i)
+        grads = [torch.randn_like(p) for p in stacked]
+        for p, g in zip(stacked, grads):
+            p.grad = g.clone()
+        opt.step()
+        for i, (m, ref) in enumerate(zip(members, refs)):
+            if i in frozen:
+                continue
+            for p, g in zip(m, grads):
+                p.grad = g[i].clone()
+            ref.step()
+    tolerance = dict(rtol=1.3e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    for j, p in enumerate(stacked):
+        for i in range(3):
+            torch.testing.assert_close(p[i], members[i][j], **tolerance)
