@@ -1,9 +1,10 @@
 """GPU benchmark of the ensemble reduction: eager, torch.compile, Triton and CUDA C++ on the issue's shape matrix.
 
-    python bench/reduce_gpu.py [--out bench/results/reduce-<card>.json] [--static-compile]
+    python bench/reduce_gpu.py [--out bench/results/reduce-<card>-<dtype>.json] [--static-compile]
+                               [--dtype {float32,bfloat16,float16}]
     python bench/reduce_gpu.py --smoke      # CPU, tiny shapes: checks the script end to end without a GPU
 
-For every shape (N in {4, 8, 16} x K in {10, 1000, 32000, 128256}, B making the fp32 input >= 64 MB, plus
+For every shape (N in {4, 8, 16} x K in {10, 1000, 32000, 128256}, B making the input >= 64 MB, plus
 N=16, B=65536, K=10) and every workload (four reductions and ensemble_stats) it checks each implementation
 against eager and reports GB/s (logits read once + outputs written once), the fraction of a device-to-device
 copy's bandwidth and the speedup over eager.
@@ -104,21 +105,27 @@ def copy_bandwidth(device: str, time_fn) -> float:
     return 2 * nbytes / time_fn(lambda s: dst.copy_(s), [src]) / 1e9
 
 
-def run(out_json_path: str | None, smoke: bool = False, static_compile: bool = False) -> dict:
-    """Runs the matrix, writes the JSON results to ``out_json_path`` (if given) and returns them."""
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def run(out_json_path: str | None, smoke: bool = False, static_compile: bool = False,
+        dtype: torch.dtype = torch.float32) -> dict:
+    """Runs the matrix on ``dtype`` logits (outputs are float32 whatever the input dtype), writes the JSON results
+    to ``out_json_path`` (if given) and returns them."""
     device = "cpu" if smoke else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("reduce_gpu.py needs a CUDA device (use --smoke to check it on the CPU)")
     torch.manual_seed(0)
     time_fn = _timer(device, fast=True)
-    shapes = rw.SMOKE_SHAPES if smoke else rw.gpu_shapes()
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    shapes = rw.SMOKE_SHAPES if smoke else rw.gpu_shapes(itemsize)
     copy_gbs = copy_bandwidth(device, time_fn)
     implementations = {}
     for workload in rw.WORKLOADS:
         for name in rw.IMPLEMENTATIONS:
             implementations[workload, name] = rw.implementation(name, workload, device,
-                                                                dynamic_compile=not static_compile)
-    tiny = torch.randn(2, 4, 10, device=device)
+                                                                dynamic_compile=not static_compile, dtype=dtype)
+    tiny = torch.randn(2, 4, 10, device=device).to(dtype)
     latency = {f"{workload}/{name}": _latency_us(fn, tiny, device)
                for (workload, name), (fn, _) in implementations.items() if fn is not None and name != "compile"}
     import triton
@@ -130,17 +137,17 @@ def run(out_json_path: str | None, smoke: bool = False, static_compile: bool = F
     results = []
     report = {
         "card": card, "device": device, "torch": torch.__version__, "triton": triton.__version__,
-        "commit": _git_commit(), "threads": torch.get_num_threads(), "dtype": "float32",
+        "commit": _git_commit(), "threads": torch.get_num_threads(), "dtype": str(dtype).replace("torch.", ""),
         "compile_mode": "static" if static_compile else "dynamic", "copy_GB/s": copy_gbs,
         "timing": "triton.testing.do_bench_cudagraph median over rotated inputs" if device == "cuda"
         else "perf_counter median", "latency_us_tiny_input": latency, "results": results,
     }
     for shape in shapes:
-        nbytes_in = shape[0] * shape[1] * shape[2] * 4
+        nbytes_in = shape[0] * shape[1] * shape[2] * itemsize
         copies = max(2, -(-ROTATION_BYTES // nbytes_in)) if device == "cuda" else 1
-        inputs = [torch.randn(shape, device=device) for _ in range(copies)]
+        inputs = [torch.randn(shape, device=device).to(dtype) for _ in range(copies)]
         for workload in rw.WORKLOADS:
-            results.append(_measure_row(shape, workload, inputs, implementations, time_fn, copy_gbs))
+            results.append(_measure_row(shape, workload, inputs, implementations, time_fn, copy_gbs, itemsize))
             _print_row(results[-1])
         del inputs
         if device == "cuda":
@@ -152,10 +159,10 @@ def run(out_json_path: str | None, smoke: bool = False, static_compile: bool = F
     return report
 
 
-def _measure_row(shape, workload, inputs, implementations, time_fn, copy_gbs) -> dict:
+def _measure_row(shape, workload, inputs, implementations, time_fn, copy_gbs, itemsize: int = 4) -> dict:
     expected = rw.reference(workload)(inputs[0])
     row = {"N": shape[0], "B": shape[1], "K": shape[2], "workload": workload,
-           "bytes": rw.bytes_moved(workload, shape), "ms": {}, "GB/s": {}, "copy_fraction": {},
+           "bytes": rw.bytes_moved(workload, shape, itemsize), "ms": {}, "GB/s": {}, "copy_fraction": {},
            "speedup_vs_eager": {}, "max_abs_error_vs_eager": {}, "skipped": {}}
     for name in rw.IMPLEMENTATIONS:
         fn, problem = implementations[workload, name]
@@ -207,12 +214,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny shapes: an end-to-end check")
     parser.add_argument("--static-compile", action="store_true",
                         help="compile the reference once per shape instead of once with dynamic shapes")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                        help="dtype of the logits (every input stays >= 64 MB: B grows for 2-byte dtypes)")
     args = parser.parse_args(argv)
     out = args.out
     if out is None and not args.smoke:
         card = torch.cuda.get_device_name().replace(" ", "-") if torch.cuda.is_available() else "cpu"
-        out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"reduce-{card}.json")
-    run(out, smoke=args.smoke, static_compile=args.static_compile)
+        out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"reduce-{card}-{args.dtype}.json")
+    run(out, smoke=args.smoke, static_compile=args.static_compile, dtype=DTYPES[args.dtype])
 
 
 if __name__ == "__main__":

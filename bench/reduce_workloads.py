@@ -1,6 +1,7 @@
 """Ensemble-reduction benchmark workloads shared by bench/test_bench_reduce.py and bench/reduce_gpu.py.
 
-A workload is one of the four reductions or ``"stats"`` (ensemble_stats) on fp32 logits [N, B, K]. Each is run
+A workload is one of the four reductions or ``"stats"`` (ensemble_stats) on logits [N, B, K] (float32 unless a
+caller asks for another dtype). Each is run
 by four implementations: ``eager`` (fused_ensemble.reference, the test oracle), ``compile`` (torch.compile of
 that reference), and our kernels through the public API, ``triton`` and ``cpp`` (C++ on CPU, CUDA C++ on GPU).
 Bandwidth counts the logits read once and the outputs written once: what a one-pass kernel must move.
@@ -30,10 +31,12 @@ SMOKE_SHAPES = [(4, 64, 10), (2, 8, 1000)]
 GPU_INPUT_BYTES = 64 * 2**20   # every GPU input is at least this big (more than the H100's 50 MB of L2)
 
 
-def gpu_shapes() -> list[tuple[int, int, int]]:
-    """The issue's matrix: N in {4, 8, 16} x K in {10, 1000, 32000, 128256}, B making the fp32 input >= 64 MB,
-    plus N=16, B=65536, K=10 (where torch.compile of the reference is known to be slow)."""
-    shapes = [(n, math.ceil(GPU_INPUT_BYTES / (n * k * 4)), k) for k in (10, 1000, 32000, 128256) for n in (4, 8, 16)]
+def gpu_shapes(itemsize: int = 4) -> list[tuple[int, int, int]]:
+    """The issue's matrix: N in {4, 8, 16} x K in {10, 1000, 32000, 128256}, B making the input (``itemsize``
+    bytes per logit) >= 64 MB, plus N=16, B=65536, K=10 (where torch.compile of the reference is known to be
+    slow)."""
+    shapes = [(n, math.ceil(GPU_INPUT_BYTES / (n * k * itemsize)), k)
+              for k in (10, 1000, 32000, 128256) for n in (4, 8, 16)]
     return shapes + [(16, 65536, 10)]
 
 
@@ -49,15 +52,16 @@ def kernel(workload: str, backend: str):
     return lambda x: ensemble_reduce(x, workload, backend=backend)
 
 
-def implementation(name: str, workload: str, device: str, dynamic_compile: bool = False):
-    """(callable x -> outputs, None), or (None, why it cannot run on ``device``)."""
+def implementation(name: str, workload: str, device: str, dynamic_compile: bool = False,
+                   dtype: torch.dtype = torch.float32):
+    """(callable x -> outputs, None), or (None, why it cannot run on ``device`` for ``dtype`` logits)."""
     if name == "eager":
         return reference(workload), None
     if name == "compile":
         return torch.compile(reference(workload), dynamic=dynamic_compile), None
     if name == "triton" and device == "cpu":
         return None, "the Triton interpreter is a test tool, not a benchmark"
-    problem = backends.unavailable_reason(name, device, torch.float32)
+    problem = backends.unavailable_reason(name, device, dtype)
     if problem is not None:
         return None, problem
     return kernel(workload, name), None

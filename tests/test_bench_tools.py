@@ -49,11 +49,13 @@ def test_ensemble_throughput_smoke(tmp_path, bench_scripts):
         assert point["flops_per_forward"] > 0 and point["ensemble_efficiency"] > 0
 
 
-def test_reduce_benchmark_smoke(tmp_path, bench_scripts):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reduce_benchmark_smoke(tmp_path, bench_scripts, dtype):
     import reduce_gpu
 
-    report = reduce_gpu.run(str(tmp_path / "reduce.json"), smoke=True)
+    report = reduce_gpu.run(str(tmp_path / "reduce.json"), smoke=True, dtype=dtype)
     assert report["device"] == "cpu" and report["copy_GB/s"] > 0
+    assert report["dtype"] == str(dtype).replace("torch.", "")
     rows = report["results"]
     assert {row["workload"] for row in rows} == {"mean", "mean_probs", "softmax_of_mean", "log_mean_probs", "stats"}
     for row in rows:
