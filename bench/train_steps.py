@@ -29,9 +29,12 @@ IMPLEMENTATIONS = ("loop", "vmap", "fused")
 SGD_ARGS = dict(lr=0.01, momentum=0.9, weight_decay=5e-4)
 
 
-def build_members(n: int, device: str, model: str = "resnet18-cifar", classes: int = 10) -> list[torch.nn.Module]:
+def build_members(n: int, device: str, model: str = "resnet18-cifar", classes: int = 10,
+                  memory_format: torch.memory_format = torch.contiguous_format) -> list[torch.nn.Module]:
+    """N members in train mode; ``memory_format=torch.channels_last`` lays their 4-D weights out NHWC (feed
+    channels_last inputs too: the steps keep whatever layout the convolutions pick)."""
     torch.manual_seed(0)
-    return [build_model(model, classes).to(device).train() for _ in range(n)]
+    return [build_model(model, classes).to(device, memory_format=memory_format).train() for _ in range(n)]
 
 
 def loop_step(members):

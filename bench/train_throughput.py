@@ -6,7 +6,7 @@ over a minute, timing each implementation in a block of its own (as pytest-bench
 test_bench_train.py) moved the fused-vs-loop ratio between 0.94x and 1.09x from run to run; in turns, drift
 shifts all three alike.
 
-    python bench/train_throughput.py --members 4 8 16 --json bench/results/train-cpu.json
+    python bench/train_throughput.py --members 4 8 16 [--channels-last] --json bench/results/train-cpu.json
 """
 
 from __future__ import annotations
@@ -23,13 +23,16 @@ from fused_ensemble.benchmarking import interleaved_times, median
 from train_steps import BUILDERS, IMPLEMENTATIONS, build_members
 
 
-def measure(members: int, batch: int, device: str, rounds: int, min_reps: int) -> dict:
+def measure(members: int, batch: int, device: str, rounds: int, min_reps: int,
+            memory_format: torch.memory_format = torch.contiguous_format) -> dict:
     torch.manual_seed(1)
     x = torch.randn(members, batch, 3, 32, 32, device=device)
+    if memory_format == torch.channels_last:  # every member's [B, C, H, W] slice NHWC
+        x = x.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
     y = torch.randint(0, 10, (members, batch), device=device)
     steps = {}
     for name in IMPLEMENTATIONS:
-        step = BUILDERS[name](build_members(members, device))
+        step = BUILDERS[name](build_members(members, device, memory_format=memory_format))
         if device == "cuda":
             steps[name] = lambda step=step: (step(x, y), torch.cuda.synchronize())
         else:
@@ -41,7 +44,8 @@ def measure(members: int, batch: int, device: str, rounds: int, min_reps: int) -
     times = interleaved_times({name: _with_grad(step) for name, step in steps.items()}, device, min_reps,
                               budget_ms=0.0, rounds=rounds)
     ms = {name: median(t) for name, t in times.items()}
-    return {"members": members, "batch_per_member": batch, "ms": ms, "times_ms": times,
+    return {"members": members, "batch_per_member": batch, "memory_format": str(memory_format).replace("torch.", ""),
+            "ms": ms, "times_ms": times,
             "fused_vs_loop": ms["loop"] / ms["fused"], "fused_vs_vmap": ms["vmap"] / ms["fused"],
             "member_images_per_s": {name: members * batch * 1e3 / t for name, t in ms.items()}}
 
@@ -60,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--reps", type=int, default=20, help="timed steps per implementation, over all rounds")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="also time every point with NHWC members and inputs (loop, vmap and fused alike)")
     parser.add_argument("--json", default=None, metavar="PATH")
     args = parser.parse_args(argv)
     if args.device == "cpu":
@@ -68,12 +74,16 @@ def main(argv: list[str] | None = None) -> int:
     batch = args.batch or (128 if args.device == "cuda" else 2)
     result = {"environment": _environment(args.device), "model": "resnet18-cifar", "rounds": args.rounds,
               "points": []}
-    print(f"{'N':>3} {'B':>4} " + "".join(f"{name:>10}" for name in IMPLEMENTATIONS) + "  fused vs loop")
+    formats = [torch.contiguous_format] + ([torch.channels_last] if args.channels_last else [])
+    print(f"{'N':>3} {'B':>4} {'layout':>14} " + "".join(f"{name:>10}" for name in IMPLEMENTATIONS) +
+          "  fused vs loop")
     for members in args.members:
-        point = measure(members, batch, args.device, args.rounds, args.reps)
-        result["points"].append(point)
-        print(f"{members:>3} {batch:>4} " + "".join(f"{point['ms'][name]:>10.1f}" for name in IMPLEMENTATIONS) +
-              f"  {point['fused_vs_loop']:>12.3f}x", flush=True)
+        for memory_format in formats:
+            point = measure(members, batch, args.device, args.rounds, args.reps, memory_format)
+            result["points"].append(point)
+            print(f"{members:>3} {batch:>4} {point['memory_format']:>14} " +
+                  "".join(f"{point['ms'][name]:>10.1f}" for name in IMPLEMENTATIONS) +
+                  f"  {point['fused_vs_loop']:>12.3f}x", flush=True)
         if args.json:  # after every point: a cut-short run keeps what it measured
             with open(args.json, "w") as f:
                 json.dump(result, f, indent=2)

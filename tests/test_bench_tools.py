@@ -98,8 +98,10 @@ def test_train_throughput_times_the_three_steps_in_turns(tmp_path, bench_scripts
 
     path = tmp_path / "train.json"
     assert train_throughput.main(["--members", "2", "--batch", "1", "--device", "cpu", "--rounds", "2", "--reps", "2",
-                                  "--json", str(path)]) == 0
-    (point,) = json.loads(path.read_text())["points"]
-    assert set(point["ms"]) == {"loop", "vmap", "fused"}
-    assert all(len(times) == 2 for times in point["times_ms"].values())
-    assert point["fused_vs_loop"] == pytest.approx(point["ms"]["loop"] / point["ms"]["fused"])
+                                  "--channels-last", "--json", str(path)]) == 0
+    points = json.loads(path.read_text())["points"]
+    assert [point["memory_format"] for point in points] == ["contiguous_format", "channels_last"]
+    for point in points:
+        assert set(point["ms"]) == {"loop", "vmap", "fused"}
+        assert all(len(times) == 2 for times in point["times_ms"].values())
+        assert point["fused_vs_loop"] == pytest.approx(point["ms"]["loop"] / point["ms"]["fused"])
