@@ -4,7 +4,7 @@
 #   OUT=/some/dir GIT_COMMIT=$(git rev-parse HEAD) bash bench/gpu_run.sh [STEP ...]
 # STEPs: build tests reduce ensemble (the default, about 8 minutes on an H100: build 64 s, tests 116 s with 8 xdist
 # workers, reduce ~130 s, ensemble ~160 s for its first 3-4 points), plus train (loop/vmap/fused in turns, NCHW and
-# NHWC; the pytest suite took 74 s for NCHW alone), profile (where a training
+# NHWC, fp32 and bf16 autocast; the pytest suite took 74 s for NCHW fp32 alone), profile (where a training
 # step's time goes, loop vs vmap vs fused; not timed on a GPU yet), optim (optimizer steps), sweep and compile
 # (Triton tile sweep, torch.compile of vmap: a few minutes each) when named.
 # Steps are independent: a failing step is reported and the next one still runs; the exit code is the number of
@@ -31,7 +31,8 @@ step build timeout 240 python3 -m pip install --quiet --no-deps --no-build-isola
 step tests timeout 240 python3 -m pytest tests -q -m gpu -n 8 -p no:cacheprovider --timeout 200 \
     --junitxml="$OUT/gpu-tests.xml"
 step reduce timeout 200 python3 bench/reduce_gpu.py --out "$OUT/reduce-gpu.json"
-step train timeout 150 python3 bench/train_throughput.py --members 4 8 16 --channels-last --json "$OUT/train-gpu.json"
+step train timeout 200 python3 bench/train_throughput.py --members 4 8 16 --channels-last --bf16-autocast \
+    --json "$OUT/train-gpu.json"
 step profile timeout 150 python3 bench/profile_train_step.py --members 8 --implementations loop,vmap,fused \
     --json "$OUT/profile-train-gpu.json"
 step optim timeout 90 python3 -m pytest bench/test_bench_optim.py -q -p no:cacheprovider --benchmark-enable \

@@ -6,7 +6,7 @@ over a minute, timing each implementation in a block of its own (as pytest-bench
 test_bench_train.py) moved the fused-vs-loop ratio between 0.94x and 1.09x from run to run; in turns, drift
 shifts all three alike.
 
-    python bench/train_throughput.py --members 4 8 16 [--channels-last] --json bench/results/train-cpu.json
+    python bench/train_throughput.py --members 4 8 16 [--channels-last] [--bf16-autocast] --json PATH
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from train_steps import BUILDERS, IMPLEMENTATIONS, build_members
 
 
 def measure(members: int, batch: int, device: str, rounds: int, min_reps: int,
-            memory_format: torch.memory_format = torch.contiguous_format) -> dict:
+            memory_format: torch.memory_format = torch.contiguous_format, autocast: bool = False) -> dict:
     torch.manual_seed(1)
     x = torch.randn(members, batch, 3, 32, 32, device=device)
     if memory_format == torch.channels_last:  # every member's [B, C, H, W] slice NHWC
@@ -41,18 +41,18 @@ def measure(members: int, batch: int, device: str, rounds: int, min_reps: int,
         for _ in range(2):
             step()
     # time_ms (inside interleaved_times) runs under no_grad: the steps turn autograd back on themselves.
-    times = interleaved_times({name: _with_grad(step) for name, step in steps.items()}, device, min_reps,
-                              budget_ms=0.0, rounds=rounds)
+    times = interleaved_times({name: _with_grad(step, device, autocast) for name, step in steps.items()}, device,
+                              min_reps, budget_ms=0.0, rounds=rounds)
     ms = {name: median(t) for name, t in times.items()}
     return {"members": members, "batch_per_member": batch, "memory_format": str(memory_format).replace("torch.", ""),
-            "ms": ms, "times_ms": times,
+            "precision": "bf16 autocast" if autocast else "float32", "ms": ms, "times_ms": times,
             "fused_vs_loop": ms["loop"] / ms["fused"], "fused_vs_vmap": ms["vmap"] / ms["fused"],
             "member_images_per_s": {name: members * batch * 1e3 / t for name, t in ms.items()}}
 
 
-def _with_grad(step):
+def _with_grad(step, device: str, autocast: bool):
     def run():
-        with torch.enable_grad():
+        with torch.enable_grad(), torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
             step()
     return run
 
@@ -66,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=20, help="timed steps per implementation, over all rounds")
     parser.add_argument("--channels-last", action="store_true",
                         help="also time every point with NHWC members and inputs (loop, vmap and fused alike)")
+    parser.add_argument("--bf16-autocast", action="store_true",
+                        help="also time every point under torch.autocast(bfloat16) (loop, vmap and fused alike)")
     parser.add_argument("--json", default=None, metavar="PATH")
     args = parser.parse_args(argv)
     if args.device == "cpu":
@@ -75,15 +77,17 @@ def main(argv: list[str] | None = None) -> int:
     result = {"environment": _environment(args.device), "model": "resnet18-cifar", "rounds": args.rounds,
               "points": []}
     formats = [torch.contiguous_format] + ([torch.channels_last] if args.channels_last else [])
-    print(f"{'N':>3} {'B':>4} {'layout':>14} " + "".join(f"{name:>10}" for name in IMPLEMENTATIONS) +
-          "  fused vs loop")
+    precisions = [False] + ([True] if args.bf16_autocast else [])
+    print(f"{'N':>3} {'B':>4} {'layout':>18} {'precision':>14} " + "".join(f"{name:>10}" for name in IMPLEMENTATIONS)
+          + "  fused vs loop")
     for members in args.members:
         for memory_format in formats:
-            point = measure(members, batch, args.device, args.rounds, args.reps, memory_format)
-            result["points"].append(point)
-            print(f"{members:>3} {batch:>4} {point['memory_format']:>14} " +
-                  "".join(f"{point['ms'][name]:>10.1f}" for name in IMPLEMENTATIONS) +
-                  f"  {point['fused_vs_loop']:>12.3f}x", flush=True)
+            for autocast in precisions:
+                point = measure(members, batch, args.device, args.rounds, args.reps, memory_format, autocast)
+                result["points"].append(point)
+                print(f"{members:>3} {batch:>4} {point['memory_format']:>18} {point['precision']:>14} " +
+                      "".join(f"{point['ms'][name]:>10.1f}" for name in IMPLEMENTATIONS) +
+                      f"  {point['fused_vs_loop']:>12.3f}x", flush=True)
         if args.json:  # after every point: a cut-short run keeps what it measured
             with open(args.json, "w") as f:
                 json.dump(result, f, indent=2)

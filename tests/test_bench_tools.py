@@ -98,9 +98,11 @@ def test_train_throughput_times_the_three_steps_in_turns(tmp_path, bench_scripts
 
     path = tmp_path / "train.json"
     assert train_throughput.main(["--members", "2", "--batch", "1", "--device", "cpu", "--rounds", "2", "--reps", "2",
-                                  "--channels-last", "--json", str(path)]) == 0
+                                  "--channels-last", "--bf16-autocast", "--json", str(path)]) == 0
     points = json.loads(path.read_text())["points"]
-    assert [point["memory_format"] for point in points] == ["contiguous_format", "channels_last"]
+    assert [(point["memory_format"], point["precision"]) for point in points] == [
+        ("contiguous_format", "float32"), ("contiguous_format", "bf16 autocast"),
+        ("channels_last", "float32"), ("channels_last", "bf16 autocast")]
     for point in points:
         assert set(point["ms"]) == {"loop", "vmap", "fused"}
         assert all(len(times) == 2 for times in point["times_ms"].values())
