@@ -94,6 +94,13 @@ std::tuple<at::Tensor, at::Tensor> reduce_forward(const at::Tensor& x, c10::stri
                                                : at::empty({0}, options);
   const ForwardArgs args{view, reduction, out.data_ptr(), aux.data_ptr()};
   const KernelTable& table = kernels();
+  if (reduction == Reduction::Mean && view.stride_class == 1 && (view.rows == 1 || view.stride_row == view.classes)) {
+    // Each member's [R, K] block is one run of memory: average it flat, whatever K is (K = 10 rows one by one
+    // ran at half of eager torch.mean's speed).
+    at::parallel_for(0, view.rows * view.classes, row_grain(view.members, 1),
+                     [&](int64_t begin, int64_t end) { table.mean_flat(args, begin, end); });
+    return {out, aux};
+  }
   at::parallel_for(0, view.rows, row_grain(view.members, view.classes),
                    [&](int64_t begin, int64_t end) { table.reduce_forward(args, begin, end); });
   return {out, aux};

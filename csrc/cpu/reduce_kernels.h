@@ -49,9 +49,12 @@ struct StatsArgs {
   void* disagreement;  // the per-row outputs above are [R] acc
 };
 
-// Each kernel handles rows [row_begin, row_end); the caller splits rows over threads.
+// Each kernel handles rows [row_begin, row_end); the caller splits rows over threads. mean_flat is the "mean"
+// forward for logits whose [R, K] block is contiguous within each member (stride_class 1, stride_row K): it
+// handles flat elements [begin, end) of that block, so short rows (K = 10) vectorize as well as long ones.
 struct KernelTable {
   void (*reduce_forward)(const ForwardArgs&, int64_t row_begin, int64_t row_end);
+  void (*mean_flat)(const ForwardArgs&, int64_t begin, int64_t end);
   void (*reduce_backward)(const BackwardArgs&, int64_t row_begin, int64_t row_end);
   void (*stats_forward)(const StatsArgs&, int64_t row_begin, int64_t row_end);
 };

@@ -236,6 +236,31 @@ void mean_of_rows(const T* const* rows, int64_t N, int64_t K, T* o) {
   }
 }
 
+// out[i] = mean_n x[n, i] over flat elements [begin, end) of logits whose [R, K] block is contiguous in each
+// member, in chunks that stay in L1 (converted chunk by chunk for half/bfloat16 logits).
+template <typename scalar_t, typename acc_t>
+void mean_flat_range(const ForwardArgs& a, int64_t begin, int64_t end) {
+  constexpr int64_t kChunk = 2048;
+  const int64_t N = a.x.members;
+  const scalar_t* x = static_cast<const scalar_t*>(a.x.data);
+  acc_t* out = static_cast<acc_t*>(a.out);
+  std::unique_ptr<const acc_t*[]> rows(new const acc_t*[N]);
+  std::unique_ptr<acc_t[]> buffer(std::is_same_v<scalar_t, acc_t> ? nullptr : new acc_t[N * kChunk]);
+  for (int64_t i = begin; i < end; i += kChunk) {
+    const int64_t len = std::min(kChunk, end - i);
+    for (int64_t n = 0; n < N; ++n) {
+      const scalar_t* src = x + n * a.x.stride_member + i;
+      if constexpr (std::is_same_v<scalar_t, acc_t>) {
+        rows[n] = src;
+      } else {
+        at::vec::convert(src, buffer.get() + n * kChunk, len);
+        rows[n] = buffer.get() + n * kChunk;
+      }
+    }
+    mean_of_rows(rows.get(), N, len, out + i);
+  }
+}
+
 // Softmax of a row in place.
 template <typename T>
 void softmax_in_place(T* o, int64_t K) {
@@ -477,6 +502,10 @@ void reduce_forward(const ForwardArgs& a, int64_t row_begin, int64_t row_end) {
   FUSED_ENSEMBLE_DISPATCH_DTYPE(a.x.dtype, reduce_forward_rows, a, row_begin, row_end)
 }
 
+void mean_flat(const ForwardArgs& a, int64_t begin, int64_t end) {
+  FUSED_ENSEMBLE_DISPATCH_DTYPE(a.x.dtype, mean_flat_range, a, begin, end)
+}
+
 void reduce_backward(const BackwardArgs& a, int64_t row_begin, int64_t row_end) {
   FUSED_ENSEMBLE_DISPATCH_DTYPE(a.x.dtype, reduce_backward_rows, a, row_begin, row_end)
 }
@@ -490,7 +519,7 @@ void stats_forward(const StatsArgs& a, int64_t row_begin, int64_t row_end) {
 }  // namespace
 
 const KernelTable& kernel_table() {
-  static const KernelTable table{reduce_forward, reduce_backward, stats_forward};
+  static const KernelTable table{reduce_forward, mean_flat, reduce_backward, stats_forward};
   return table;
 }
 
