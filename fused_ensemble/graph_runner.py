@@ -104,6 +104,20 @@ class FusedGraph:
         self._steps: list[Callable[[list], tuple[Any, Layout]]] = []
         self._placeholders: list[tuple[int, Any]] = []
         self._output: Any = None
+        # After step i, the values whose last user it was are dropped (as torch.fx.Interpreter does): holding every
+        # activation until the output made a fused ResNet-18 forward at N=8, B=64 grow the heap by 3 GB per call.
+        last_user: dict[fx.Node, fx.Node] = {}
+        for node in graph.nodes:
+            for used in node.all_input_nodes:
+                last_user[used] = node
+        self._release: list[tuple[int, ...]] = [() for _ in graph.nodes]
+        slots = {node: position for position, node in enumerate(graph.nodes)}
+        for node in graph.nodes:
+            if node.op == "output":
+                continue
+            user = last_user.get(node, node)  # a value nobody reads goes right after it is made
+            if user.op != "output":
+                self._release[slots[user]] += (slots[node],)
         for node in graph.nodes:
             index[node] = len(index)
             refs = fx.node.map_arg((node.args, node.kwargs), lambda n: _Ref(index[n]))
@@ -298,6 +312,8 @@ class FusedGraph:
         for slot, step in enumerate(self._steps):
             if step is not None:
                 env[slot] = step(env)
+            for released in self._release[slot]:
+                env[released] = None
         values, layouts = self._resolve(env, self._output)
         leaves, spec = tree_flatten(values)
         leaf_layouts, _ = tree_flatten(layouts)

@@ -267,3 +267,35 @@ def test_torch_compile_fullgraph_matches_eager():
     with torch.no_grad():
         assert_matches(compiled(x), fused(x))
         assert_matches(fused(x), reduce_reference(member_loop(members, x), "mean_probs"))
+
+
+def test_forward_frees_each_activation_after_its_last_use():
+    # A deep MLP: holding every intermediate value until the output (as the graph runner once did) keeps ~2 tensors
+    # per layer alive; dropping each after its last reader keeps a handful, whatever the depth.
+    import weakref
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class PeakLiveTensors(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.outputs = []
+            self.peak = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    self.outputs.append(weakref.ref(t))
+            self.peak = max(self.peak, sum(ref() is not None for ref in self.outputs))
+            return out
+
+    depth = 24
+    members = [nn.Sequential(*[layer for _ in range(depth) for layer in (nn.Linear(16, 16), nn.ReLU())])
+               for _ in range(3)]
+    fused = FusedEnsemble(members, reduction="none").eval()
+    x = torch.randn(5, 16)
+    with torch.no_grad(), PeakLiveTensors() as mode:
+        out = fused(x)
+    assert out.shape == (3, 5, 16)
+    assert mode.peak <= 8, f"{mode.peak} intermediate tensors alive at once for {2 * depth} layers"
