@@ -263,3 +263,35 @@ def test_errors():
 def test_extension_reports_itself():
     assert _extension.extension_status() == "loaded"
     assert isinstance(_extension.has_cuda_kernels(), bool)
+
+
+@pytest.mark.parametrize("classes", [3, 10, 16])
+@pytest.mark.parametrize("layout", ["contiguous", "member_dim_not_first", "class_stride_2", "expanded_members",
+                                    "expanded_classes", "infinities"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_short_rows(classes, layout, dtype):
+    # Rows of at most 16 classes run mean_probs W rows at a time (a [W rows x K] tile transposed into vectors):
+    # 37 rows leave a partial block at the end of every thread's range.
+    if layout == "contiguous":
+        x = torch.randn(5, 37, classes)
+    elif layout == "member_dim_not_first":
+        x = torch.randn(37, 5, classes).movedim(1, 0)
+    elif layout == "class_stride_2":
+        x = torch.randn(5, 37, 2 * classes)[:, :, ::2]
+    elif layout == "expanded_members":
+        x = torch.randn(1, 37, classes).expand(5, 37, classes)
+    elif layout == "expanded_classes":
+        x = torch.randn(5, 37, 1).expand(5, 37, classes)  # every class ties
+    else:
+        x = torch.randn(5, 37, classes)
+        x[torch.rand_like(x) < 0.3] = -math.inf
+        x[:, :, 0] = torch.randn(5, 37)
+        x[2, 4] = -math.inf  # a member row with nothing finite: NaN probabilities, like the reference
+    x = (x * 3).to(dtype)
+    check_forward(x, "mean_probs")
+    check_all(x)
+
+
+def test_short_rows_backward_uses_their_saved_log_sum_exp():
+    x = torch.randn(4, 21, 10, dtype=torch.float64, requires_grad=True)  # several row blocks, a partial one
+    assert torch.autograd.gradcheck(lambda t: ExtensionReduce.apply(t, "mean_probs"), (x,))

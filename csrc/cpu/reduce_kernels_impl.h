@@ -307,8 +307,64 @@ void store_row(const acc_t* src, scalar_t* dst, int64_t K) {
   }
 }
 
+// Rows of at most this many classes take the short-row path of mean_probs.
+constexpr int64_t kShortRowClasses = 16;
+
+// mean_probs for short rows (K <= kShortRowClasses), W rows at a time: each member's [W rows x K] tile is
+// transposed into K vectors across the rows, so the max, the exps and the sums of W rows run as K vector ops.
+// Row by row, a row of 10 classes is one vector and a tail per member, and the per-row overhead dominated
+// (16 x 1024 x 10: 0.41 ms, eager 1.05). Same arithmetic as the row path: o = sum_n e_n / (N * sum_n).
+template <typename scalar_t, typename acc_t>
+void mean_probs_short_rows(const ForwardArgs& a, int64_t row_begin, int64_t row_end) {
+  using V = Vectorized<acc_t>;
+  constexpr int64_t W = V::size();
+  const int64_t N = a.x.members, R = a.x.rows, K = a.x.classes;
+  const scalar_t* x = static_cast<const scalar_t*>(a.x.data);
+  acc_t* out = static_cast<acc_t*>(a.out);
+  acc_t* aux = static_cast<acc_t*>(a.aux);
+  const V neg_inf(-kInf<acc_t>), n_members(static_cast<acc_t>(N));
+  alignas(64) acc_t tile[kShortRowClasses][W];
+  alignas(64) acc_t lanes[W];
+  for (int64_t r0 = row_begin; r0 < row_end; r0 += W) {
+    const int64_t rows = std::min<int64_t>(W, row_end - r0);
+    V acc[kShortRowClasses];
+    for (int64_t k = 0; k < K; ++k) acc[k] = V(0);
+    for (int64_t n = 0; n < N; ++n) {
+      const scalar_t* base = x + n * a.x.stride_member + r0 * a.x.stride_row;
+      for (int64_t i = 0; i < W; ++i) {
+        for (int64_t k = 0; k < K; ++k) {
+          tile[k][i] = i < rows ? static_cast<acc_t>(base[i * a.x.stride_row + k * a.x.stride_class]) : acc_t(0);
+        }
+      }
+      V v[kShortRowClasses];
+      V m = neg_inf;
+      for (int64_t k = 0; k < K; ++k) {
+        v[k] = V::loadu(tile[k]);
+        m = at::vec::maximum(m, v[k]);
+      }
+      V sum(0);
+      for (int64_t k = 0; k < K; ++k) {
+        v[k] = vexp(v[k] - m);
+        sum += v[k];
+      }
+      const V scale = V(1) / (n_members * sum);
+      for (int64_t k = 0; k < K; ++k) acc[k] += v[k] * scale;
+      // The member log-sum-exp (saved for backward); a row of -inf keeps -inf, as member_lse does.
+      V::blendv(m + sum.log(), m, m == neg_inf).store(lanes);
+      for (int64_t i = 0; i < rows; ++i) aux[n * R + r0 + i] = lanes[i];
+    }
+    for (int64_t k = 0; k < K; ++k) acc[k].store(tile[k]);
+    for (int64_t i = 0; i < rows; ++i) {
+      for (int64_t k = 0; k < K; ++k) out[(r0 + i) * K + k] = tile[k][i];
+    }
+  }
+}
+
 template <typename scalar_t, typename acc_t>
 void reduce_forward_rows(const ForwardArgs& a, int64_t row_begin, int64_t row_end) {
+  if (a.reduction == Reduction::MeanProbs && a.x.classes <= kShortRowClasses) {
+    return mean_probs_short_rows<scalar_t, acc_t>(a, row_begin, row_end);
+  }
   const int64_t N = a.x.members, R = a.x.rows, K = a.x.classes;
   acc_t* out = static_cast<acc_t*>(a.out);
   acc_t* aux = static_cast<acc_t*>(a.aux);
