@@ -307,7 +307,7 @@ void store_row(const acc_t* src, scalar_t* dst, int64_t K) {
   }
 }
 
-// Rows of at most this many classes take the short-row path of mean_probs.
+// Rows of at most this many classes take the short-row paths of mean_probs and log_mean_probs.
 constexpr int64_t kShortRowClasses = 16;
 
 // mean_probs for short rows (K <= kShortRowClasses), W rows at a time: each member's [W rows x K] tile is
@@ -360,10 +360,67 @@ void mean_probs_short_rows(const ForwardArgs& a, int64_t row_begin, int64_t row_
   }
 }
 
+// log_mean_probs for short rows, W rows at a time as mean_probs_short_rows: every member's tile is transposed
+// once into a per-thread buffer, then the row path's arithmetic runs on vectors across the rows: per member the
+// max and log-sum-exp, per class top = max_n log_softmax_n and log sum_n exp(log_softmax_n - top).
+template <typename scalar_t, typename acc_t>
+void log_mean_probs_short_rows(const ForwardArgs& a, int64_t row_begin, int64_t row_end) {
+  using V = Vectorized<acc_t>;
+  constexpr int64_t W = V::size();
+  const int64_t N = a.x.members, R = a.x.rows, K = a.x.classes;
+  const scalar_t* x = static_cast<const scalar_t*>(a.x.data);
+  acc_t* out = static_cast<acc_t*>(a.out);
+  acc_t* aux = static_cast<acc_t*>(a.aux);
+  const V neg_inf(-kInf<acc_t>), zero(0), log_n(std::log(static_cast<acc_t>(N)));
+  std::unique_ptr<acc_t[]> tiles(new acc_t[N * K * W]);  // member n, class k: W rows at tiles + (n * K + k) * W
+  std::unique_ptr<acc_t[]> shifts(new acc_t[2 * N * W]);  // member max, then member log-sum-exp - max
+  alignas(64) acc_t lanes[W];
+  for (int64_t r0 = row_begin; r0 < row_end; r0 += W) {
+    const int64_t rows = std::min<int64_t>(W, row_end - r0);
+    for (int64_t n = 0; n < N; ++n) {
+      const scalar_t* base = x + n * a.x.stride_member + r0 * a.x.stride_row;
+      acc_t* tile = tiles.get() + n * K * W;
+      for (int64_t i = 0; i < W; ++i) {
+        for (int64_t k = 0; k < K; ++k) {
+          tile[k * W + i] = i < rows ? static_cast<acc_t>(base[i * a.x.stride_row + k * a.x.stride_class]) : acc_t(0);
+        }
+      }
+      V m = neg_inf;
+      for (int64_t k = 0; k < K; ++k) m = at::vec::maximum(m, V::loadu(tile + k * W));
+      V sum(0);
+      for (int64_t k = 0; k < K; ++k) sum += vexp(V::loadu(tile + k * W) - m);
+      const V log_sum = sum.log();
+      m.store(shifts.get() + n * W);
+      log_sum.store(shifts.get() + (N + n) * W);
+      V::blendv(m + log_sum, m, m == neg_inf).store(lanes);
+      for (int64_t i = 0; i < rows; ++i) aux[n * R + r0 + i] = lanes[i];
+    }
+    for (int64_t k = 0; k < K; ++k) {
+      V top = neg_inf;
+      for (int64_t n = 0; n < N; ++n) {
+        const V log_p = (V::loadu(tiles.get() + (n * K + k) * W) - V::loadu(shifts.get() + n * W)) -
+                        V::loadu(shifts.get() + (N + n) * W);
+        top = at::vec::maximum(top, log_p);
+      }
+      top = V::blendv(top, zero, top == neg_inf);  // every member at -inf: the sum below is 0, log gives -inf
+      V sum(0);
+      for (int64_t n = 0; n < N; ++n) {
+        sum += vexp((V::loadu(tiles.get() + (n * K + k) * W) - V::loadu(shifts.get() + n * W)) -
+                    V::loadu(shifts.get() + (N + n) * W) - top);
+      }
+      (top + sum.log() - log_n).store(lanes);
+      for (int64_t i = 0; i < rows; ++i) out[(r0 + i) * K + k] = lanes[i];
+    }
+  }
+}
+
 template <typename scalar_t, typename acc_t>
 void reduce_forward_rows(const ForwardArgs& a, int64_t row_begin, int64_t row_end) {
   if (a.reduction == Reduction::MeanProbs && a.x.classes <= kShortRowClasses) {
     return mean_probs_short_rows<scalar_t, acc_t>(a, row_begin, row_end);
+  }
+  if (a.reduction == Reduction::LogMeanProbs && a.x.classes <= kShortRowClasses) {
+    return log_mean_probs_short_rows<scalar_t, acc_t>(a, row_begin, row_end);
   }
   const int64_t N = a.x.members, R = a.x.rows, K = a.x.classes;
   acc_t* out = static_cast<acc_t*>(a.out);
