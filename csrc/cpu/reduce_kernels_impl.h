@@ -307,7 +307,7 @@ void store_row(const acc_t* src, scalar_t* dst, int64_t K) {
   }
 }
 
-// Rows of at most this many classes take the short-row paths of mean_probs and log_mean_probs.
+// Rows of at most this many classes take the short-row paths (mean_probs, log_mean_probs, statistics).
 constexpr int64_t kShortRowClasses = 16;
 
 // mean_probs for short rows (K <= kShortRowClasses), W rows at a time: each member's [W rows x K] tile is
@@ -561,8 +561,91 @@ void reduce_backward_rows(const BackwardArgs& a, int64_t row_begin, int64_t row_
   }
 }
 
+// First index of `value` among tile[k * W + lane], k < K (for NaN, the first NaN): first_index_of on a tile column.
+template <typename T, int64_t W>
+int64_t first_index_in_column(const T* tile, int64_t K, int64_t lane, T value) {
+  for (int64_t k = 0; k < K; ++k) {
+    const T v = tile[k * W + lane];
+    if (std::isnan(value) ? std::isnan(v) : v == value) return k;
+  }
+  return 0;
+}
+
+// ensemble statistics for short rows (K <= kShortRowClasses), W rows at a time as mean_probs_short_rows, with the
+// row path's arithmetic on vectors across the rows; the argmaxes are found per lane on the transposed tile.
+template <typename scalar_t, typename acc_t>
+void stats_short_rows(const StatsArgs& a, int64_t row_begin, int64_t row_end) {
+  using V = Vectorized<acc_t>;
+  constexpr int64_t W = V::size();
+  const int64_t N = a.x.members, K = a.x.classes;
+  const scalar_t* x = static_cast<const scalar_t*>(a.x.data);
+  const V neg_inf(-kInf<acc_t>), zero(0), n_members(static_cast<acc_t>(N));
+  alignas(64) acc_t tile[kShortRowClasses * W];
+  alignas(64) acc_t lanes[W];
+  std::unique_ptr<int64_t[]> member_prediction(new int64_t[N * W]);
+  for (int64_t r0 = row_begin; r0 < row_end; r0 += W) {
+    const int64_t rows = std::min<int64_t>(W, row_end - r0);
+    V probs[kShortRowClasses];
+    for (int64_t k = 0; k < K; ++k) probs[k] = V(0);
+    V entropy_sum(0);
+    for (int64_t n = 0; n < N; ++n) {
+      const scalar_t* base = x + n * a.x.stride_member + r0 * a.x.stride_row;
+      for (int64_t i = 0; i < W; ++i) {
+        for (int64_t k = 0; k < K; ++k) {
+          tile[k * W + i] = i < rows ? static_cast<acc_t>(base[i * a.x.stride_row + k * a.x.stride_class]) : acc_t(0);
+        }
+      }
+      V m = neg_inf;
+      for (int64_t k = 0; k < K; ++k) m = at::vec::maximum(m, V::loadu(tile + k * W));
+      m.store(lanes);
+      for (int64_t i = 0; i < rows; ++i) {
+        member_prediction[n * W + i] = first_index_in_column<acc_t, W>(tile, K, i, lanes[i]);
+      }
+      V e[kShortRowClasses];
+      V sum(0), dot(0);
+      for (int64_t k = 0; k < K; ++k) {
+        const V d = V::loadu(tile + k * W) - m;
+        e[k] = vexp(d);
+        sum += e[k];
+        dot += V::blendv(zero, e[k] * d, e[k] > zero);
+      }
+      // H_n = log(sum) - sum e (x - max) / sum; a member row of -inf counts as 0 entropy (see the row path).
+      entropy_sum += V::blendv(sum.log() - dot / sum, zero, m == neg_inf);
+      const V scale = V(1) / (n_members * sum);
+      for (int64_t k = 0; k < K; ++k) probs[k] += e[k] * scale;
+    }
+    V confidence = neg_inf, entropy(0);
+    for (int64_t k = 0; k < K; ++k) {
+      probs[k].store(tile + k * W);
+      confidence = at::vec::maximum(confidence, probs[k]);
+      entropy += V::blendv(probs[k] * probs[k].log(), zero, probs[k] == zero);
+    }
+    entropy = zero - entropy;
+    const V expected_entropy = entropy_sum / n_members;
+    alignas(64) acc_t confidence_lanes[W], entropy_lanes[W], expected_lanes[W], mutual_lanes[W];
+    confidence.store(confidence_lanes);
+    entropy.store(entropy_lanes);
+    expected_entropy.store(expected_lanes);
+    (entropy - expected_entropy).store(mutual_lanes);
+    for (int64_t i = 0; i < rows; ++i) {
+      const int64_t r = r0 + i;
+      for (int64_t k = 0; k < K; ++k) static_cast<acc_t*>(a.probs)[r * K + k] = tile[k * W + i];
+      const int64_t prediction = first_index_in_column<acc_t, W>(tile, K, i, confidence_lanes[i]);
+      int64_t disagree = 0;
+      for (int64_t n = 0; n < N; ++n) disagree += member_prediction[n * W + i] != prediction;
+      static_cast<acc_t*>(a.entropy)[r] = entropy_lanes[i];
+      static_cast<acc_t*>(a.expected_entropy)[r] = expected_lanes[i];
+      static_cast<acc_t*>(a.mutual_info)[r] = mutual_lanes[i];
+      static_cast<acc_t*>(a.confidence)[r] = confidence_lanes[i];
+      a.prediction[r] = prediction;
+      static_cast<acc_t*>(a.disagreement)[r] = static_cast<acc_t>(disagree) / static_cast<acc_t>(N);
+    }
+  }
+}
+
 template <typename scalar_t, typename acc_t>
 void stats_forward_rows(const StatsArgs& a, int64_t row_begin, int64_t row_end) {
+  if (a.x.classes <= kShortRowClasses) return stats_short_rows<scalar_t, acc_t>(a, row_begin, row_end);
   const int64_t N = a.x.members, K = a.x.classes;
   acc_t* probs_out = static_cast<acc_t*>(a.probs);
   MemberRows<scalar_t, acc_t> members(a.x, 1);
