@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fused_ensemble import cpu_memory
 import reduce_workloads as rw
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -48,11 +49,17 @@ def _synchronized(fn, x):
 def test_bench_reduce(benchmark, name, workload, shape):
     if benchmark.disabled:
         pytest.skip("benchmarks run with --benchmark-enable")
+    if DEVICE == "cpu":
+        # Eager's N-times-larger temporaries (a 131 MB softmax at 8 x 4096 x 1000) are mmapped fresh on every call
+        # under glibc's default thresholds, and its times then swing with the cost of page faults (12-48 ms for
+        # mean_probs there, run to run). Timed with the setting the fused module makes (fused_ensemble.cpu_memory),
+        # eager runs at its best and steadily.
+        cpu_memory.retain_freed_cpu_memory()
     fn = _callable(name, workload)
     x = torch.randn(shape, device=DEVICE)
     error = rw.check_against_eager(workload, fn(x), rw.reference(workload)(x))
     benchmark.group = f"{workload} N={shape[0]} B={shape[1]} K={shape[2]} {DEVICE}"
     benchmark.extra_info.update(implementation=name, device=DEVICE, max_abs_error_vs_eager=error,
-                                threads=torch.get_num_threads())
+                                threads=torch.get_num_threads(), cpu_allocator=cpu_memory.outcome())
     benchmark.pedantic(_synchronized(fn, x), rounds=10 if DEVICE == "cpu" else 50, warmup_rounds=2)
     benchmark.extra_info["GB/s"] = rw.bytes_moved(workload, shape) / benchmark.stats.stats.median / 1e9
