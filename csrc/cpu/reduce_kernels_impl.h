@@ -307,7 +307,8 @@ void store_row(const acc_t* src, scalar_t* dst, int64_t K) {
   }
 }
 
-// Rows of at most this many classes take the short-row paths (mean_probs, log_mean_probs, statistics).
+// Rows of at most this many classes take the short-row paths (softmax_of_mean, mean_probs, log_mean_probs,
+// statistics).
 constexpr int64_t kShortRowClasses = 16;
 
 // mean_probs for short rows (K <= kShortRowClasses), W rows at a time: each member's [W rows x K] tile is
@@ -414,8 +415,52 @@ void log_mean_probs_short_rows(const ForwardArgs& a, int64_t row_begin, int64_t 
   }
 }
 
+// softmax_of_mean for short rows, W rows at a time: the member tiles summed into K vectors across the rows, then
+// the row path's softmax (max, exp, sum, scale) on those vectors.
+template <typename scalar_t, typename acc_t>
+void softmax_of_mean_short_rows(const ForwardArgs& a, int64_t row_begin, int64_t row_end) {
+  using V = Vectorized<acc_t>;
+  constexpr int64_t W = V::size();
+  const int64_t N = a.x.members, K = a.x.classes;
+  const scalar_t* x = static_cast<const scalar_t*>(a.x.data);
+  acc_t* out = static_cast<acc_t*>(a.out);
+  const V neg_inf(-kInf<acc_t>), n_members(static_cast<acc_t>(N));
+  alignas(64) acc_t tile[kShortRowClasses * W];
+  for (int64_t r0 = row_begin; r0 < row_end; r0 += W) {
+    const int64_t rows = std::min<int64_t>(W, row_end - r0);
+    V mean[kShortRowClasses];
+    for (int64_t n = 0; n < N; ++n) {
+      const scalar_t* base = x + n * a.x.stride_member + r0 * a.x.stride_row;
+      for (int64_t i = 0; i < W; ++i) {
+        for (int64_t k = 0; k < K; ++k) {
+          tile[k * W + i] = i < rows ? static_cast<acc_t>(base[i * a.x.stride_row + k * a.x.stride_class]) : acc_t(0);
+        }
+      }
+      for (int64_t k = 0; k < K; ++k) mean[k] = n == 0 ? V::loadu(tile + k * W) : mean[k] + V::loadu(tile + k * W);
+    }
+    V m = neg_inf;
+    for (int64_t k = 0; k < K; ++k) {
+      mean[k] = mean[k] / n_members;
+      m = at::vec::maximum(m, mean[k]);
+    }
+    V sum(0);
+    for (int64_t k = 0; k < K; ++k) {
+      mean[k] = vexp(mean[k] - m);
+      sum += mean[k];
+    }
+    const V scale = V(1) / sum;
+    for (int64_t k = 0; k < K; ++k) (mean[k] * scale).store(tile + k * W);
+    for (int64_t i = 0; i < rows; ++i) {
+      for (int64_t k = 0; k < K; ++k) out[(r0 + i) * K + k] = tile[k * W + i];
+    }
+  }
+}
+
 template <typename scalar_t, typename acc_t>
 void reduce_forward_rows(const ForwardArgs& a, int64_t row_begin, int64_t row_end) {
+  if (a.reduction == Reduction::SoftmaxOfMean && a.x.classes <= kShortRowClasses) {
+    return softmax_of_mean_short_rows<scalar_t, acc_t>(a, row_begin, row_end);
+  }
   if (a.reduction == Reduction::MeanProbs && a.x.classes <= kShortRowClasses) {
     return mean_probs_short_rows<scalar_t, acc_t>(a, row_begin, row_end);
   }
