@@ -311,6 +311,26 @@ void store_row(const acc_t* src, scalar_t* dst, int64_t K) {
 // statistics).
 constexpr int64_t kShortRowClasses = 16;
 
+// Member n's rows [r0, r0 + rows) as a transposed tile: tile[k * W + i] = x[n, r0 + i, k] in acc_t, lanes past
+// `rows` zero (any strides; the short-row kernels' one gather per member and block of rows).
+template <typename scalar_t, typename acc_t, int64_t W>
+void load_tile(const LogitsView& x, int64_t n, int64_t r0, int64_t rows, acc_t* tile) {
+  const scalar_t* base = static_cast<const scalar_t*>(x.data) + n * x.stride_member + r0 * x.stride_row;
+  for (int64_t i = 0; i < W; ++i) {
+    for (int64_t k = 0; k < x.classes; ++k) {
+      tile[k * W + i] = i < rows ? static_cast<acc_t>(base[i * x.stride_row + k * x.stride_class]) : acc_t(0);
+    }
+  }
+}
+
+// The first `rows` lanes of a transposed tile back into rows [r0, r0 + rows) of a contiguous [R, K] output.
+template <typename acc_t, int64_t W>
+void store_tile(const acc_t* tile, int64_t r0, int64_t rows, int64_t K, acc_t* out) {
+  for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t k = 0; k < K; ++k) out[(r0 + i) * K + k] = tile[k * W + i];
+  }
+}
+
 // mean_probs for short rows (K <= kShortRowClasses), W rows at a time: each member's [W rows x K] tile is
 // transposed into K vectors across the rows, so the max, the exps and the sums of W rows run as K vector ops.
 // Row by row, a row of 10 classes is one vector and a tail per member, and the per-row overhead dominated
@@ -320,7 +340,6 @@ void mean_probs_short_rows(const ForwardArgs& a, int64_t row_begin, int64_t row_
   using V = Vectorized<acc_t>;
   constexpr int64_t W = V::size();
   const int64_t N = a.x.members, R = a.x.rows, K = a.x.classes;
-  const scalar_t* x = static_cast<const scalar_t*>(a.x.data);
   acc_t* out = static_cast<acc_t*>(a.out);
   acc_t* aux = static_cast<acc_t*>(a.aux);
   const V neg_inf(-kInf<acc_t>), n_members(static_cast<acc_t>(N));
@@ -331,12 +350,7 @@ void mean_probs_short_rows(const ForwardArgs& a, int64_t row_begin, int64_t row_
     V acc[kShortRowClasses];
     for (int64_t k = 0; k < K; ++k) acc[k] = V(0);
     for (int64_t n = 0; n < N; ++n) {
-      const scalar_t* base = x + n * a.x.stride_member + r0 * a.x.stride_row;
-      for (int64_t i = 0; i < W; ++i) {
-        for (int64_t k = 0; k < K; ++k) {
-          tile[k][i] = i < rows ? static_cast<acc_t>(base[i * a.x.stride_row + k * a.x.stride_class]) : acc_t(0);
-        }
-      }
+      load_tile<scalar_t, acc_t, W>(a.x, n, r0, rows, &tile[0][0]);
       V v[kShortRowClasses];
       V m = neg_inf;
       for (int64_t k = 0; k < K; ++k) {
@@ -355,9 +369,7 @@ void mean_probs_short_rows(const ForwardArgs& a, int64_t row_begin, int64_t row_
       for (int64_t i = 0; i < rows; ++i) aux[n * R + r0 + i] = lanes[i];
     }
     for (int64_t k = 0; k < K; ++k) acc[k].store(tile[k]);
-    for (int64_t i = 0; i < rows; ++i) {
-      for (int64_t k = 0; k < K; ++k) out[(r0 + i) * K + k] = tile[k][i];
-    }
+    store_tile<acc_t, W>(&tile[0][0], r0, rows, K, out);
   }
 }
 
@@ -369,7 +381,6 @@ void log_mean_probs_short_rows(const ForwardArgs& a, int64_t row_begin, int64_t 
   using V = Vectorized<acc_t>;
   constexpr int64_t W = V::size();
   const int64_t N = a.x.members, R = a.x.rows, K = a.x.classes;
-  const scalar_t* x = static_cast<const scalar_t*>(a.x.data);
   acc_t* out = static_cast<acc_t*>(a.out);
   acc_t* aux = static_cast<acc_t*>(a.aux);
   const V neg_inf(-kInf<acc_t>), zero(0), log_n(std::log(static_cast<acc_t>(N)));
@@ -379,13 +390,8 @@ void log_mean_probs_short_rows(const ForwardArgs& a, int64_t row_begin, int64_t 
   for (int64_t r0 = row_begin; r0 < row_end; r0 += W) {
     const int64_t rows = std::min<int64_t>(W, row_end - r0);
     for (int64_t n = 0; n < N; ++n) {
-      const scalar_t* base = x + n * a.x.stride_member + r0 * a.x.stride_row;
       acc_t* tile = tiles.get() + n * K * W;
-      for (int64_t i = 0; i < W; ++i) {
-        for (int64_t k = 0; k < K; ++k) {
-          tile[k * W + i] = i < rows ? static_cast<acc_t>(base[i * a.x.stride_row + k * a.x.stride_class]) : acc_t(0);
-        }
-      }
+      load_tile<scalar_t, acc_t, W>(a.x, n, r0, rows, tile);
       V m = neg_inf;
       for (int64_t k = 0; k < K; ++k) m = at::vec::maximum(m, V::loadu(tile + k * W));
       V sum(0);
@@ -422,7 +428,6 @@ void softmax_of_mean_short_rows(const ForwardArgs& a, int64_t row_begin, int64_t
   using V = Vectorized<acc_t>;
   constexpr int64_t W = V::size();
   const int64_t N = a.x.members, K = a.x.classes;
-  const scalar_t* x = static_cast<const scalar_t*>(a.x.data);
   acc_t* out = static_cast<acc_t*>(a.out);
   const V neg_inf(-kInf<acc_t>), n_members(static_cast<acc_t>(N));
   alignas(64) acc_t tile[kShortRowClasses * W];
@@ -430,12 +435,7 @@ void softmax_of_mean_short_rows(const ForwardArgs& a, int64_t row_begin, int64_t
     const int64_t rows = std::min<int64_t>(W, row_end - r0);
     V mean[kShortRowClasses];
     for (int64_t n = 0; n < N; ++n) {
-      const scalar_t* base = x + n * a.x.stride_member + r0 * a.x.stride_row;
-      for (int64_t i = 0; i < W; ++i) {
-        for (int64_t k = 0; k < K; ++k) {
-          tile[k * W + i] = i < rows ? static_cast<acc_t>(base[i * a.x.stride_row + k * a.x.stride_class]) : acc_t(0);
-        }
-      }
+      load_tile<scalar_t, acc_t, W>(a.x, n, r0, rows, tile);
       for (int64_t k = 0; k < K; ++k) mean[k] = n == 0 ? V::loadu(tile + k * W) : mean[k] + V::loadu(tile + k * W);
     }
     V m = neg_inf;
@@ -450,9 +450,7 @@ void softmax_of_mean_short_rows(const ForwardArgs& a, int64_t row_begin, int64_t
     }
     const V scale = V(1) / sum;
     for (int64_t k = 0; k < K; ++k) (mean[k] * scale).store(tile + k * W);
-    for (int64_t i = 0; i < rows; ++i) {
-      for (int64_t k = 0; k < K; ++k) out[(r0 + i) * K + k] = tile[k * W + i];
-    }
+    store_tile<acc_t, W>(tile, r0, rows, K, out);
   }
 }
 
@@ -623,7 +621,6 @@ void stats_short_rows(const StatsArgs& a, int64_t row_begin, int64_t row_end) {
   using V = Vectorized<acc_t>;
   constexpr int64_t W = V::size();
   const int64_t N = a.x.members, K = a.x.classes;
-  const scalar_t* x = static_cast<const scalar_t*>(a.x.data);
   const V neg_inf(-kInf<acc_t>), zero(0), n_members(static_cast<acc_t>(N));
   alignas(64) acc_t tile[kShortRowClasses * W];
   alignas(64) acc_t lanes[W];
@@ -634,12 +631,7 @@ void stats_short_rows(const StatsArgs& a, int64_t row_begin, int64_t row_end) {
     for (int64_t k = 0; k < K; ++k) probs[k] = V(0);
     V entropy_sum(0);
     for (int64_t n = 0; n < N; ++n) {
-      const scalar_t* base = x + n * a.x.stride_member + r0 * a.x.stride_row;
-      for (int64_t i = 0; i < W; ++i) {
-        for (int64_t k = 0; k < K; ++k) {
-          tile[k * W + i] = i < rows ? static_cast<acc_t>(base[i * a.x.stride_row + k * a.x.stride_class]) : acc_t(0);
-        }
-      }
+      load_tile<scalar_t, acc_t, W>(a.x, n, r0, rows, tile);
       V m = neg_inf;
       for (int64_t k = 0; k < K; ++k) m = at::vec::maximum(m, V::loadu(tile + k * W));
       m.store(lanes);
