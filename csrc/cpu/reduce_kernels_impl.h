@@ -314,18 +314,20 @@ constexpr int64_t kShortRowClasses = 16;
 // Member n's rows [r0, r0 + rows) as a transposed tile: tile[k * W + i] = x[n, r0 + i, k] in acc_t, lanes past
 // `rows` zero (any strides; the short-row kernels' one gather per member and block of rows).
 template <typename scalar_t, typename acc_t, int64_t W>
-void load_tile(const LogitsView& x, int64_t n, int64_t r0, int64_t rows, acc_t* tile) {
-  const scalar_t* base = static_cast<const scalar_t*>(x.data) + n * x.stride_member + r0 * x.stride_row;
+inline void load_tile(const LogitsView& x, int64_t n, int64_t r0, int64_t rows, acc_t* __restrict__ tile) {
+  // Strides in locals: read through `x` inside the loop, they would be reloaded after every store to the tile.
+  const int64_t K = x.classes, stride_row = x.stride_row, stride_class = x.stride_class;
+  const scalar_t* base = static_cast<const scalar_t*>(x.data) + n * x.stride_member + r0 * stride_row;
   for (int64_t i = 0; i < W; ++i) {
-    for (int64_t k = 0; k < x.classes; ++k) {
-      tile[k * W + i] = i < rows ? static_cast<acc_t>(base[i * x.stride_row + k * x.stride_class]) : acc_t(0);
+    for (int64_t k = 0; k < K; ++k) {
+      tile[k * W + i] = i < rows ? static_cast<acc_t>(base[i * stride_row + k * stride_class]) : acc_t(0);
     }
   }
 }
 
 // The first `rows` lanes of a transposed tile back into rows [r0, r0 + rows) of a contiguous [R, K] output.
 template <typename acc_t, int64_t W>
-void store_tile(const acc_t* tile, int64_t r0, int64_t rows, int64_t K, acc_t* out) {
+inline void store_tile(const acc_t* __restrict__ tile, int64_t r0, int64_t rows, int64_t K, acc_t* __restrict__ out) {
   for (int64_t i = 0; i < rows; ++i) {
     for (int64_t k = 0; k < K; ++k) out[(r0 + i) * K + k] = tile[k * W + i];
   }
