@@ -270,8 +270,8 @@ def test_extension_reports_itself():
                                     "expanded_classes", "infinities"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_short_rows(classes, layout, dtype):
-    # Rows of at most 16 classes run mean_probs W rows at a time (a [W rows x K] tile transposed into vectors):
-    # 37 rows leave a partial block at the end of every thread's range.
+    # Rows of at most 16 classes run the member-softmax reductions, their backward and the statistics W rows at a
+    # time (a [W rows x K] tile transposed into vectors): 37 rows leave a partial block at the end of every range.
     if layout == "contiguous":
         x = torch.randn(5, 37, classes)
     elif layout == "member_dim_not_first":
@@ -290,6 +290,19 @@ def test_short_rows(classes, layout, dtype):
     x = (x * 3).to(dtype)
     check_forward(x, "mean_probs")
     check_all(x)
+    if layout != "infinities":  # the reference's gradient of a member row of -inf is NaN; see the test below
+        for reduction in ("mean_probs", "log_mean_probs"):
+            check_backward(x, reduction)
+
+
+@pytest.mark.parametrize("reduction", ["mean_probs", "log_mean_probs"])
+def test_short_rows_backward_with_infinities(reduction):
+    # -inf in members 1 and 2 only (as in test_backward_strided_and_infinite_inputs), 10 classes, 37 rows.
+    y = torch.randn(3, 37, 10, dtype=torch.float64)
+    y[1:][torch.rand_like(y[1:]) < 0.3] = -math.inf
+    y[..., 0] = 0.5
+    check_backward(y, reduction)
+    check_backward(y.float(), reduction)
 
 
 def test_short_rows_backward_uses_their_saved_log_sum_exp():

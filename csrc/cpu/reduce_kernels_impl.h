@@ -527,6 +527,58 @@ void reduce_forward_rows(const ForwardArgs& a, int64_t row_begin, int64_t row_en
   }
 }
 
+// The backward of mean_probs and log_mean_probs for short rows (K <= kShortRowClasses), W rows at a time: the
+// logits, grad_out and out tiles transposed into vectors across the rows, then the row path's arithmetic.
+template <typename scalar_t, typename acc_t>
+void member_softmax_backward_short_rows(const BackwardArgs& a, int64_t row_begin, int64_t row_end) {
+  using V = Vectorized<acc_t>;
+  constexpr int64_t W = V::size();
+  const int64_t N = a.x.members, R = a.x.rows, K = a.x.classes;
+  const acc_t* aux = static_cast<const acc_t*>(a.aux);
+  scalar_t* grad = static_cast<scalar_t*>(a.grad);
+  const bool log_output = a.reduction == Reduction::LogMeanProbs;
+  const V neg_inf(-kInf<acc_t>), zero(0), n_members(static_cast<acc_t>(N)), log_n(std::log(static_cast<acc_t>(N)));
+  alignas(64) acc_t x_tile[kShortRowClasses * W], g_tile[kShortRowClasses * W], o_tile[kShortRowClasses * W];
+  alignas(64) acc_t lanes[W];
+  for (int64_t r0 = row_begin; r0 < row_end; r0 += W) {
+    const int64_t rows = std::min<int64_t>(W, row_end - r0);
+    // grad_out and out are contiguous [R, K] acc_t: the same transposed tiles, as one-member "logits".
+    const LogitsView g_view{static_cast<const acc_t*>(a.grad_out), a.x.dtype, 1, R, K, 0, K, 1};
+    const LogitsView o_view{static_cast<const acc_t*>(a.out), a.x.dtype, 1, R, K, 0, K, 1};
+    load_tile<acc_t, acc_t, W>(g_view, 0, r0, rows, g_tile);
+    if (log_output) load_tile<acc_t, acc_t, W>(o_view, 0, r0, rows, o_tile);
+    for (int64_t n = 0; n < N; ++n) {
+      load_tile<scalar_t, acc_t, W>(a.x, n, r0, rows, x_tile);
+      for (int64_t i = 0; i < W; ++i) lanes[i] = i < rows ? aux[n * R + r0 + i] : acc_t(0);
+      const V lse = V::loadu(lanes);
+      V d[kShortRowClasses];
+      if (!log_output) {
+        // s (g - <g, s>) / N, s = exp(x - lse)
+        V g_dot_s(0);
+        for (int64_t k = 0; k < K; ++k) {
+          d[k] = vexp(V::loadu(x_tile + k * W) - lse);
+          g_dot_s += V::loadu(g_tile + k * W) * d[k];
+        }
+        for (int64_t k = 0; k < K; ++k) d[k] = d[k] * (V::loadu(g_tile + k * W) - g_dot_s) / n_members;
+      } else {
+        // h - s sum(h), h = g exp(x - lse - out - log N), and h = 0 where x = -inf.
+        V h_sum(0);
+        for (int64_t k = 0; k < K; ++k) {
+          const V t = V::loadu(x_tile + k * W) - lse;
+          d[k] = V::blendv(V::loadu(g_tile + k * W) * vexp(t - V::loadu(o_tile + k * W) - log_n), zero, t == neg_inf);
+          h_sum += d[k];
+        }
+        for (int64_t k = 0; k < K; ++k) d[k] = d[k] - vexp(V::loadu(x_tile + k * W) - lse) * h_sum;
+      }
+      for (int64_t k = 0; k < K; ++k) d[k].store(x_tile + k * W);
+      for (int64_t i = 0; i < rows; ++i) {
+        scalar_t* dst = grad + (n * R + r0 + i) * K;
+        for (int64_t k = 0; k < K; ++k) dst[k] = static_cast<scalar_t>(x_tile[k * W + i]);
+      }
+    }
+  }
+}
+
 template <typename scalar_t, typename acc_t>
 void reduce_backward_rows(const BackwardArgs& a, int64_t row_begin, int64_t row_end) {
   using V = Vectorized<acc_t>;
@@ -559,6 +611,7 @@ void reduce_backward_rows(const BackwardArgs& a, int64_t row_begin, int64_t row_
     return;
   }
 
+  if (K <= kShortRowClasses) return member_softmax_backward_short_rows<scalar_t, acc_t>(a, row_begin, row_end);
   scalar_t* grad = static_cast<scalar_t*>(a.grad);
   MemberRows<scalar_t, acc_t> members(a.x, 1);
   std::unique_ptr<acc_t[]> scratch(new acc_t[2 * K]);
