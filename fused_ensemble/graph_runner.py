@@ -100,7 +100,7 @@ class FusedGraph:
     def __init__(self, graph: fx.Graph, stacked: nn.Module, num_members: int):
         self.num_members = num_members
         self.stacked = stacked
-        index = {}
+        index = {node: slot for slot, node in enumerate(graph.nodes)}  # a node's value lives in env[index[node]]
         self._steps: list[Callable[[list], tuple[Any, Layout]]] = []
         self._placeholders: list[tuple[int, Any]] = []
         self._output: Any = None
@@ -111,15 +111,13 @@ class FusedGraph:
             for used in node.all_input_nodes:
                 last_user[used] = node
         self._release: list[tuple[int, ...]] = [() for _ in graph.nodes]
-        slots = {node: position for position, node in enumerate(graph.nodes)}
         for node in graph.nodes:
             if node.op == "output":
                 continue
             user = last_user.get(node, node)  # a value nobody reads goes right after it is made
             if user.op != "output":
-                self._release[slots[user]] += (slots[node],)
+                self._release[index[user]] += (index[node],)
         for node in graph.nodes:
-            index[node] = len(index)
             refs = fx.node.map_arg((node.args, node.kwargs), lambda n: _Ref(index[n]))
             if node.op == "placeholder":
                 default = node.args[0] if node.args else _NOT_A_TENSOR
