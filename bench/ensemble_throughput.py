@@ -25,9 +25,9 @@ import traceback
 
 import torch
 
-from fused_ensemble import cpu_memory
 from fused_ensemble.bench_cli import _environment
-from fused_ensemble.benchmarking import Workload, interleaved_times, median, relative_error, time_ms
+from fused_ensemble.benchmarking import (Workload, interleaved_times, median, relative_error, settle_cpu_allocator,
+                                         time_ms)
 from fused_ensemble.fused import FusedEnsemble
 from fused_ensemble.models import build_model, input_shape
 
@@ -153,8 +153,7 @@ def main(argv=None) -> int:
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cudnn.benchmark = True
-    if device == "cpu":
-        cpu_memory.retain_freed_cpu_memory()  # before anything is timed: every implementation gets the same allocator
+    settle_cpu_allocator(device)
     peak = matmul_tflops(device)
     results = {"environment": _environment(device), "bf16_matmul_tflops": peak, "points": []}
     print(f"{'model':<15}{'dtype':<9}{'N':>3}{'B':>5} " + " ".join(f"{m:>10}" for m in

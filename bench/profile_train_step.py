@@ -20,8 +20,8 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from fused_ensemble import cpu_memory
 from fused_ensemble.bench_cli import _environment
+from fused_ensemble.benchmarking import settle_cpu_allocator
 from fused_ensemble.models import MODELS, input_shape
 from train_steps import BUILDERS, build_members
 
@@ -76,8 +76,7 @@ def profile_step(step, x, y, steps: int, device: str) -> dict:
 
 
 def run(members: int, batch: int, steps: int, device: str, model: str, implementations: list[str]) -> dict:
-    if device == "cpu":
-        cpu_memory.retain_freed_cpu_memory()  # the allocator every implementation runs with (see cpu_memory)
+    settle_cpu_allocator(device)
     torch.backends.cudnn.benchmark = True
     x = torch.randn(members, batch, *input_shape(model), device=device)
     y = torch.randint(0, 10, (members, batch), device=device)

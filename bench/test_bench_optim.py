@@ -21,7 +21,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fused_ensemble import cpu_memory, optim
+from fused_ensemble import optim
+from fused_ensemble.benchmarking import settle_cpu_allocator
 from fused_ensemble.models import build_model
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -71,8 +72,7 @@ def test_bench_optimizer_step(benchmark, name, implementation):
         pytest.skip("benchmarks run with --benchmark-enable")
     if implementation == "fused_ensemble_cuda_kernels" and DEVICE != "cuda":
         pytest.skip("on the CPU the default is the one-pass kernel already")
-    if DEVICE == "cpu":
-        cpu_memory.retain_freed_cpu_memory()  # the allocator the training benchmark runs with
+    settle_cpu_allocator(DEVICE)
     opt = _optimizer(name, implementation)
 
     def step():

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from fused_ensemble import cpu_memory
+from fused_ensemble.benchmarking import settle_cpu_allocator
 import reduce_workloads as rw
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -49,12 +50,9 @@ def _synchronized(fn, x):
 def test_bench_reduce(benchmark, name, workload, shape):
     if benchmark.disabled:
         pytest.skip("benchmarks run with --benchmark-enable")
-    if DEVICE == "cpu":
-        # Eager's N-times-larger temporaries (a 131 MB softmax at 8 x 4096 x 1000) are mmapped fresh on every call
-        # under glibc's default thresholds, and its times then swing with the cost of page faults (12-48 ms for
-        # mean_probs there, run to run). Timed with the setting the fused module makes (fused_ensemble.cpu_memory),
-        # eager runs at its best and steadily.
-        cpu_memory.retain_freed_cpu_memory()
+    # Without it eager's temporaries (a 131 MB softmax at 8 x 4096 x 1000) page-fault on every call and its times
+    # swing with the cost of the faults (12-48 ms for mean_probs there, run to run).
+    settle_cpu_allocator(DEVICE)
     fn = _callable(name, workload)
     x = torch.randn(shape, device=DEVICE)
     error = rw.check_against_eager(workload, fn(x), rw.reference(workload)(x))

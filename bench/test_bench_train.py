@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from fused_ensemble import cpu_memory
+from fused_ensemble.benchmarking import settle_cpu_allocator
 from train_steps import BUILDERS, IMPLEMENTATIONS, build_members
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -38,10 +39,7 @@ def test_bench_train_step(benchmark, name, n):
     if benchmark.disabled:
         pytest.skip("benchmarks run with --benchmark-enable")
     torch.backends.cudnn.benchmark = True
-    if DEVICE == "cpu":
-        # The fused module settles the CPU allocator on its first forward (fused_ensemble.cpu_memory); settling it
-        # before anything is timed gives the loop and vmap the same allocator.
-        cpu_memory.retain_freed_cpu_memory()
+    settle_cpu_allocator(DEVICE)
     step = BUILDERS[name](build_members(n, DEVICE))
     x = torch.randn(n, BATCH, 3, 32, 32, device=DEVICE)
     y = torch.randint(0, 10, (n, BATCH), device=DEVICE)

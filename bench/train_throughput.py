@@ -17,9 +17,8 @@ import sys
 
 import torch
 
-from fused_ensemble import cpu_memory
 from fused_ensemble.bench_cli import _environment
-from fused_ensemble.benchmarking import interleaved_times, median
+from fused_ensemble.benchmarking import interleaved_times, median, settle_cpu_allocator
 from train_steps import BUILDERS, IMPLEMENTATIONS, build_members
 
 
@@ -70,8 +69,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="also time every point under torch.autocast(bfloat16) (loop, vmap and fused alike)")
     parser.add_argument("--json", default=None, metavar="PATH")
     args = parser.parse_args(argv)
-    if args.device == "cpu":
-        cpu_memory.retain_freed_cpu_memory()  # before anything runs: every implementation gets the same allocator
+    settle_cpu_allocator(args.device)
     torch.backends.cudnn.benchmark = True
     batch = args.batch or (128 if args.device == "cuda" else 2)
     result = {"environment": _environment(args.device), "model": "resnet18-cifar", "rounds": args.rounds,
