@@ -333,6 +333,17 @@ inline void store_tile(const acc_t* __restrict__ tile, int64_t r0, int64_t rows,
   }
 }
 
+// The first `rows` lanes of a member's log-sum-exp (max + log sum exp(x - max)) into `lse` (the [N, R] aux row
+// saved for backward); a row of -inf keeps -inf, as member_lse does.
+template <typename acc_t, int64_t W>
+inline void store_member_lse(const Vectorized<acc_t>& max, const Vectorized<acc_t>& log_sum, acc_t* lse,
+                             int64_t rows) {
+  using V = Vectorized<acc_t>;
+  alignas(64) acc_t lanes[W];
+  V::blendv(max + log_sum, max, max == V(-kInf<acc_t>)).store(lanes);
+  for (int64_t i = 0; i < rows; ++i) lse[i] = lanes[i];
+}
+
 // mean_probs for short rows (K <= kShortRowClasses), W rows at a time: each member's [W rows x K] tile is
 // transposed into K vectors across the rows, so the max, the exps and the sums of W rows run as K vector ops.
 // Row by row, a row of 10 classes is one vector and a tail per member, and the per-row overhead dominated
@@ -345,18 +356,17 @@ void mean_probs_short_rows(const ForwardArgs& a, int64_t row_begin, int64_t row_
   acc_t* out = static_cast<acc_t*>(a.out);
   acc_t* aux = static_cast<acc_t*>(a.aux);
   const V neg_inf(-kInf<acc_t>), n_members(static_cast<acc_t>(N));
-  alignas(64) acc_t tile[kShortRowClasses][W];
-  alignas(64) acc_t lanes[W];
+  alignas(64) acc_t tile[kShortRowClasses * W];
   for (int64_t r0 = row_begin; r0 < row_end; r0 += W) {
     const int64_t rows = std::min<int64_t>(W, row_end - r0);
     V acc[kShortRowClasses];
     for (int64_t k = 0; k < K; ++k) acc[k] = V(0);
     for (int64_t n = 0; n < N; ++n) {
-      load_tile<scalar_t, acc_t, W>(a.x, n, r0, rows, &tile[0][0]);
+      load_tile<scalar_t, acc_t, W>(a.x, n, r0, rows, tile);
       V v[kShortRowClasses];
       V m = neg_inf;
       for (int64_t k = 0; k < K; ++k) {
-        v[k] = V::loadu(tile[k]);
+        v[k] = V::loadu(tile + k * W);
         m = at::vec::maximum(m, v[k]);
       }
       V sum(0);
@@ -366,12 +376,10 @@ void mean_probs_short_rows(const ForwardArgs& a, int64_t row_begin, int64_t row_
       }
       const V scale = V(1) / (n_members * sum);
       for (int64_t k = 0; k < K; ++k) acc[k] += v[k] * scale;
-      // The member log-sum-exp (saved for backward); a row of -inf keeps -inf, as member_lse does.
-      V::blendv(m + sum.log(), m, m == neg_inf).store(lanes);
-      for (int64_t i = 0; i < rows; ++i) aux[n * R + r0 + i] = lanes[i];
+      store_member_lse<acc_t, W>(m, sum.log(), aux + n * R + r0, rows);
     }
-    for (int64_t k = 0; k < K; ++k) acc[k].store(tile[k]);
-    store_tile<acc_t, W>(&tile[0][0], r0, rows, K, out);
+    for (int64_t k = 0; k < K; ++k) acc[k].store(tile + k * W);
+    store_tile<acc_t, W>(tile, r0, rows, K, out);
   }
 }
 
@@ -401,8 +409,7 @@ void log_mean_probs_short_rows(const ForwardArgs& a, int64_t row_begin, int64_t 
       const V log_sum = sum.log();
       m.store(shifts.get() + n * W);
       log_sum.store(shifts.get() + (N + n) * W);
-      V::blendv(m + log_sum, m, m == neg_inf).store(lanes);
-      for (int64_t i = 0; i < rows; ++i) aux[n * R + r0 + i] = lanes[i];
+      store_member_lse<acc_t, W>(m, log_sum, aux + n * R + r0, rows);
     }
     for (int64_t k = 0; k < K; ++k) {
       V top = neg_inf;
