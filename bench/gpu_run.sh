@@ -9,6 +9,9 @@
 # (Triton tile sweep, torch.compile of vmap: a few minutes each) when named.
 # Steps are independent: a failing step is reported and the next one still runs; the exit code is the number of
 # failed steps. Every step has its own time limit, so one hang cannot eat the lease.
+# To fit what is left of a lease: TEST_PATHS (default tests) narrows the tests step, TRAIN_MEMBERS (default
+# "4 8 16") the train step; the profile step profiles NHWC members under bf16 autocast unless PROFILE_ARGS says
+# otherwise.
 set -uo pipefail
 OUT=${OUT:-bench/results}
 mkdir -p "$OUT"
@@ -28,12 +31,12 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 # The extension is built against the torch installed here (a build from another torch does not load).
 step build timeout 240 python3 -m pip install --quiet --no-deps --no-build-isolation -e .
 # pytest-xdist spreads the Triton compiles over the CPU cores (one GPU, several processes).
-step tests timeout 240 python3 -m pytest tests -q -m gpu -n 8 -p no:cacheprovider --timeout 200 \
+step tests timeout 240 python3 -m pytest ${TEST_PATHS:-tests} -q -m gpu -n 8 -p no:cacheprovider --timeout 200 \
     --junitxml="$OUT/gpu-tests.xml"
 step reduce timeout 200 python3 bench/reduce_gpu.py --out "$OUT/reduce-gpu.json"
-step train timeout 200 python3 bench/train_throughput.py --members 4 8 16 --channels-last --bf16-autocast \
+step train timeout 200 python3 bench/train_throughput.py --members ${TRAIN_MEMBERS:-4 8 16} --channels-last --bf16-autocast \
     --json "$OUT/train-gpu.json"
-step profile timeout 150 python3 bench/profile_train_step.py --members 8 --implementations loop,vmap,fused \
+step profile timeout 150 python3 bench/profile_train_step.py --members 8 ${PROFILE_ARGS:---implementations loop,fused --channels-last --bf16-autocast} \
     --json "$OUT/profile-train-gpu.json"
 step optim timeout 90 python3 -m pytest bench/test_bench_optim.py -q -p no:cacheprovider --benchmark-enable \
     --benchmark-group-by=group --benchmark-json="$OUT/optim-gpu.json"

@@ -18,12 +18,13 @@ import time
 from collections import defaultdict
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from fused_ensemble.bench_cli import _environment
 from fused_ensemble.benchmarking import settle_cpu_allocator
-from fused_ensemble.models import MODELS, input_shape
-from train_steps import BUILDERS, build_members
+from fused_ensemble.models import MODELS
+from train_steps import BUILDERS, build_members, member_batch, training_call
 
 # Operator kinds, first match wins (aten and our ops' names, lower case).
 KINDS = (
@@ -45,24 +46,29 @@ def kind_of(name: str) -> str:
     return "elementwise and other"
 
 
-def profile_step(step, x, y, steps: int, device: str) -> dict:
-    """Per-step wall ms (profiler off) and per-operator self time (profiler on) of ``step``."""
+def profile_step(call, steps: int, device: str) -> dict:
+    """Per-step wall ms (profiler off) and per-operator self time (profiler on) of ``call()``, one step."""
     for _ in range(3):  # warm-up: cuDNN autotuning, optimizer state, allocator
-        step(x, y)
+        call()
     synchronize = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     synchronize()
     start = time.perf_counter()
     for _ in range(steps):
-        step(x, y)
+        call()
     synchronize()
     wall_ms = (time.perf_counter() - start) * 1e3 / steps
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with profile(activities=activities) as prof:
         for _ in range(steps):
-            step(x, y)
+            call()
         synchronize()
     operators = []
     for event in prof.key_averages():
+        # Operators (CPU-side events) only: on CUDA each one's self device time is that of the kernels it launched
+        # itself. The kernels' own events (and GPU-side user annotations) would count the same time twice: the
+        # first H100 run of this script summed both and reported 116 ms of work in a 62 ms step.
+        if event.device_type != DeviceType.CPU:
+            continue
         self_us = event.self_device_time_total if device == "cuda" else event.self_cpu_time_total
         if self_us > 0:
             operators.append({"name": event.key, "kind": kind_of(event.key), "calls_per_step": event.count / steps,
@@ -75,17 +81,19 @@ def profile_step(step, x, y, steps: int, device: str) -> dict:
             "kinds_ms_per_step": dict(sorted(kinds.items(), key=lambda item: -item[1])), "operators": operators}
 
 
-def run(members: int, batch: int, steps: int, device: str, model: str, implementations: list[str]) -> dict:
+def run(members: int, batch: int, steps: int, device: str, model: str, implementations: list[str],
+        memory_format: torch.memory_format = torch.contiguous_format, autocast: bool = False) -> dict:
     settle_cpu_allocator(device)
     torch.backends.cudnn.benchmark = True
-    x = torch.randn(members, batch, *input_shape(model), device=device)
-    y = torch.randint(0, 10, (members, batch), device=device)
+    x, y = member_batch(members, batch, device, model, memory_format=memory_format)
     result = {"environment": _environment(device), "model": model, "members": members, "batch": batch,
-              "steps": steps, "time": "device time of launched kernels" if device == "cuda" else "self CPU time",
+              "memory_format": str(memory_format).replace("torch.", ""),
+              "precision": "bf16 autocast" if autocast else "float32", "steps": steps,
+              "time": "device time of launched kernels" if device == "cuda" else "self CPU time",
               "implementations": {}}
     for name in implementations:
-        step = BUILDERS[name](build_members(members, device, model))
-        result["implementations"][name] = profile_step(step, x, y, steps, device)
+        step = BUILDERS[name](build_members(members, device, model, memory_format=memory_format))
+        result["implementations"][name] = profile_step(training_call(step, x, y, device, autocast), steps, device)
         del step
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -96,7 +104,8 @@ def format_table(result: dict, top: int = 12) -> str:
     names = list(result["implementations"])
     rows = result["implementations"]
     lines = [f"{result['model']}: N={result['members']}, batch {result['batch']} per member, "
-             f"{result['environment']['card']}; ms per step ({result['time']})",
+             f"{result['memory_format']}, {result['precision']}, {result['environment']['card']}; "
+             f"ms per step ({result['time']})",
              f"{'':<28}" + "".join(f"{name:>12}" for name in names),
              f"{'wall (profiler off)':<28}" + "".join(f"{rows[n]['wall_ms_per_step']:>12.2f}" for n in names)]
     kinds = sorted({kind for n in names for kind in rows[n]["kinds_ms_per_step"]},
@@ -118,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--model", default="resnet18-cifar", choices=sorted(MODELS))
     parser.add_argument("--implementations", default="loop,fused", help="comma-separated, of loop, vmap, fused")
+    parser.add_argument("--channels-last", action="store_true", help="NHWC members and inputs (every implementation)")
+    parser.add_argument("--bf16-autocast", action="store_true", help="under torch.autocast(bfloat16)")
     parser.add_argument("--json", default=None, metavar="PATH")
     args = parser.parse_args(argv)
     implementations = args.implementations.split(",")
@@ -125,7 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown implementations {unknown}; expected some of {sorted(BUILDERS)}")
     batch = args.batch or (128 if args.device == "cuda" else 2)
-    result = run(args.members, batch, args.steps, args.device, args.model, implementations)
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    result = run(args.members, batch, args.steps, args.device, args.model, implementations, memory_format,
+                 args.bf16_autocast)
     print(format_table(result))
     if args.json:
         with open(args.json, "w") as f:

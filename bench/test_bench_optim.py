@@ -5,10 +5,8 @@ Run with ``pytest bench/test_bench_optim.py --benchmark-enable --benchmark-group
 Each group (one optimizer) compares, on the same random gradients:
 
 - ``fused_ensemble``: ``fused_ensemble.optim.SGD`` / ``AdamW`` on the stacked ``[N, ...]`` parameters, default
-  ``fused=None`` (the C++ kernels on the CPU, foreach ops on CUDA);
+  ``fused=None`` (the one-pass C++ kernels on the CPU, CUDA kernels on CUDA);
 - ``fused_ensemble_foreach``: the same with ``fused=False``;
-- ``fused_ensemble_cuda_kernels`` (CUDA only): ``fused=True``, the one-pass CUDA kernels (not the default there
-  until this suite has timed them on a GPU);
 - ``torch_fused``: ``torch.optim`` with ``fused=True`` over the N members' own parameters (what a member loop's
   strongest optimizer does);
 - ``torch_default``: ``torch.optim`` with its defaults over the members' parameters.
@@ -27,8 +25,7 @@ from fused_ensemble.models import build_model
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 MEMBERS = 8 if DEVICE == "cuda" else 4
-IMPLEMENTATIONS = ("fused_ensemble", "fused_ensemble_foreach", "fused_ensemble_cuda_kernels", "torch_fused",
-                   "torch_default")
+IMPLEMENTATIONS = ("fused_ensemble", "fused_ensemble_foreach", "torch_fused", "torch_default")
 OPTIMIZERS = {
     "sgd": (optim.SGD, torch.optim.SGD, dict(lr=0.01, momentum=0.9, weight_decay=5e-4)),
     "adamw": (optim.AdamW, torch.optim.AdamW, dict(lr=1e-3, weight_decay=1e-2)),
@@ -58,8 +55,6 @@ def _optimizer(name: str, implementation: str):
         return ours(stacked, **kwargs)
     if implementation == "fused_ensemble_foreach":
         return ours(stacked, **kwargs, fused=False)
-    if implementation == "fused_ensemble_cuda_kernels":
-        return ours(stacked, **kwargs, fused=True)
     if implementation == "torch_fused":
         return theirs(member_params, **kwargs, fused=True)
     return theirs(member_params, **kwargs)
@@ -70,8 +65,6 @@ def _optimizer(name: str, implementation: str):
 def test_bench_optimizer_step(benchmark, name, implementation):
     if benchmark.disabled:
         pytest.skip("benchmarks run with --benchmark-enable")
-    if implementation == "fused_ensemble_cuda_kernels" and DEVICE != "cuda":
-        pytest.skip("on the CPU the default is the one-pass kernel already")
     settle_cpu_allocator(DEVICE)
     opt = _optimizer(name, implementation)
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from fused_ensemble import FusedEnsemble, optim
-from fused_ensemble.models import build_model
+from fused_ensemble.models import build_model, input_shape
 from fused_ensemble.train import member_cross_entropy
 
 IMPLEMENTATIONS = ("loop", "vmap", "fused")
@@ -35,6 +35,25 @@ def build_members(n: int, device: str, model: str = "resnet18-cifar", classes: i
     channels_last inputs too: the steps keep whatever layout the convolutions pick)."""
     torch.manual_seed(0)
     return [build_model(model, classes).to(device, memory_format=memory_format).train() for _ in range(n)]
+
+
+def member_batch(members: int, batch: int, device: str, model: str = "resnet18-cifar", classes: int = 10,
+                 memory_format: torch.memory_format = torch.contiguous_format) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random inputs ``x: [N, B, ...]`` and labels ``y: [N, B]``; channels_last lays every member's
+    ``[B, C, H, W]`` slice out NHWC."""
+    x = torch.randn(members, batch, *input_shape(model), device=device)
+    if memory_format == torch.channels_last:
+        x = x.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+    return x, torch.randint(0, classes, (members, batch), device=device)
+
+
+def training_call(step, x, y, device: str, autocast: bool):
+    """``step(x, y)`` as a no-argument call with autograd on (timers run under no_grad), under
+    ``torch.autocast(bfloat16)`` if asked."""
+    def run():
+        with torch.enable_grad(), torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+            step(x, y)
+    return run
 
 
 def loop_step(members):

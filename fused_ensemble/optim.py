@@ -24,9 +24,11 @@ single-tensor arithmetic of torch.optim operation by operation.
 ``fused=False``, and what the kernels do not take (float16/bfloat16 or non-contiguous tensors, a build without the
 extension), use the foreach ops; on the CPU over cache-sized chunks of member slices (``CPU_CHUNK_ELEMENTS``), every
 update term of one chunk before the next, which keeps the tensors in cache as a per-member optimizer would (the
-arithmetic, element by element, is the same chunked or not). On CUDA the foreach ops run on whole parameters by
-default; ``fused=True`` runs CUDA kernels of the same one-pass update (csrc/cuda/member_optimizers.cu, one launch
-per parameter), which are not yet tested or timed on a GPU here.
+arithmetic, element by element, is the same chunked or not). On CUDA the default is CUDA kernels of the same one-pass
+update (csrc/cuda/member_optimizers.cu, one launch per parameter); the foreach ops run there on whole parameters
+(``fused=False``, or a build without CUDA kernels). Over 8 ResNet-18 members on an H100 (same benchmark): SGD
+1.25 ms (torch fused 1.33, foreach 3.65, torch default 3.09), AdamW 2.06 ms (torch fused 2.19, foreach 6.37,
+torch default 4.95).
 
 ``freeze(i)`` stops member i: its parameters stay bitwise unchanged and its optimizer state (moments, step
 count) does not advance, until ``unfreeze(i)``. Frozen members are saved in ``state_dict()``.
@@ -195,8 +197,6 @@ class MemberOptimizer(torch.optim.Optimizer):
         """Whether this (device, dtype) list of parameters runs on the C++ kernels (see the module doc)."""
         if self.fused is False:
             return False
-        if device.type == "cuda" and self.fused is None:
-            return False  # the CUDA kernels are not timed on a GPU yet: foreach ops by default there
         reason = None
         if device.type not in ("cpu", "cuda"):
             reason = f"they update CPU and CUDA parameters, got {device.type} ones"
@@ -340,8 +340,8 @@ class SGD(MemberOptimizer):
 
     ``lr``, ``momentum``, ``dampening`` and ``weight_decay`` may each be a number or a length-N sequence.
     ``params``: parameters whose dim 0 is the member index (e.g. ``fused.parameters()``); ``num_members``
-    defaults to dim 0 of the first parameter. ``fused``: None (default) runs the one-pass C++ kernel on CPU
-    parameters it takes and foreach ops elsewhere, False always the foreach ops, True requires the one-pass
+    defaults to dim 0 of the first parameter. ``fused``: None (default) runs the one-pass C++/CUDA kernels on
+    the parameters they take and foreach ops elsewhere, False always the foreach ops, True requires the one-pass
     kernels, on the CPU or CUDA (a RuntimeError says why they cannot run); see the module doc.
     """
 
