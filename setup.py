@@ -49,9 +49,7 @@ def _extensions():
     from torch.utils import cpp_extension
 
     cpu_sources = sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
-    # csrc/cuda/*.cpp: the CUDA ops' host code (checks, allocation), built by the host compiler.
-    cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu"))
-                          + glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
+    cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
     if not cpu_sources:
         return [], {}
     # -fno-math-errno: sqrt and friends may then be vectorized (the optimizer kernels' plain loops); errno is

@@ -111,8 +111,7 @@ def build_jit(verbose: bool = False) -> bool:
     if not sources:
         _loaded, _failure_reason = False, f"not built, and no C++ sources to build under {_CSRC}"
         return False
-    cuda_sources = sorted(glob.glob(os.path.join(_CSRC, "cuda", "*.cu"))
-                          + glob.glob(os.path.join(_CSRC, "cuda", "*.cpp")))
+    cuda_sources = sorted(glob.glob(os.path.join(_CSRC, "cuda", "*.cu")))
     with_cuda = bool(cuda_sources) and torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
     cxx_flags = ["-O3", "-std=c++20", "-fopenmp", "-fno-math-errno"]  # as setup.py
     if with_cuda:

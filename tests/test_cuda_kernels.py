@@ -22,9 +22,7 @@ import torch
 from fused_ensemble.reference import REDUCTIONS, reduce_reference, stats_reference
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The kernels (*.cu) and the ops' host code (*.cpp; nvcc hands it to the host compiler).
-CUDA_SOURCES = sorted(glob.glob(os.path.join(REPO, "csrc", "cuda", "*.cu"))
-                      + glob.glob(os.path.join(REPO, "csrc", "cuda", "*.cpp")))
+CUDA_SOURCES = sorted(glob.glob(os.path.join(REPO, "csrc", "cuda", "*.cu")))
 
 
 def _cuda_kernels_available() -> bool:

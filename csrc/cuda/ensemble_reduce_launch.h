@@ -1,5 +1,5 @@
 // Host-side entry points of the CUDA ensemble-reduction kernels (defined in the *_forward.cu / *_backward.cu
-// files, called by the op implementations in ensemble_reduce_ops.cpp). Tensors are already checked there:
+// files, called by the op implementations in ensemble_reduce.cu). Tensors are already checked there:
 // x is [N, R, K] on the current device with any strides, outputs are freshly allocated and contiguous.
 #pragma once
 

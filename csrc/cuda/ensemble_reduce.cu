@@ -1,11 +1,6 @@
 // CUDA implementations of the fused_ensemble_ext ops (schemas in csrc/cpu/ensemble_reduce.cpp):
 // argument checks, output allocation, device guard; the kernels are in ensemble_reduce_forward.cu and
 // ensemble_reduce_backward.cu. Every kernel runs on the current stream of the input's device.
-//
-// Host code only, so a .cpp built by the host compiler rather than nvcc. As ensemble_reduce.cu (nvcc), a failed
-// check that printed a shape (TORCH_CHECK(..., x.sizes())) killed the process with a segfault on an H100 with
-// torch 2.11 instead of raising, while checks that printed a dtype raised; the same checks in the g++-built CPU
-// file raise there.
 #include "ensemble_reduce_launch.h"
 
 #include <ATen/ATen.h>
