@@ -277,33 +277,37 @@ def test_bad_inputs():
         _ops().reduce_forward(x, "median")
     with pytest.raises(RuntimeError, match="float32, float16, bfloat16 or float64"):
         _ops().reduce_forward(x.to(torch.int32), "mean")
-    out, aux = _ops().reduce_forward(x, "mean_probs")
-    with pytest.raises(RuntimeError, match="grad_out must have shape"):
-        _ops().reduce_backward(torch.zeros(3, 5, device="cuda"), x, out, aux, "mean_probs")
 
 
-# On an H100 with torch 2.11 (2026-11-27) this call killed the process with a segfault instead of raising; the
-# same checks raise through the CPU dispatch key, with torch 2.11 and 2.14 alike, so the cause is not found yet.
-# The public API never reaches it (it always passes [N, R, K] views). A subprocess keeps a crash from taking
-# the rest of the GPU suite down with it.
-_BAD_SHAPE_PROGRAM = """
-import torch, fused_ensemble._C
-x = torch.randn(3, 4, device="cuda")
-try:
-    torch.ops.fused_ensemble_ext.reduce_forward(x, "mean")
-except RuntimeError as e:
-    assert "shape [N, R, K]" in str(e), e
-    print("raised")
-"""
+# On an H100 with torch 2.11 (2026-11-27, three runs) a failed check whose message prints a shape killed the process
+# with a segfault instead of raising, through the CUDA dispatch key: a 2-D logits tensor, and a grad_out of the
+# wrong shape. Checks whose message prints a dtype or a string raised (test_bad_inputs). The same host code built
+# by g++ instead of nvcc crashed the same way, so nvcc's code generation is not the cause. The public API never
+# reaches these checks (it always passes [N, R, K] views and matching gradients). Each call runs in a subprocess,
+# so a crash cannot take the rest of the GPU suite down, and the CPU cases tell apart "our CUDA path" from "any
+# shape message once CUDA is initialized".
+_BAD_CALLS = {
+    "cuda_2d_logits": ('x = torch.randn(3, 4, device="cuda")', 'ops.reduce_forward(x, "mean")',
+                       "shape [N, R, K]"),
+    "cuda_grad_out_shape": ('x = torch.randn(2, 3, 4, device="cuda"); out, aux = ops.reduce_forward(x, "mean_probs")',
+                            'ops.reduce_backward(torch.zeros(3, 5, device="cuda"), x, out, aux, "mean_probs")',
+                            "grad_out must have shape"),
+    "cpu_2d_logits_after_cuda_init": ('torch.zeros(1, device="cuda"); x = torch.randn(3, 4)',
+                                      'ops.reduce_forward(x, "mean")', "3 dims"),
+}
 
 
 @pytest.mark.gpu
 @needs_cuda_kernels
+@pytest.mark.parametrize("case", sorted(_BAD_CALLS))
 @pytest.mark.xfail(reason="segfaults on an H100 with torch 2.11 instead of raising (cause not found)", strict=False)
-def test_bad_shape_raises():
+def test_bad_shape_raises(case):
     import sys
 
-    done = subprocess.run([sys.executable, "-c", _BAD_SHAPE_PROGRAM], capture_output=True, text=True, timeout=120)
+    setup, call, message = _BAD_CALLS[case]
+    program = (f"import torch, fused_ensemble._C\nops = torch.ops.fused_ensemble_ext\n{setup}\ntry:\n    {call}\n"
+               f"except RuntimeError as e:\n    assert {message!r} in str(e), e\n    print('raised')\n")
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "raised" in done.stdout, (done.returncode, done.stderr[-2000:])
 
 
