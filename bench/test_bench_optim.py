@@ -75,5 +75,6 @@ def test_bench_optimizer_step(benchmark, name, implementation):
 
     benchmark.group = f"{name} step, {MEMBERS} x resnet18-cifar, {DEVICE}"
     benchmark.extra_info.update(members=MEMBERS, device=DEVICE, implementation=implementation,
-                                threads=torch.get_num_threads())
+                                threads=torch.get_num_threads(),
+                                card=torch.cuda.get_device_name() if DEVICE == "cuda" else "CPU")
     benchmark.pedantic(step, rounds=20, warmup_rounds=2)

@@ -21,8 +21,9 @@ The foreach ops stream each stacked tensor through memory once per update term. 
 torch.optim's default; AdamW 19.3 ms (torch fused 19.2, foreach 55.4, torch default 49.7). The kernels follow the
 single-tensor arithmetic of torch.optim operation by operation.
 
-``fused=False``, and what the kernels do not take (float16/bfloat16 or non-contiguous tensors, a build without the
-extension), use the foreach ops; on the CPU over cache-sized chunks of member slices (``CPU_CHUNK_ELEMENTS``), every
+``fused=False``, and what the kernels do not take (float16/bfloat16; tensors other than N dense member slices one
+after another, such as strided views, though channels_last weights are taken; a build without the extension), use
+the foreach ops; on the CPU over cache-sized chunks of member slices (``CPU_CHUNK_ELEMENTS``), every
 update term of one chunk before the next, which keeps the tensors in cache as a per-member optimizer would (the
 arithmetic, element by element, is the same chunked or not). On CUDA the default is CUDA kernels of the same one-pass
 update (csrc/cuda/member_optimizers.cu, one launch per parameter); the foreach ops run there on whole parameters
@@ -202,8 +203,9 @@ class MemberOptimizer(torch.optim.Optimizer):
             reason = f"they update CPU and CUDA parameters, got {device.type} ones"
         elif dtype not in (torch.float32, torch.float64):
             reason = f"they take float32 and float64 parameters, got {dtype}"
-        elif not all(t.is_contiguous() for p in params for t in (p, p.grad, *_state_tensors_of(self.state[p]))):
-            reason = "a parameter, gradient or state tensor is not contiguous"
+        elif not all(_kernel_layout(p, self.state[p]) for p in params):
+            reason = ("a parameter is not dense with its member dim outermost, or its gradient or state is laid out "
+                      "otherwise")
         elif not load_extension():
             reason = f"the compiled extension is {extension_status()}"
         elif device.type == "cuda" and not has_cuda_kernels():
@@ -306,6 +308,30 @@ class _MemberTensors:
 
 def _state_tensors(state: dict) -> list[tuple[str, torch.Tensor]]:
     return [(k, v) for k, v in state.items() if isinstance(v, torch.Tensor)]
+
+
+def _member_major_dense(t: torch.Tensor) -> bool:
+    """Whether ``t`` is N member slices one after another in memory (what the kernels walk): dense, any order of
+    the other dims (channels_last weights ``[N, O, I, kh, kw]`` included), dim 0 outermost. As
+    ``member_major_dense`` in csrc/member_optimizer_factors.h."""
+    if t.dim() == 0 or (t.size(0) > 1 and t.stride(0) * t.size(0) != t.numel()):
+        return False
+    expected = 1  # dense: the strides of the dims of size > 1, in increasing order, are the running products
+    for stride, size in sorted((t.stride(d), t.size(d)) for d in range(t.dim()) if t.size(d) != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _kernel_layout(p: torch.Tensor, state: dict) -> bool:
+    """Whether the kernels take ``p``: member-major dense, its gradient and state tensors in its element order."""
+    return _member_major_dense(p) and all(_same_layout(t, p) for t in (p.grad, *_state_tensors_of(state)))
+
+
+def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same shape and the same strides (dims of size 1 aside): the same element order in memory."""
+    return a.shape == b.shape and all(a.stride(d) == b.stride(d) for d in range(a.dim()) if a.size(d) != 1)
 
 
 def _state_tensors_of(state: dict) -> list[torch.Tensor]:

@@ -216,9 +216,10 @@ def _used_state(opt, p):
 @pytest.mark.parametrize("cls", [optim.SGD, optim.AdamW])
 def test_fused_true_says_why_it_cannot_run_and_none_falls_back(cls):
     members = make_members()
-    transposed = [torch.stack([m[0].detach() for m in members]).transpose(1, 2).requires_grad_()]  # [N, 3, 5]
-    transposed[0].grad = torch.randn(N, 5, 3).transpose(1, 2)
-    with pytest.raises(RuntimeError, match="not contiguous"):
+    # [N, 5, 3] with the member dim innermost in memory: not N member slices one after another.
+    transposed = [torch.stack([m[0].detach() for m in members], dim=1).transpose(0, 1).requires_grad_()]
+    transposed[0].grad = torch.randn(5, N, 3).transpose(0, 1)
+    with pytest.raises(RuntimeError, match="not dense with its member dim outermost"):
         cls(transposed, lr=0.1, fused=True).step()
     before = transposed[0].detach().clone()
     cls(transposed, lr=0.1).step()  # fused=None: the foreach ops
@@ -247,6 +248,70 @@ def test_cpu_default_runs_the_cpp_kernels(monkeypatch, cls):
         p.grad = torch.randn_like(p)
     opt.step()
     assert all(not torch.equal(p, b) for p, b in zip(stacked, before))
+
+
+def _channels_last_stack(members, j):
+    """Member j-th parameters [O, I, kh, kw] stacked as FusedEnsemble stacks channels_last members' weights:
+    [N, O, I, kh, kw], members outermost, I innermost (not contiguous, but N dense member slices)."""
+    w = torch.stack([m[j].detach() for m in members])
+    return w.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3).requires_grad_()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("cls, torch_cls, kwargs", [
+    (optim.SGD, torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=1e-2, nesterov=True)),
+    (optim.AdamW, torch.optim.AdamW, dict(lr=1e-2, amsgrad=True)),
+])
+def test_channels_last_weights_take_the_kernels(monkeypatch, cls, torch_cls, kwargs, device):
+    if not load_extension():
+        pytest.skip(f"the C++ extension is {extension_status()}")
+    if device == "cuda" and not has_cuda_kernels():
+        pytest.skip("the extension was built without CUDA kernels")
+    monkeypatch.setattr(cls, "_apply", lambda *args: pytest.fail("the foreach ops ran"))
+    members = make_members(device=device)
+    conv = SHAPES.index((2, 3, 3, 3))
+    stacked = [_channels_last_stack(members, conv)]
+    assert not stacked[0].is_contiguous()
+    opt = cls(stacked, **kwargs)
+    refs = [torch_cls([m[conv]], **kwargs) for m in members]
+    for _ in range(3):
+        grad = torch.randn(N, 2, 3, 3, 3, device=device)
+        stacked[0].grad = torch.empty_like(stacked[0]).copy_(grad)  # the parameter's strides, as autograd gives
+        opt.step()
+        for i, (m, ref) in enumerate(zip(members, refs)):
+            m[conv].grad = grad[i].clone()
+            ref.step()
+    assert stacked[0].stride() == _channels_last_stack(members, conv).stride()  # updated in place
+    for i, m in enumerate(members):
+        torch.testing.assert_close(stacked[0][i], m[conv], rtol=1.3e-6, atol=1e-6)
+
+
+def test_a_gradient_laid_out_unlike_its_parameter_takes_the_foreach_ops():
+    members = make_members()
+    conv = SHAPES.index((2, 3, 3, 3))
+    runs = []
+    for fused in (None, False):
+        params = [_channels_last_stack(members, conv)]
+        params[0].grad = torch.linspace(-1, 1, params[0].numel()).view(params[0].shape)  # contiguous
+        optim.SGD(params, lr=0.1, momentum=0.9, fused=fused).step()
+        runs.append(params[0].detach())
+    assert torch.equal(*runs)
+    params[0].grad = torch.zeros(params[0].shape)
+    with pytest.raises(RuntimeError, match="laid out otherwise"):
+        optim.SGD(params, lr=0.1, fused=True).step()
+
+
+@pytest.mark.parametrize("layout, taken", [
+    (lambda t: t, True),
+    (lambda t: t.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3), True),  # channels_last members
+    (lambda t: t.transpose(0, 1).contiguous().transpose(0, 1), False),  # member dim not outermost
+    (lambda t: torch.cat([t, t], dim=2)[:, :, ::2], False),  # gaps: not dense
+    (lambda t: t[:1], True),  # one member
+    (lambda t: t[:, :1], False),  # each member's first output channel: gaps between the slices
+    (lambda t: t.unsqueeze(2), True),  # a dim of size 1, whatever its stride
+])
+def test_member_major_dense(layout, taken):
+    assert optim._member_major_dense(layout(torch.randn(N, 2, 3, 3, 3))) is taken
 
 
 def test_half_precision_parameters_take_the_foreach_ops():
@@ -471,8 +536,14 @@ def test_cpp_kernels_reject_mismatched_inputs():
         pytest.skip(f"the C++ extension is {extension_status()}")
     params = [torch.randn(N, 3)]
     factors = torch.zeros(1, N, 6, dtype=torch.float64)
-    with pytest.raises(RuntimeError, match="grads\\[0\\] must be a contiguous CPU tensor"):
+    with pytest.raises(RuntimeError, match="grads\\[0\\] must be a CPU tensor of the parameter's shape"):
         torch.ops.fused_ensemble_ext.member_sgd_(params, [torch.randn(N, 4)], [], factors, False)
+    with pytest.raises(RuntimeError, match="grads\\[0\\] must be a CPU tensor of the parameter's shape \\[4, 3\\], strides \\[3, 1\\]"):
+        torch.ops.fused_ensemble_ext.member_sgd_(params, [torch.randn(3, N).t()], [], factors, False)
+    with pytest.raises(RuntimeError, match="parameter 0 must be a dense CPU Float tensor with 4 members in dim 0, "
+                                           "outermost in memory"):
+        torch.ops.fused_ensemble_ext.member_sgd_([torch.randn(3, N).t()], [torch.randn(3, N).t()], [], factors,
+                                                 False)
     with pytest.raises(RuntimeError, match="factors must be a contiguous float64 CPU tensor of shape \\[1, 4, 6\\]"):
         torch.ops.fused_ensemble_ext.member_sgd_(params, [torch.randn(N, 3)], [], factors[:, :, :5], False)
     momentum = factors.clone()

@@ -51,10 +51,10 @@ void check_list(const char* op, const char* name, at::TensorList list, at::Tenso
               " tensors for ", params.size(), " parameters");
   for (size_t j = 0; j < list.size(); ++j) {
     TORCH_CHECK(list[j].device().is_cpu() && list[j].scalar_type() == params[j].scalar_type() &&
-                    list[j].sizes() == params[j].sizes() && list[j].is_contiguous(),
-                "fused_ensemble_ext::", op, ": ", name, "[", j, "] must be a contiguous CPU tensor of the ",
-                "parameter's shape ", params[j].sizes(), " and dtype ", params[j].scalar_type(), ", got ",
-                list[j].sizes(), " ", list[j].scalar_type(), list[j].is_contiguous() ? "" : " (not contiguous)");
+                    fused_ensemble::same_layout(list[j], params[j]),
+                "fused_ensemble_ext::", op, ": ", name, "[", j, "] must be a CPU tensor of the parameter's shape ",
+                params[j].sizes(), ", strides ", params[j].strides(), " and dtype ", params[j].scalar_type(), ", got ",
+                list[j].sizes(), ", ", list[j].strides(), " ", list[j].scalar_type());
   }
 }
 
@@ -70,10 +70,11 @@ std::vector<Task> plan(const char* op, at::TensorList params, const at::Tensor& 
   const int64_t count = static_cast<int64_t>(params.size());
   for (int64_t j = 0; j < count; ++j) {
     const at::Tensor& p = params[j];
-    TORCH_CHECK(p.device().is_cpu() && p.scalar_type() == dtype && p.is_contiguous() && p.dim() > 0 &&
+    TORCH_CHECK(p.device().is_cpu() && p.scalar_type() == dtype && fused_ensemble::member_major_dense(p) &&
                     p.size(0) == members,
-                "fused_ensemble_ext::", op, ": parameter ", j, " must be a contiguous CPU ", dtype,
-                " tensor with ", members, " members in dim 0, got ", p.sizes(), " ", p.scalar_type());
+                "fused_ensemble_ext::", op, ": parameter ", j, " must be a dense CPU ", dtype, " tensor with ",
+                members, " members in dim 0, outermost in memory, got ", p.sizes(), ", strides ", p.strides(), " ",
+                p.scalar_type());
   }
   TORCH_CHECK(factors.device().is_cpu() && factors.scalar_type() == at::kDouble && factors.is_contiguous() &&
                   factors.dim() == 3 && factors.size(0) == count && factors.size(1) == members &&

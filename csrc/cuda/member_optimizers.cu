@@ -108,9 +108,10 @@ void check_list(const char* op, const char* name, at::TensorList list, at::Tenso
               " tensors for ", params.size(), " parameters");
   for (size_t j = 0; j < list.size(); ++j) {
     TORCH_CHECK(list[j].device() == params[j].device() && list[j].scalar_type() == params[j].scalar_type() &&
-                    list[j].sizes() == params[j].sizes() && list[j].is_contiguous(),
-                "fused_ensemble_ext::", op, " (CUDA): ", name, "[", j, "] must be a contiguous tensor of the ",
-                "parameter's device, shape ", params[j].sizes(), " and dtype ", params[j].scalar_type());
+                    fused_ensemble::same_layout(list[j], params[j]),
+                "fused_ensemble_ext::", op, " (CUDA): ", name, "[", j, "] must be a tensor of the parameter's ",
+                "device, shape, strides and dtype (", params[j].sizes(), ", ", params[j].strides(), ", ",
+                params[j].scalar_type(), ")");
   }
 }
 
@@ -127,11 +128,11 @@ at::Tensor check_and_copy_factors(const char* op, at::TensorList params, const a
   TORCH_CHECK(members <= 65535, "fused_ensemble_ext::", op, " (CUDA): at most 65535 members, got ", members);
   for (size_t j = 0; j < params.size(); ++j) {
     const at::Tensor& p = params[j];
-    TORCH_CHECK(p.device() == first.device() && p.scalar_type() == first.scalar_type() && p.is_contiguous() &&
-                    p.dim() > 0 && p.size(0) == members,
-                "fused_ensemble_ext::", op, " (CUDA): parameter ", j, " must be a contiguous ", first.scalar_type(),
-                " tensor on ", first.device(), " with ", members, " members in dim 0, got ", p.sizes(), " ",
-                p.scalar_type(), " on ", p.device());
+    TORCH_CHECK(p.device() == first.device() && p.scalar_type() == first.scalar_type() &&
+                    fused_ensemble::member_major_dense(p) && p.size(0) == members,
+                "fused_ensemble_ext::", op, " (CUDA): parameter ", j, " must be a dense ", first.scalar_type(),
+                " tensor on ", first.device(), " with ", members, " members in dim 0, outermost in memory, got ",
+                p.sizes(), ", strides ", p.strides(), " ", p.scalar_type(), " on ", p.device());
   }
   const int64_t count = static_cast<int64_t>(params.size());
   TORCH_CHECK(factors.device().is_cpu() && factors.scalar_type() == at::kDouble && factors.is_contiguous() &&
