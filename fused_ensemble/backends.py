@@ -3,15 +3,16 @@
 Backends: ``"torch"`` (fused_ensemble.reference, autograd through it), ``"triton"`` (fused_ensemble.kernels, CUDA
 tensors, or CPU tensors under ``TRITON_INTERPRET=1``) and ``"cpp"`` (the compiled extension: C++ kernels for CPU
 tensors, CUDA C++ kernels for CUDA tensors). ``"auto"`` prefers triton, then cpp, then torch on CUDA, and cpp, then
-torch on CPU; except on CUDA for ``"mean"`` and for tiny rows (at most ``CUDA_CPP_MAX_CLASSES`` classes) of the
-reductions that take a softmax per member, where the CUDA C++ kernels come first (measured, see
-``CUDA_CPP_MAX_CLASSES`` and ``CUDA_CPP_FIRST_ANY_K``). A kernel backend that raised once under ``"auto"`` is not
+torch on CPU; except on CUDA for ``"mean"``, for tiny rows (at most ``CUDA_CPP_MAX_CLASSES`` classes) of the
+reductions that take a softmax per member, and for many rows of 4097-32768 classes, where the CUDA C++ kernels
+come first (measured, see ``CUDA_CPP_MAX_CLASSES``, ``CUDA_CPP_FIRST_ANY_K`` and ``CUDA_CPP_MANY_ROWS_CLASSES``). A kernel backend that raised once under ``"auto"`` is not
 chosen again in this process (with a warning, the way xformers remembers a failed Triton kernel); an explicitly
 named backend is never second-guessed.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import os
@@ -34,6 +35,16 @@ CUDA_CPP_FIRST_ANY_K = ("mean",)
 """Reductions that go to the CUDA C++ kernels first on CUDA whatever K is. ``mean``, same H100 run: CUDA C++ read
 0.90-0.96 of copy and 0.96-1.05x eager's ``torch.mean`` at all 11 shapes, Triton 0.81-0.94 and 0.89-1.03x (slower
 than eager at 6); a mean has no per-member softmax to fuse, so a copy-speed kernel is all there is to gain."""
+CUDA_CPP_MANY_ROWS = ("mean_probs", "softmax_of_mean", "stats")
+CUDA_CPP_MANY_ROWS_CLASSES = (4096, 32768)
+"""On CUDA, rows of more than 4096 and at most 32768 classes go to the CUDA C++ kernels first for
+``CUDA_CPP_MANY_ROWS`` when there are at least as many rows as the GPU has multiprocessors. The CUDA C++ kernels run
+one block per row with its accumulators in shared memory, the Triton ones split rows that long over several
+programs and read them twice. On an H100 (132 SMs; bench/results/reduce-h100-2026-11-27-session4.json, and the
+session-1 run alike) at 132 rows of K=32000 CUDA C++ was 1.4x faster for ``mean_probs`` (2.59x eager vs 1.81x),
+1.24x for ``softmax_of_mean`` and 2.0x for stats; at 66 rows (half the SMs busy) the two tied, at 33 Triton won.
+``log_mean_probs`` needs a second accumulator row and was slower through CUDA C++ at every such shape; at K=1000 the
+two backends traded places by a few percent."""
 
 # (backend, device type) pairs whose kernels raised under "auto"; filled by note_auto_failure.
 _failed_under_auto: set[tuple[str, str]] = set()
@@ -96,6 +107,14 @@ def unavailable_reason(backend: str, device_type: str, dtype: torch.dtype) -> st
     return None
 
 
+@torch.compiler.assume_constant_result  # outermost: under torch.compile the cached lookup runs eagerly, once
+@functools.cache
+def _multiprocessors(device_index: int | None) -> int:
+    """The streaming multiprocessor count of a CUDA device (the current one for None)."""
+    return torch.cuda.get_device_properties(torch.cuda.current_device() if device_index is None
+                                            else device_index).multi_processor_count
+
+
 @torch.compiler.assume_constant_result
 def _auto_choice(device_type: str, dtype: torch.dtype, cpp_first: bool) -> str:
     # Evaluated once at trace time under torch.compile: the choice is a constant of the compiled graph.
@@ -111,16 +130,20 @@ def _auto_choice(device_type: str, dtype: torch.dtype, cpp_first: bool) -> str:
 
 
 def resolve_backend(backend: str, device_type: str, dtype: torch.dtype, classes: int | None = None,
-                    workload: str | None = None) -> str:
+                    workload: str | None = None, rows: int | None = None, device_index: int | None = None) -> str:
     """The concrete backend for ``backend`` (which may be ``"auto"``); raises if an explicit one is unavailable.
 
-    ``classes`` (K) and ``workload`` (a reduction name or ``"stats"``) refine ``"auto"`` on CUDA (see
-    ``CUDA_CPP_MAX_CLASSES``)."""
+    ``classes`` (K), ``workload`` (a reduction name or ``"stats"``) and ``rows`` (R, on the CUDA device
+    ``device_index``) refine ``"auto"`` on CUDA (see ``CUDA_CPP_MAX_CLASSES`` and ``CUDA_CPP_MANY_ROWS_CLASSES``)."""
     check_backend(backend)
     if backend == "auto":
-        # A plain bool before the constant-folded choice (under torch.compile a symbolic K becomes a guard here).
+        # A plain bool before the constant-folded choice (under torch.compile a symbolic K or R becomes a guard).
         cpp_first = bool(workload in CUDA_CPP_FIRST_ANY_K or (
             classes is not None and classes <= CUDA_CPP_MAX_CLASSES and workload in CUDA_CPP_FIRST))
+        low, high = CUDA_CPP_MANY_ROWS_CLASSES
+        if (not cpp_first and device_type == "cuda" and workload in CUDA_CPP_MANY_ROWS and classes is not None
+                and rows is not None and low < classes <= high):
+            cpp_first = bool(rows >= _multiprocessors(device_index))
         return _auto_choice(device_type, dtype, cpp_first)
     problem = unavailable_reason(backend, device_type, dtype)
     if problem is not None:

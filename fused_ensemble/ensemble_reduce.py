@@ -38,13 +38,15 @@ def _check_classes(logits: Tensor) -> None:
         raise ValueError(f"logits have no classes: the last dim of shape {tuple(logits.shape)} is empty")
 
 
-def _run_with_fallback(run_kernel, run_reference, backend: str, logits: Tensor, workload: str):
+def _run_with_fallback(run_kernel, run_reference, backend: str, logits: Tensor, dim: int, workload: str):
     """Runs ``run_kernel(concrete_backend)``; under ``backend="auto"`` a kernel that raises is remembered (with a
     warning) and the next backend is tried, down to ``run_reference()``. ``workload`` (a reduction or "stats")
-    and the class count refine the automatic choice."""
+    and the row and class counts refine the automatic choice."""
     device_type = logits.device.type
+    rows = math.prod(logits.shape[:dim] + logits.shape[dim + 1:-1])
     while True:
-        chosen = backends.resolve_backend(backend, device_type, logits.dtype, logits.shape[-1], workload)
+        chosen = backends.resolve_backend(backend, device_type, logits.dtype, logits.shape[-1], workload, rows,
+                                          logits.device.index)
         if chosen == "torch":
             return run_reference()
         if backend != "auto" or torch.compiler.is_compiling():
@@ -69,9 +71,10 @@ def ensemble_reduce(logits: Tensor, reduction: str = "mean_probs", dim: int = 0,
             ``softmax(logits)``, the deep-ensemble predictive distribution), ``"softmax_of_mean"`` (softmax of
             the averaged logits) or ``"log_mean_probs"`` (``log(mean_probs)``, computed stably).
         dim: the member dim; any dim but the last (class) one, negative values count from the end.
-        backend: ``"auto"`` (CUDA tensors: Triton, else the CUDA C++ kernels, else PyTorch, except ``"mean"``
-            and rows of at most 64 classes for ``"mean_probs"``/``"log_mean_probs"``, where the CUDA C++ kernels
-            come first as they measured faster there; CPU tensors: the C++ kernels if the extension is built,
+        backend: ``"auto"`` (CUDA tensors: Triton, else the CUDA C++ kernels, else PyTorch, except ``"mean"``,
+            rows of at most 64 classes for ``"mean_probs"``/``"log_mean_probs"``, and at least one row per
+            multiprocessor of 4097-32768 classes for ``"mean_probs"``/``"softmax_of_mean"``, where the CUDA C++
+            kernels come first as they measured faster there; CPU tensors: the C++ kernels if the extension is built,
             else PyTorch), ``"torch"`` (fused_ensemble.reference, autograd through PyTorch ops), ``"triton"``
             (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``) or ``"cpp"`` (C++ kernels for CPU
             tensors, CUDA C++ kernels for CUDA tensors). A kernel that fails
@@ -107,7 +110,7 @@ def ensemble_reduce(logits: Tensor, reduction: str = "mean_probs", dim: int = 0,
         out, _aux = reduce_ops.reduce(_members_rows_classes(logits, dim), reduction, chosen)
         return out.reshape(out_shape)
 
-    out = _run_with_fallback(run_kernel, lambda: reduce_reference(logits, reduction, dim), backend, logits,
+    out = _run_with_fallback(run_kernel, lambda: reduce_reference(logits, reduction, dim), backend, logits, dim,
                              reduction)
     return out if out_dtype is None else out.to(out_dtype)
 
@@ -154,4 +157,4 @@ def ensemble_stats(logits: Tensor, dim: int = 0, backend: str = "auto") -> Ensem
         probs, *per_row = reduce_ops.stats(_members_rows_classes(logits, dim), chosen)
         return EnsembleStats(probs.reshape(probs_shape), *(t.reshape(row_shape) for t in per_row))
 
-    return _run_with_fallback(run_kernel, lambda: stats_reference(logits, dim), backend, logits, "stats")
+    return _run_with_fallback(run_kernel, lambda: stats_reference(logits, dim), backend, logits, dim, "stats")

@@ -450,6 +450,32 @@ def test_auto_on_cuda_takes_the_cuda_cpp_kernels_for_tiny_rows(monkeypatch):
     assert resolve("triton", "cuda", torch.float32, 10, "stats") == "triton"  # explicit choices stand
 
 
+def test_auto_on_cuda_takes_the_cuda_cpp_kernels_for_many_long_rows(monkeypatch):
+    # At least one row per multiprocessor of 4097-32768 classes: CUDA C++ first for mean_probs, softmax_of_mean and
+    # stats (one block per row, accumulators on chip), Triton for fewer rows, longer rows and log_mean_probs.
+    monkeypatch.setattr(backends, "unavailable_reason", lambda backend, device, dtype: None)
+    monkeypatch.setattr(backends, "_multiprocessors", lambda device_index: 132)
+    resolve = backends.resolve_backend
+    for workload in ("mean_probs", "softmax_of_mean", "stats"):
+        assert resolve("auto", "cuda", torch.float32, 32000, workload, 132, 0) == "cpp"
+        assert resolve("auto", "cuda", torch.float32, 32000, workload, 131, 0) == "triton"
+        assert resolve("auto", "cuda", torch.float32, 4096, workload, 5000, 0) == "triton"
+        assert resolve("auto", "cuda", torch.float32, 32769, workload, 5000, 0) == "triton"
+        assert resolve("auto", "cuda", torch.float32, 32000, workload) == "triton"  # rows unknown
+        assert resolve("auto", "cpu", torch.float32, 32000, workload, 5000) == "cpp"
+    assert resolve("auto", "cuda", torch.float32, 32000, "log_mean_probs", 5000, 0) == "triton"
+
+
+def test_auto_is_told_the_rows_without_the_member_dim(monkeypatch):
+    seen = []
+    resolve = backends.resolve_backend
+    monkeypatch.setattr(backends, "resolve_backend", lambda *args: seen.append(args) or resolve(*args))
+    x = torch.randn(3, 5, 7, 11)
+    ensemble_reduce(x, "mean_probs", dim=1)
+    ensemble_stats(x, dim=-2)
+    assert [args[3:6] for args in seen] == [(11, "mean_probs", 21), (11, "stats", 15)]
+
+
 def test_auto_remembers_a_failed_kernel_and_falls_back(monkeypatch):
     from fused_ensemble import reduce_ops
 
