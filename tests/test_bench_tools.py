@@ -107,3 +107,20 @@ def test_train_throughput_times_the_three_steps_in_turns(tmp_path, bench_scripts
         assert set(point["ms"]) == {"loop", "vmap", "fused"}
         assert all(len(times) == 2 for times in point["times_ms"].values())
         assert point["fused_vs_loop"] == pytest.approx(point["ms"]["loop"] / point["ms"]["fused"])
+
+
+def test_train_throughput_records_an_implementation_that_cannot_run_a_point(tmp_path, bench_scripts, monkeypatch):
+    # As torch.vmap of cuDNN BatchNorm on NHWC inputs does on CUDA: that point goes on without it.
+    import train_throughput
+
+    def vmap_that_raises(members):
+        def step(x, y):
+            raise RuntimeError("NYI: querying is_contiguous inside of vmap\nsecond line")
+        return step
+
+    monkeypatch.setitem(train_throughput.BUILDERS, "vmap", vmap_that_raises)
+    point = train_throughput.measure(2, 1, "cpu", rounds=1, min_reps=1)
+    assert set(point["ms"]) == {"loop", "fused"}
+    assert point["unsupported"] == {"vmap": "RuntimeError: NYI: querying is_contiguous inside of vmap"}
+    assert point["fused_vs_vmap"] is None
+    assert point["fused_vs_loop"] == pytest.approx(point["ms"]["loop"] / point["ms"]["fused"])
