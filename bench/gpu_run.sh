@@ -34,9 +34,10 @@ step build timeout 240 python3 -m pip install --quiet --no-deps --no-build-isola
 step tests timeout 240 python3 -m pytest ${TEST_PATHS:-tests} -q -m gpu -n 8 -p no:cacheprovider --timeout 200 \
     --junitxml="$OUT/gpu-tests.xml"
 step reduce timeout 200 python3 bench/reduce_gpu.py --out "$OUT/reduce-gpu.json"
-step train timeout 200 python3 bench/train_throughput.py --members ${TRAIN_MEMBERS:-4 8 16} --channels-last --bf16-autocast \
-    --json "$OUT/train-gpu.json"
-step profile timeout 150 python3 bench/profile_train_step.py --members 8 ${PROFILE_ARGS:---implementations loop,fused --channels-last --bf16-autocast} \
+step train timeout 200 python3 bench/train_throughput.py --members ${TRAIN_MEMBERS:-4 8 16} --channels-last \
+    --bf16-autocast --json "$OUT/train-gpu.json"
+PROFILE_ARGS=${PROFILE_ARGS:---implementations loop,fused --channels-last --bf16-autocast}
+step profile timeout 150 python3 bench/profile_train_step.py --members 8 $PROFILE_ARGS \
     --json "$OUT/profile-train-gpu.json"
 step optim timeout 90 python3 -m pytest bench/test_bench_optim.py -q -p no:cacheprovider --benchmark-enable \
     --benchmark-group-by=group --benchmark-json="$OUT/optim-gpu.json"

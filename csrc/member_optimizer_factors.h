@@ -1,7 +1,7 @@
 // What the per-member optimizer ops (fused_ensemble_ext::member_sgd_ / member_adamw_) take: tensors laid out
-// member-major (below), and the factors, per (parameter, member): a float64 tensor [P, N, F] whose last dim is laid out as below. fused_ensemble/optim.py
-// writes them (derived values in float64, as torch.optim's Python floats); the CPU kernels
-// (csrc/cpu/member_optimizers.cpp) and the CUDA kernels (csrc/cuda/member_optimizers.cu) read them.
+// member-major (below), and the factors per (parameter, member), a float64 tensor [P, N, F] whose last dim is laid
+// out as below. fused_ensemble/optim.py writes them (derived values in float64, as torch.optim's Python floats); the
+// CPU kernels (csrc/cpu/member_optimizers.cpp) and the CUDA kernels (csrc/cuda/member_optimizers.cu) read them.
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -5,9 +5,9 @@ tensors, or CPU tensors under ``TRITON_INTERPRET=1``) and ``"cpp"`` (the compile
 tensors, CUDA C++ kernels for CUDA tensors). ``"auto"`` prefers triton, then cpp, then torch on CUDA, and cpp, then
 torch on CPU; except on CUDA for ``"mean"``, for tiny rows (at most ``CUDA_CPP_MAX_CLASSES`` classes) of the
 reductions that take a softmax per member, and for many rows of 4097-32768 classes, where the CUDA C++ kernels
-come first (measured, see ``CUDA_CPP_MAX_CLASSES``, ``CUDA_CPP_FIRST_ANY_K`` and ``CUDA_CPP_MANY_ROWS_CLASSES``). A kernel backend that raised once under ``"auto"`` is not
-chosen again in this process (with a warning, the way xformers remembers a failed Triton kernel); an explicitly
-named backend is never second-guessed.
+come first (measured, see ``CUDA_CPP_MAX_CLASSES``, ``CUDA_CPP_FIRST_ANY_K`` and ``CUDA_CPP_MANY_ROWS_CLASSES``).
+A kernel backend that raised once under ``"auto"`` is not chosen again in this process (with a warning, the way
+xformers remembers a failed Triton kernel); an explicitly named backend is never second-guessed.
 """
 
 from __future__ import annotations

@@ -538,7 +538,8 @@ def test_cpp_kernels_reject_mismatched_inputs():
     factors = torch.zeros(1, N, 6, dtype=torch.float64)
     with pytest.raises(RuntimeError, match="grads\\[0\\] must be a CPU tensor of the parameter's shape"):
         torch.ops.fused_ensemble_ext.member_sgd_(params, [torch.randn(N, 4)], [], factors, False)
-    with pytest.raises(RuntimeError, match="grads\\[0\\] must be a CPU tensor of the parameter's shape \\[4, 3\\], strides \\[3, 1\\]"):
+    with pytest.raises(RuntimeError, match=r"grads\[0\] must be a CPU tensor of the parameter's shape \[4, 3\], "
+                                           r"strides \[3, 1\]"):
         torch.ops.fused_ensemble_ext.member_sgd_(params, [torch.randn(3, N).t()], [], factors, False)
     with pytest.raises(RuntimeError, match="parameter 0 must be a dense CPU Float tensor with 4 members in dim 0, "
                                            "outermost in memory"):
