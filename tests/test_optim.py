@@ -21,18 +21,21 @@ def stack(members):
     return [torch.stack([m[j].detach() for m in members]).requires_grad_() for j in range(len(members[0]))]
 
 
-def run_both(fused_cls, torch_cls, fused_kwargs, member_kwargs, steps=5, frozen_steps=None, device="cpu"):
+def run_both(fused_cls, torch_cls, fused_kwargs, member_kwargs, steps=5, frozen_steps=None, device="cpu",
+             members=None, stacked=None):
     """Runs the fused optimizer and N torch optimizers on the same random gradients; returns both.
 
     ``frozen_steps``: {step: [members frozen during that step]}; frozen members' torch optimizers skip it.
+    ``members`` (each a list of one member's tensors) and ``stacked`` (their ``[N, ...]`` stacks, in any layout;
+    the gradients take it) default to ``make_members(device=device)`` and ``stack(members)``.
     """
-    members = make_members(device=device)
-    stacked = stack(members)
+    members = make_members(device=device) if members is None else members
+    stacked = stack(members) if stacked is None else stacked
     fused_opt = fused_cls(stacked, **fused_kwargs)
     torch_opts = [torch_cls(m, **member_kwargs(i)) for i, m in enumerate(members)]
     for step in range(steps):
         frozen = (frozen_steps or {}).get(step, [])
-        for i in range(N):
+        for i in range(len(members)):
             (fused_opt.freeze if i in frozen else fused_opt.unfreeze)(i)
         grads = [torch.randn_like(p) for p in stacked]
         for p, g in zip(stacked, grads):
@@ -268,22 +271,16 @@ def test_channels_last_weights_take_the_kernels(monkeypatch, cls, torch_cls, kwa
     if device == "cuda" and not has_cuda_kernels():
         pytest.skip("the extension was built without CUDA kernels")
     monkeypatch.setattr(cls, "_apply", lambda *args: pytest.fail("the foreach ops ran"))
-    members = make_members(device=device)
     conv = SHAPES.index((2, 3, 3, 3))
-    stacked = [_channels_last_stack(members, conv)]
+    members = [[m[conv]] for m in make_members(device=device)]
+    stacked = [_channels_last_stack(members, 0)]
+    strides = stacked[0].stride()
     assert not stacked[0].is_contiguous()
-    opt = cls(stacked, **kwargs)
-    refs = [torch_cls([m[conv]], **kwargs) for m in members]
-    for _ in range(3):
-        grad = torch.randn(N, 2, 3, 3, 3, device=device)
-        stacked[0].grad = torch.empty_like(stacked[0]).copy_(grad)  # the parameter's strides, as autograd gives
-        opt.step()
-        for i, (m, ref) in enumerate(zip(members, refs)):
-            m[conv].grad = grad[i].clone()
-            ref.step()
-    assert stacked[0].stride() == _channels_last_stack(members, conv).stride()  # updated in place
-    for i, m in enumerate(members):
-        torch.testing.assert_close(stacked[0][i], m[conv], rtol=1.3e-6, atol=1e-6)
+    # The gradients come from randn_like: the parameter's strides, as autograd gives them.
+    stacked, members, _, _ = run_both(cls, torch_cls, kwargs, lambda i: kwargs, steps=3, members=members,
+                                      stacked=stacked)
+    assert stacked[0].stride() == strides  # updated in place
+    assert_members_equal(stacked, members)
 
 
 def test_a_gradient_laid_out_unlike_its_parameter_takes_the_foreach_ops():
@@ -569,23 +566,9 @@ def test_cpp_kernels_on_slices_longer_than_a_task(cls, torch_cls, kwargs, dtype)
     shapes = [(3, 200, 200), (3, 7)]
     stacked = [torch.randn(shape, dtype=dtype, requires_grad=True) for shape in shapes]
     members = [[p[i].detach().clone().requires_grad_() for p in stacked] for i in range(3)]
-    opt = cls(stacked, **kwargs)
-    refs = [torch_cls(m, **{k: (v[i] if isinstance(v, list) else v) for k, v in kwargs.items()})
-            for i, m in enumerate(members)]
-    for step in range(3):
-        frozen = [1] if step == 1 else []
-        for i in range(3):
-            (opt.freeze if i in frozen else opt.unfreeze)(i)
-        grads = [torch.randn_like(p) for p in stacked]
-        for p, g in zip(stacked, grads):
-            p.grad = g.clone()
-        opt.step()
-        for i, (m, ref) in enumerate(zip(members, refs)):
-            if i in frozen:
-                continue
-            for p, g in zip(m, grads):
-                p.grad = g[i].clone()
-            ref.step()
+    stacked, members, _, _ = run_both(
+        cls, torch_cls, kwargs, lambda i: {k: (v[i] if isinstance(v, list) else v) for k, v in kwargs.items()},
+        steps=3, frozen_steps={1: [1]}, members=members, stacked=stacked)
     tolerance = dict(rtol=1.3e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
     for j, p in enumerate(stacked):
         for i in range(3):
