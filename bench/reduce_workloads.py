@@ -80,19 +80,41 @@ def first_tensor(result):
 
 
 def check_against_eager(workload: str, result, expected) -> float:
-    """Largest absolute difference to the eager reference (raises when it is beyond float32 noise)."""
+    """Largest absolute difference to the eager reference (raises when it is beyond float32 noise).
+
+    For ``stats``, a row whose prediction differs from eager's must be a tie (its two candidate classes' mean
+    probabilities equal within float32 noise); such rows' disagreement is not compared, since it counts members
+    against the prediction (a tie flips it by whole members: a sweep once read that as a kernel bug).
+    """
     results = result if isinstance(result, tuple) else (result,)
     expecteds = expected if isinstance(expected, tuple) else (expected,)
+    compared = torch.ones(())
+    if workload == "stats":
+        compared = _rows_without_ties(results, expecteds)
     worst = 0.0
-    for got, want in zip(results, expecteds):
+    for index, (got, want) in enumerate(zip(results, expecteds)):
         if got.dtype == torch.int64:
-            # Ties between nearly equal probabilities may pick another class: count mismatches only.
-            mismatch = (got != want).float().mean().item()
-            assert mismatch < 1e-3, f"{workload}: {mismatch:.2%} of predictions differ from eager"
-            continue
+            continue  # checked through the ties above
+        if workload == "stats" and index == len(results) - 1:  # disagreement
+            got, want = got[compared], want[compared]
         finite = torch.isfinite(want)
         diff = (got[finite].double() - want[finite].double()).abs().max().item() if finite.any() else 0.0
         scale = want[finite].abs().max().item() if finite.any() else 1.0
         assert diff <= 1e-4 * max(1.0, scale), f"{workload}: max |ours - eager| = {diff:.3g}"
         worst = max(worst, diff)
     return worst
+
+
+def _rows_without_ties(results, expecteds) -> torch.Tensor:
+    """Mask of the rows whose predictions agree; raises if any other row is not a tie of mean probabilities."""
+    probs, prediction = expecteds[0].double(), expecteds[5]
+    got_prediction = results[5]
+    differ = got_prediction != prediction
+    if differ.any():
+        rows = differ.nonzero().flatten()
+        ours = probs[rows, got_prediction[rows]]
+        theirs = probs[rows, prediction[rows]]
+        gap = (theirs - ours).abs().max().item()
+        assert gap <= 1e-6, (f"stats: {rows.numel()} predictions differ from eager, not by ties "
+                             f"(mean-probability gap up to {gap:.3g})")
+    return ~differ

@@ -124,3 +124,34 @@ def test_train_throughput_records_an_implementation_that_cannot_run_a_point(tmp_
     assert point["unsupported"] == {"vmap": "RuntimeError: NYI: querying is_contiguous inside of vmap"}
     assert point["fused_vs_vmap"] is None
     assert point["fused_vs_loop"] == pytest.approx(point["ms"]["loop"] / point["ms"]["fused"])
+
+
+def test_stats_check_tells_ties_from_wrong_rows(bench_scripts):
+    import reduce_workloads as rw
+
+    logits = torch.randn(4, 6, 5)
+    # Row 2: members 0 and 1 pick class 0, members 2 and 3 class 1, with mirrored logits: the two classes' mean
+    # probabilities tie, and either prediction has half the members against it.
+    logits[:2, 2] = torch.tensor([3.0, 1.0, 0.0, 0.0, 0.0])
+    logits[2:, 2] = torch.tensor([1.0, 3.0, 0.0, 0.0, 0.0])
+    expected = rw.reference("stats")(logits)
+    assert rw.check_against_eager("stats", rw.kernel("stats", "torch")(logits), expected) < 1e-6
+
+    tie_flipped = list(expected)
+    tie_flipped[5] = expected.prediction.clone()
+    tie_flipped[5][2] = 1 - expected.prediction[2]
+    tie_flipped[6] = expected.disagreement.clone()
+    tie_flipped[6][2] = 0.75  # whatever a flipped tie does to the count, it is not compared
+    rw.check_against_eager("stats", tuple(tie_flipped), expected)
+
+    wrong_prediction = list(expected)
+    wrong_prediction[5] = expected.prediction.clone()
+    wrong_prediction[5][0] = (expected.prediction[0] + 1) % 5
+    with pytest.raises(AssertionError, match="not by ties"):
+        rw.check_against_eager("stats", tuple(wrong_prediction), expected)
+
+    wrong_disagreement = list(expected)
+    wrong_disagreement[6] = expected.disagreement.clone()
+    wrong_disagreement[6][0] += 0.25
+    with pytest.raises(AssertionError, match="max \\|ours - eager\\|"):
+        rw.check_against_eager("stats", tuple(wrong_disagreement), expected)
