@@ -49,3 +49,9 @@ def check_range(values: list, name: str, low: float, high: float = float("inf"),
         if not (ok_low and ok_high):
             lo, hi = "[" if low_inclusive else "(", "]" if high_inclusive else ")"
             raise ValueError(f"member {member}: {name}={v} is outside {lo}{low}, {high}{hi}")
+
+
+def member_view(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``value`` (``[N]``, one entry per member) as ``[N, 1, ..., 1]`` on ``like``'s device: it broadcasts over
+    the member slices of ``like`` (``[N, ...]``). The dtype stays: in-place ops compute in the wider one."""
+    return value.to(like.device).view(-1, *([1] * (like.dim() - 1)))

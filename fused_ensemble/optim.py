@@ -128,6 +128,17 @@ class MemberOptimizer(torch.optim.Optimizer):
             raise IndexError(f"member {member} is out of range for an ensemble of {self.num_members} members")
         return member % self.num_members
 
+    def _member_mask(self, members) -> torch.Tensor:
+        """``members`` (a ``[N]`` bool tensor, or member indices) as a ``[N]`` bool CPU tensor."""
+        if isinstance(members, torch.Tensor) and members.dtype == torch.bool:
+            if members.shape != (self.num_members,):
+                raise ValueError(f"a member mask must have shape ({self.num_members},), got {tuple(members.shape)}")
+            return members.cpu()
+        mask = torch.zeros(self.num_members, dtype=torch.bool)
+        for member in (members.tolist() if isinstance(members, torch.Tensor) else members):
+            mask[self._member_index(member)] = True
+        return mask
+
     def freeze(self, member: int) -> None:
         """Stops updating ``member``: its parameters and optimizer state stay bitwise as they are."""
         self._frozen[self._member_index(member)] = True
@@ -158,13 +169,19 @@ class MemberOptimizer(torch.optim.Optimizer):
 
     # -- the step -------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def step(self, closure=None):
-        """Performs one optimization step for every member that is not frozen."""
+    def step(self, closure=None, *, skip_members=None):
+        """Performs one optimization step for every member that is not frozen.
+
+        ``skip_members``: members to leave out of this step only, as frozen ones are (parameters and state
+        unchanged, step counts not advanced): a ``[N]`` bool tensor on any device, or a list of indices.
+        ``fused_ensemble.amp.MemberGradScaler`` passes the members whose gradients overflowed.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        frozen = self._frozen.nonzero().flatten()
+        inactive = self._frozen if skip_members is None else self._frozen | self._member_mask(skip_members)
+        frozen = inactive.nonzero().flatten()
         for group in self.param_groups:
             values = self._check_group(group)
             by_device_dtype: dict[tuple, list] = {}
@@ -182,7 +199,7 @@ class MemberOptimizer(torch.optim.Optimizer):
                         self._init_state(p, state, group)
                     states.append(state)
                 if self._use_fused_kernels(device, dtype, params):
-                    self._fused_update(group, values, params, states, ~self._frozen)
+                    self._fused_update(group, values, params, states, ~inactive)
                     continue
                 saved = _snapshot(params, states, frozen) if len(frozen) else None
                 hp = _MemberTensors(values, params, states, device, dtype)

@@ -18,9 +18,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from fused_ensemble import metrics
+from fused_ensemble.amp import MemberGradScaler
+from fused_ensemble.clip_grad import clip_grad_norm_
 from fused_ensemble.data import SAMPLINGS, ImageData, load_cifar10, load_digits, member_batches
 from fused_ensemble.fused import FusedEnsemble
 from fused_ensemble.lr_scheduler import CosineAnnealingLR
+from fused_ensemble.member_values import MemberValue
 from fused_ensemble.optim import SGD
 
 __all__ = ["small_cnn", "member_cross_entropy", "train_epoch", "evaluate", "add_train_arguments", "run_train"]
@@ -39,18 +42,28 @@ def small_cnn(in_channels: int = 1, num_classes: int = 10) -> nn.Module:
     )
 
 
-def member_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Sum over members of each member's mean cross-entropy; ``logits [N, B, K]``, ``targets [N, B]``."""
+def member_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+    """Each member's mean cross-entropy, summed over members (``reduction="sum"``: the loss whose backward is N
+    independent trainings) or one per member (``"none"``: ``[N]``, what ``amp.MemberGradScaler.scale`` takes);
+    ``logits [N, B, K]``, ``targets [N, B]``."""
+    if reduction not in ("sum", "none"):
+        raise ValueError(f"reduction must be 'sum' or 'none', got {reduction!r}")
     per_example = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
-    return per_example.view(targets.shape).mean(1).sum()
+    per_member = per_example.view(targets.shape).mean(1)
+    return per_member.sum() if reduction == "sum" else per_member
 
 
 def train_epoch(fused: FusedEnsemble, optimizer, x: torch.Tensor, y: torch.Tensor, batch_size: int,
-                sampling: str = "shuffle", generator: torch.Generator | None = None, progress=None) -> int:
+                sampling: str = "shuffle", generator: torch.Generator | None = None, progress=None,
+                clip_grad_norm: MemberValue | None = None, autocast_dtype: torch.dtype | None = None,
+                scaler: MemberGradScaler | None = None) -> int:
     """One epoch: every member sees its own shuffle/bootstrap of ``(x, y)``; returns the steps taken.
 
     ``fused`` must have ``reduction="none"`` and ``member_inputs=True``. ``progress``: an optional tqdm bar,
-    advanced once per step with the mean member loss as its postfix.
+    advanced once per step with the mean member loss as its postfix. ``clip_grad_norm``: clip each member's
+    gradient norm to this (a number, or one per member; ``fused_ensemble.clip_grad``). ``autocast_dtype``: run the
+    forward under ``torch.autocast`` in this dtype; ``scaler``: a ``MemberGradScaler`` (for float16), which then
+    unscales before clipping and steps the members whose gradients are finite.
     """
     if fused.reduction != "none" or not fused.member_inputs:
         raise ValueError("train_epoch needs FusedEnsemble(..., reduction='none', member_inputs=True), got "
@@ -61,14 +74,24 @@ def train_epoch(fused: FusedEnsemble, optimizer, x: torch.Tensor, y: torch.Tenso
     for xb, yb in member_batches(x, y, fused.num_members, batch_size, sampling, generator):
         xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
-        loss = member_cross_entropy(fused(xb), yb)
-        loss.backward()
-        optimizer.step()
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            logits = fused(xb)
+        losses = member_cross_entropy(logits.float(), yb, reduction="none")
+        (losses if scaler is None else scaler.scale(losses)).sum().backward()
+        if clip_grad_norm is not None:
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            clip_grad_norm_(fused.parameters(), clip_grad_norm)
+        if scaler is None:
+            optimizer.step()
+        else:
+            scaler.step(optimizer)
+            scaler.update()
         steps += 1
         if progress is not None:
             progress.update(1)
             if steps % 10 == 1:  # .item() waits for the device: not every step
-                progress.set_postfix(loss=f"{loss.item() / fused.num_members:.3f}", refresh=False)
+                progress.set_postfix(loss=f"{losses.sum().item() / fused.num_members:.3f}", refresh=False)
     return steps
 
 
@@ -113,6 +136,9 @@ DEFAULTS = {  # per dataset: model, epochs, batch size, learning rate
 }
 
 
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds the ``train`` command's options to ``parser``."""
     parser.add_argument("--dataset", choices=sorted(DEFAULTS), default="digits")
@@ -128,6 +154,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weight-decay", type=float, nargs="+", default=[5e-4],
                         help="one value, or one per member (default 5e-4)")
     parser.add_argument("--momentum", type=float, default=0.9)
+    parser.add_argument("--clip-grad-norm", type=float, nargs="+", default=None,
+                        help="clip each member's gradient norm: one value, or one per member (default: no clipping)")
+    parser.add_argument("--amp", choices=AMP_DTYPES, default="none",
+                        help="mixed precision: autocast the forward in bf16, or in fp16 with per-member loss "
+                             "scaling (fused_ensemble.amp.MemberGradScaler); default none (float32)")
     parser.add_argument("--sampling", choices=SAMPLINGS, default="shuffle",
                         help="per-member data order: own shuffle (default) or bootstrap resample (bagging)")
     parser.add_argument("--seed", type=int, default=0)
@@ -189,6 +220,10 @@ def run_train(args: argparse.Namespace) -> dict:
                     nesterov=args.momentum > 0,
                     weight_decay=args.weight_decay[0] if len(args.weight_decay) == 1 else args.weight_decay)
     scheduler = CosineAnnealingLR(optimizer, T_max=epochs)
+    clip = args.clip_grad_norm
+    clip = None if clip is None else clip[0] if len(clip) == 1 else clip
+    autocast_dtype = AMP_DTYPES[args.amp]
+    scaler = MemberGradScaler(n, device) if args.amp == "fp16" else None
     generator = torch.Generator().manual_seed(args.seed)
 
     from tqdm import tqdm
@@ -201,7 +236,7 @@ def run_train(args: argparse.Namespace) -> dict:
     for epoch in range(epochs):
         progress.set_description(f"epoch {epoch + 1}/{epochs}")
         steps += train_epoch(fused, optimizer, data.train_x, data.train_y, batch_size, args.sampling, generator,
-                             progress)
+                             progress, clip_grad_norm=clip, autocast_dtype=autocast_dtype, scaler=scaler)
         scheduler.step()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -213,6 +248,8 @@ def run_train(args: argparse.Namespace) -> dict:
     summary = {
         "dataset": data.name, "model": model, "members": n, "epochs": epochs, "batch_size": batch_size,
         "lr": lr, "weight_decay": args.weight_decay, "momentum": args.momentum, "sampling": args.sampling,
+        "clip_grad_norm": args.clip_grad_norm, "amp": args.amp,
+        "loss_scale": None if scaler is None else scaler.get_scale().tolist(),
         "seed": args.seed, "device": str(device), "train_examples": int(data.train_x.shape[0]),
         "test_examples": int(data.test_x.shape[0]), "train_steps": steps,
         "train_seconds": train_seconds,

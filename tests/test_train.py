@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fused_ensemble import FusedEnsemble, optim
+from fused_ensemble.amp import MemberGradScaler
+from fused_ensemble.clip_grad import clip_grad_norm_
 from fused_ensemble.train import add_train_arguments, member_cross_entropy, run_train, train_epoch
 
 N, B, STEPS = 3, 6, 3
@@ -69,12 +71,70 @@ def test_fused_training_equals_each_member_trained_alone(build, optimizer):
             opt.zero_grad()
             F.cross_entropy(m(x[i]), y[i]).backward()
             opt.step()
+    assert_members_equal(fused, alone)
+
+
+def assert_members_equal(fused, alone):
     for i, (got, expected) in enumerate(zip(fused.to_members(), alone)):
         got_state, expected_state = got.state_dict(), expected.state_dict()
         assert list(got_state) == list(expected_state)
         for name in expected_state:
             torch.testing.assert_close(got_state[name], expected_state[name], rtol=1e-5, atol=1e-5,
                                        msg=lambda s: f"member {i}, {name}: {s}")
+
+
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+def test_per_member_gradient_clipping_equals_each_member_clipped_alone(optimizer):
+    make_fused_opt, make_member_opt = OPTIMIZERS[optimizer]
+    max_norm = [0.05, 1.0, 100.0]  # the first clips at every step, the last never
+    members = make_members(cnn_with_batchnorm)
+    alone = [copy.deepcopy(m).train() for m in members]
+    fused = FusedEnsemble(members, reduction="none", member_inputs=True).train()
+    fused_opt = make_fused_opt(fused.parameters())
+    member_opts = [make_member_opt(m.parameters(), i) for i, m in enumerate(alone)]
+    for _ in range(STEPS):
+        x, y = torch.randn(N, B, 1, 8, 8), torch.randint(0, 5, (N, B))
+        fused_opt.zero_grad()
+        member_cross_entropy(fused(x), y).backward()
+        norms = clip_grad_norm_(fused.parameters(), max_norm)
+        fused_opt.step()
+        for i, (m, opt) in enumerate(zip(alone, member_opts)):
+            opt.zero_grad()
+            F.cross_entropy(m(x[i]), y[i]).backward()
+            torch.testing.assert_close(norms[i], torch.nn.utils.clip_grad_norm_(m.parameters(), max_norm[i]),
+                                       rtol=1e-5, atol=0)
+            opt.step()
+        assert norms[0] > max_norm[0] and norms[2] < max_norm[2]
+    assert_members_equal(fused, alone)
+
+
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+def test_member_grad_scaler_equals_each_member_with_its_own_grad_scaler(optimizer):
+    """Member 1's input is inf at step 1: it alone skips that step and backs off; the others grow their scales.
+    (No BatchNorm: an inf batch would poison running statistics, in both trainings alike.)"""
+    make_fused_opt, make_member_opt = OPTIMIZERS[optimizer]
+    members = make_members(mlp_with_dropout_disabled)
+    alone = [copy.deepcopy(m).train() for m in members]
+    fused = FusedEnsemble(members, reduction="none", member_inputs=True).train()
+    fused_opt = make_fused_opt(fused.parameters())
+    scaler = MemberGradScaler(N, "cpu", init_scale=2.0**10, growth_interval=2)
+    member_opts = [make_member_opt(m.parameters(), i) for i, m in enumerate(alone)]
+    member_scalers = [torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2) for _ in alone]
+    for step in range(4):
+        x, y = torch.randn(N, B, 1, 8, 8), torch.randint(0, 5, (N, B))
+        if step == 1:
+            x[1, 0, 0, 0, 0] = float("inf")
+        fused_opt.zero_grad()
+        scaler.scale(member_cross_entropy(fused(x), y, reduction="none")).sum().backward()
+        scaler.step(fused_opt)
+        scaler.update()
+        for i, (m, opt, member_scaler) in enumerate(zip(alone, member_opts, member_scalers)):
+            opt.zero_grad()
+            member_scaler.scale(F.cross_entropy(m(x[i]), y[i])).backward()
+            member_scaler.step(opt)
+            member_scaler.update()
+    assert scaler.get_scale().tolist() == [s.get_scale() for s in member_scalers] == [2.0**12, 2.0**10, 2.0**12]
+    assert_members_equal(fused, alone)
 
 
 def test_frozen_member_stays_bitwise_through_fused_training():
@@ -131,3 +191,16 @@ def test_train_command_on_a_tiny_cifar10_folder(tmp_path):
                                "--no-progress"]))
     assert summary["dataset"] == "cifar10" and summary["train_examples"] == 20 and summary["test_examples"] == 6
     assert summary["train_steps"] == 5 and len(summary["member_accuracy"]) == 2
+
+
+@pytest.mark.parametrize("amp", ["fp16", "bf16"])
+def test_train_command_with_clipping_and_mixed_precision(amp):
+    summary = run_train(parse(["--dataset", "digits", "--members", "2", "--epochs", "1", "--batch-size", "32",
+                               "--max-train", "640", "--max-test", "200", "--clip-grad-norm", "1.0", "5.0",
+                               "--amp", amp, "--device", "cpu", "--no-progress"]))
+    assert summary["clip_grad_norm"] == [1.0, 5.0] and summary["amp"] == amp
+    if amp == "fp16":
+        assert len(summary["loss_scale"]) == 2 and all(s > 0 for s in summary["loss_scale"])
+    else:
+        assert summary["loss_scale"] is None
+    assert summary["ensemble_accuracy"] > 0.5
