@@ -12,6 +12,11 @@ Each group (one optimizer) compares, on the same random gradients:
 - ``torch_default``: ``torch.optim`` with its defaults over the members' parameters.
 
 Every optimizer has its state before timing (the first step, which allocates it, is a warm-up round).
+
+Two more groups time what may run between backward and step, per member against torch's on each member:
+``clip_grad_norm`` (``fused_ensemble.clip_grad.clip_grad_norm_`` on the stacks vs N calls of
+``torch.nn.utils.clip_grad_norm_``) and ``unscale`` (``MemberGradScaler.unscale_`` + ``update`` vs N
+``torch.amp.GradScaler``s; scale 1, so repeated rounds keep the gradients' values).
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ import pytest
 import torch
 
 from fused_ensemble import optim
+from fused_ensemble.amp import MemberGradScaler
+from fused_ensemble.clip_grad import clip_grad_norm_
 from fused_ensemble.benchmarking import settle_cpu_allocator
 from fused_ensemble.models import build_model
 
@@ -78,3 +85,64 @@ def test_bench_optimizer_step(benchmark, name, implementation):
                                 threads=torch.get_num_threads(),
                                 card=torch.cuda.get_device_name() if DEVICE == "cuda" else "CPU")
     benchmark.pedantic(step, rounds=20, warmup_rounds=2)
+
+
+def _record(benchmark, group: str, implementation: str) -> None:
+    benchmark.group = f"{group}, {MEMBERS} x resnet18-cifar, {DEVICE}"
+    benchmark.extra_info.update(members=MEMBERS, device=DEVICE, implementation=implementation,
+                                threads=torch.get_num_threads(),
+                                card=torch.cuda.get_device_name() if DEVICE == "cuda" else "CPU")
+
+
+def _timed(fn):
+    def call():
+        fn()
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+    return call
+
+
+@pytest.mark.parametrize("implementation", ["fused_ensemble", "torch_per_member"])
+def test_bench_clip_grad_norm(benchmark, implementation):
+    if benchmark.disabled:
+        pytest.skip("benchmarks run with --benchmark-enable")
+    settle_cpu_allocator(DEVICE)
+    member_params, stacked = _member_and_stacked_parameters()
+    per_member = len(member_params) // MEMBERS
+    if implementation == "fused_ensemble":
+        def clip():
+            clip_grad_norm_(stacked, 1.0)
+    else:
+        def clip():
+            for i in range(MEMBERS):
+                torch.nn.utils.clip_grad_norm_(member_params[i * per_member:(i + 1) * per_member], 1.0)
+    _record(benchmark, "clip_grad_norm", implementation)
+    benchmark.pedantic(_timed(clip), rounds=20, warmup_rounds=2)
+
+
+@pytest.mark.parametrize("implementation", ["fused_ensemble", "torch_per_member"])
+def test_bench_unscale(benchmark, implementation):
+    if benchmark.disabled:
+        pytest.skip("benchmarks run with --benchmark-enable")
+    settle_cpu_allocator(DEVICE)
+    member_params, stacked = _member_and_stacked_parameters()
+    per_member = len(member_params) // MEMBERS
+    if implementation == "fused_ensemble":
+        scaler, opt = MemberGradScaler(MEMBERS, DEVICE, init_scale=1.0), optim.SGD(stacked, lr=0.0)
+
+        def unscale():
+            scaler.unscale_(opt)
+            scaler.update()
+    else:
+        pairs = [(torch.amp.GradScaler(DEVICE, init_scale=1.0),
+                  torch.optim.SGD(member_params[i * per_member:(i + 1) * per_member], lr=0.0))
+                 for i in range(MEMBERS)]
+        for member_scaler, _ in pairs:
+            member_scaler.scale(torch.ones((), device=DEVICE))  # torch's scaler makes its scale here
+
+        def unscale():
+            for member_scaler, member_opt in pairs:
+                member_scaler.unscale_(member_opt)
+                member_scaler.update()
+    _record(benchmark, "unscale", implementation)
+    benchmark.pedantic(_timed(unscale), rounds=20, warmup_rounds=2)

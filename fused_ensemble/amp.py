@@ -94,7 +94,7 @@ class MemberGradScaler:
         if state["stage"] is _STEPPED:
             raise RuntimeError("unscale_() is being called after step()")
         inv_scale = self._scale.double().reciprocal().float()  # as torch: the reciprocal in float64
-        found_inf = torch.zeros(self.num_members, dtype=torch.bool, device=self._scale.device)
+        by_device_dtype: dict[tuple, list[torch.Tensor]] = defaultdict(list)
         for group in optimizer.param_groups:
             for p in group["params"]:
                 g = p.grad
@@ -108,9 +108,20 @@ class MemberGradScaler:
                                      "(autocast runs the layers in float16)")
                 if g.is_sparse:
                     raise ValueError("MemberGradScaler does not unscale sparse gradients")
-                nonfinite = torch.isfinite(g).logical_not_().reshape(self.num_members, -1).any(dim=1)
-                found_inf |= nonfinite.to(found_inf.device)
-                g.mul_(member_view(inv_scale, g))
+                by_device_dtype[(g.device, g.dtype)].append(g)
+        found_inf = torch.zeros(self.num_members, dtype=torch.float32, device=self._scale.device)
+        for (device, _), grads in by_device_dtype.items():
+            # torch's own one-pass check-and-unscale kernel, once per member over that member's slices of every
+            # gradient: member i's numbers are exactly torch's, at N foreach calls instead of one.
+            member_found = torch.zeros(self.num_members, dtype=torch.float32, device=device)
+            member_inv_scale = inv_scale.to(device)
+            slices = [g.unbind(0) for g in grads]
+            for member in range(self.num_members):
+                torch._amp_foreach_non_finite_check_and_unscale_(
+                    [s[member] for s in slices], member_found[member:member + 1],
+                    member_inv_scale[member:member + 1])
+            found_inf += member_found.to(found_inf.device)
+        found_inf = found_inf > 0
         state["found_inf"] = found_inf
         state["stage"] = _UNSCALED
 
