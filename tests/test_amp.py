@@ -133,13 +133,16 @@ def test_misuse_raises_clear_errors():
             MemberGradScaler(N, "cpu", **bad)
 
 
-def test_optimizer_skip_members_is_a_one_step_freeze():
+@pytest.mark.parametrize("fused", [None, False], ids=["cpp_kernels", "foreach"])
+def test_optimizer_skip_members_is_a_one_step_freeze(fused):
     stacked = [torch.ones(N, 2, requires_grad=True)]
-    opt = optim.AdamW(stacked, lr=0.1)
+    opt = optim.AdamW(stacked, lr=0.1, fused=fused)
     stacked[0].grad = torch.ones(N, 2)
     opt.step(skip_members=[1])
     opt.step(skip_members=torch.tensor([False, False, True]))
     assert opt.state[stacked[0]]["step"].tolist() == [2.0, 1.0, 1.0]
+    p = stacked[0].detach()
+    assert torch.equal(p[1], p[2]) and not torch.equal(p[0], p[1])  # one step each, the same one
     assert opt.frozen_members == []
     with pytest.raises(ValueError, match=r"shape \(3,\)"):
         opt.step(skip_members=torch.tensor([True, False]))
