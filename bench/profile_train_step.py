@@ -58,7 +58,7 @@ def profile_step(call, steps: int, device: str) -> dict:
     synchronize()
     wall_ms = (time.perf_counter() - start) * 1e3 / steps
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, record_shapes=True) as prof:
         for _ in range(steps):
             call()
         synchronize()
@@ -78,7 +78,23 @@ def profile_step(call, steps: int, device: str) -> dict:
     for op in operators:
         kinds[op["kind"]] += op["self_ms_per_step"]
     return {"wall_ms_per_step": wall_ms, "profiled_ms_per_step": sum(kinds.values()),
-            "kinds_ms_per_step": dict(sorted(kinds.items(), key=lambda item: -item[1])), "operators": operators}
+            "kinds_ms_per_step": dict(sorted(kinds.items(), key=lambda item: -item[1])), "operators": operators,
+            "convolutions_by_shape": convolutions_by_shape(prof, steps, device)}
+
+
+def convolutions_by_shape(prof, steps: int, device: str) -> list[dict]:
+    """Convolution operators per input shapes (one entry per layer shape): which layers a grouped convolution
+    loses on against N dense ones, forward and backward."""
+    rows = []
+    for event in prof.key_averages(group_by_input_shape=True):
+        if event.device_type != DeviceType.CPU or kind_of(event.key) not in ("conv forward", "conv backward"):
+            continue
+        self_us = event.self_device_time_total if device == "cuda" else event.self_cpu_time_total
+        if self_us > 0:
+            rows.append({"name": event.key, "input_shapes": [list(s) for s in event.input_shapes if s][:3],
+                         "calls_per_step": event.count / steps, "self_ms_per_step": self_us / 1e3 / steps})
+    rows.sort(key=lambda row: -row["self_ms_per_step"])
+    return rows
 
 
 def run(members: int, batch: int, steps: int, device: str, model: str, implementations: list[str],
@@ -116,6 +132,10 @@ def format_table(result: dict, top: int = 12) -> str:
         lines.append(f"\n{name}: top operators")
         for op in rows[name]["operators"][:top]:
             lines.append(f"  {op['self_ms_per_step']:>9.2f} ms  {op['calls_per_step']:>6.0f} calls  {op['name']}")
+        lines.append(f"{name}: convolutions by input shapes")
+        for op in rows[name]["convolutions_by_shape"][:top]:
+            lines.append(f"  {op['self_ms_per_step']:>9.2f} ms  {op['calls_per_step']:>6.0f} calls  {op['name']} "
+                         f"{op['input_shapes']}")
     return "\n".join(lines)
 
 
