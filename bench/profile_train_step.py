@@ -28,7 +28,7 @@ from train_steps import BUILDERS, build_members, member_batch, training_call
 
 # Operator kinds, first match wins (aten and our ops' names, lower case).
 KINDS = (
-    ("conv backward", ("convolution_backward",)),
+    ("conv backward", ("convolution_backward", "convolutionbackward")),  # the op, and autograd's node for it
     ("conv forward", ("convolution", "conv2d", "conv1d", "conv3d")),
     ("batchnorm", ("batch_norm",)),
     ("optimizer", ("_foreach_", "_fused_sgd", "_fused_adam", "member_sgd", "member_adamw", "sgd")),

@@ -89,7 +89,12 @@ def test_profile_train_step_accounts_for_the_step(tmp_path, bench_scripts):
         assert row["wall_ms_per_step"] > 0 and row["operators"]
         assert row["kinds_ms_per_step"]["conv forward"] > 0 and row["kinds_ms_per_step"]["optimizer"] > 0
         assert abs(sum(row["kinds_ms_per_step"].values()) - row["profiled_ms_per_step"]) < 1e-6
+        by_shape = row["convolutions_by_shape"]
+        conv_ms = row["kinds_ms_per_step"]["conv forward"] + row["kinds_ms_per_step"]["conv backward"]
+        assert any(r["name"] == "aten::convolution_backward" and len(r["input_shapes"]) == 3 for r in by_shape)
+        assert abs(sum(r["self_ms_per_step"] for r in by_shape) - conv_ms) < 1e-3 * conv_ms
     assert profile_train_step.kind_of("aten::convolution_backward") == "conv backward"
+    assert profile_train_step.kind_of("autograd::engine::evaluate_function: ConvolutionBackward0") == "conv backward"
     assert profile_train_step.kind_of("fused_ensemble_ext::member_sgd_") == "optimizer"
 
 
