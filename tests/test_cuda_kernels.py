@@ -311,7 +311,7 @@ def test_bad_shape_raises(case):
     assert done.returncode == 0 and "raised" in done.stdout, (done.returncode, done.stderr[-2000:])
 
 
-@pytest.mark.parametrize("k", [50, 5000])
+@pytest.mark.parametrize("k", [10, 50, 5000])
 @pytest.mark.gpu
 @needs_cuda_kernels
 def test_stats_nan_member_argmax(k):
@@ -334,6 +334,41 @@ def test_stats_nan_member_argmax(k):
     assert member_pred[2, 1] == 3 and member_pred[1, 2] == k - 1
     expected_dis = (member_pred != prediction.unsqueeze(0)).double().mean(0)
     _assert_matches(disagreement, expected_dis, rtol=0, atol=1e-6)
+
+
+# Rows of K <= 16 classes, each member's [R, K] dense, take the short-row kernel (ensemble_reduce_short_rows.cu):
+# several blocks of 256 rows with a partial last one, slabs whose length is not a multiple of the vector width
+# (7 * 1001 values), members whose slabs are not 16-byte aligned (3 * 1001 * 10 floats apart: scalar loads).
+SHORT_ROW_SHAPES = [(3, 1001, 10), (16, 513, 16), (5, 1001, 7), (2, 257, 1), (4, 256, 3), (40, 300, 10)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHORT_ROW_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.gpu
+@needs_cuda_kernels
+def test_short_rows_kernel(shape, dtype, monkeypatch):
+    x = _logits(*shape, dtype)
+    n, r, k = shape
+    x[n - 1, r - 1, :] = -math.inf  # a member row with no finite logit, in the last (partial) block
+    x[0, r // 2, k // 2] = -math.inf
+    _check_every_op(x, backward=False)
+    # The row kernel (the short-row kernel turned off) gives the same results, NaN rows included.
+    short = [_ops().reduce_forward(x, red)[0] for red in REDUCTIONS[1:]] + list(_ops().stats_forward(x))
+    monkeypatch.setenv("FUSED_ENSEMBLE_CUDA_SHORT_ROWS", "0")
+    rows = [_ops().reduce_forward(x, red)[0] for red in REDUCTIONS[1:]] + list(_ops().stats_forward(x))
+    for a, b in zip(short, rows):
+        if a.dtype == torch.int64:
+            assert torch.equal(a, b)
+        else:
+            _assert_matches(a, b.double(), **_tol(dtype))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.gpu
+@needs_cuda_kernels
+def test_short_rows_kernel_layouts(layout):
+    # Dense rows with other member strides take it (expanded members, misaligned data); the rest the row kernel.
+    _check_every_op(_logits(4, 600, 10, torch.float32, layout=layout), backward=False)
 
 
 @pytest.mark.gpu

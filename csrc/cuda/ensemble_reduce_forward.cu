@@ -1,4 +1,6 @@
 // Forward kernels of the ensemble reduction and of the ensemble statistics over x [N, R, K] (any strides).
+// Rows of at most 16 classes stored row after row go to the short-row kernel instead
+// (ensemble_reduce_short_rows.cu); everything else runs here.
 //
 // "mean" is a flat streaming kernel (one thread per VEC output columns, a loop over members).
 // The other reductions and the statistics run one row group per output row (see Group). softmax_of_mean sums
@@ -436,6 +438,10 @@ bool softmax_of_mean_in_two_steps(const at::Tensor& x) {
 
 void launch_reduce_forward(const at::Tensor& x, Reduction reduction, at::Tensor& out, at::Tensor& lse) {
   if (x.size(1) == 0) return;
+  if (reduction != Reduction::kMean && short_rows_kernel_applies(x)) {
+    launch_short_rows_forward(x, reduction, out, lse);
+    return;
+  }
   switch (reduction) {
     case Reduction::kMean:
       launch_mean(x, out);
@@ -460,6 +466,10 @@ void launch_reduce_forward(const at::Tensor& x, Reduction reduction, at::Tensor&
 
 void launch_stats_forward(const at::Tensor& x, StatsOutputs& o) {
   if (x.size(1) == 0) return;
+  if (short_rows_kernel_applies(x)) {
+    launch_short_rows_stats(x, o);
+    return;
+  }
   run_rows<Mode::kStats>(x, o.probs, [&](auto& p) {
     using A = acc_of<decltype(p)>;
     p.entropy = o.entropy.data_ptr<A>();

@@ -18,6 +18,12 @@ struct StatsOutputs {
 };
 void launch_stats_forward(const at::Tensor& x, StatsOutputs& outputs);
 
+// Short rows (ensemble_reduce_short_rows.cu): K <= 16 classes, rows contiguous ([R, K] of each member dense).
+// launch_reduce_forward / launch_stats_forward use it wherever it applies (but for kMean).
+bool short_rows_kernel_applies(const at::Tensor& x);
+void launch_short_rows_forward(const at::Tensor& x, Reduction reduction, at::Tensor& out, at::Tensor& lse);
+void launch_short_rows_stats(const at::Tensor& x, StatsOutputs& outputs);
+
 // grad: [R, K] (kMean, kSoftmaxOfMean) or [N, R, K] (kMeanProbs, kLogMeanProbs); grad_out and out contiguous.
 void launch_reduce_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& out,
                             Reduction reduction, at::Tensor& grad);
