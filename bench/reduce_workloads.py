@@ -10,6 +10,7 @@ Bandwidth counts the logits read once and the outputs written once: what a one-p
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -23,7 +24,10 @@ torch._dynamo.config.cache_size_limit = 1024
 torch._dynamo.config.accumulated_cache_size_limit = 1024
 
 WORKLOADS = REDUCTIONS + ("stats",)
-IMPLEMENTATIONS = ("eager", "compile", "triton", "cpp")
+IMPLEMENTATIONS = ("eager", "compile", "triton", "cpp", "cpp_short_rows")
+SHORT_ROWS_FLAG = "FUSED_ENSEMBLE_CUDA_SHORT_ROWS"
+"""``cpp_short_rows``: the CUDA C++ ops with the opt-in short-row kernel (K <= 16) switched on around each call
+(the kernel choice is made on the host, so a CUDA graph captured inside the call keeps it)."""
 
 # Small enough for the 2-core CPU; the first two are the issue's CPU targets.
 CPU_SHAPES = [(8, 4096, 1000), (4, 64, 32000), (16, 1024, 10), (4, 16, 128256)]
@@ -61,10 +65,29 @@ def implementation(name: str, workload: str, device: str, dynamic_compile: bool 
         return torch.compile(reference(workload), dynamic=dynamic_compile), None
     if name == "triton" and device == "cpu":
         return None, "the Triton interpreter is a test tool, not a benchmark"
+    if name == "cpp_short_rows":
+        if device != "cuda" or workload == "mean":
+            return None, "the CUDA short-row kernel (mean_probs, softmax_of_mean, log_mean_probs, stats)"
+        fn, problem = implementation("cpp", workload, device, dtype=dtype)
+        return (None, problem) if fn is None else (_with_short_rows(fn), None)
     problem = backends.unavailable_reason(name, device, dtype)
     if problem is not None:
         return None, problem
     return kernel(workload, name), None
+
+
+def _with_short_rows(fn):
+    def call(x):
+        previous = os.environ.get(SHORT_ROWS_FLAG)
+        os.environ[SHORT_ROWS_FLAG] = "1"
+        try:
+            return fn(x)
+        finally:
+            if previous is None:
+                del os.environ[SHORT_ROWS_FLAG]
+            else:
+                os.environ[SHORT_ROWS_FLAG] = previous
+    return call
 
 
 def bytes_moved(workload: str, shape: tuple[int, int, int], itemsize: int = 4) -> int:

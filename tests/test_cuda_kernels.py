@@ -336,9 +336,10 @@ def test_stats_nan_member_argmax(k):
     _assert_matches(disagreement, expected_dis, rtol=0, atol=1e-6)
 
 
-# Rows of K <= 16 classes, each member's [R, K] dense, take the short-row kernel (ensemble_reduce_short_rows.cu):
-# several blocks of 256 rows with a partial last one, slabs whose length is not a multiple of the vector width
-# (7 * 1001 values), members whose slabs are not 16-byte aligned (3 * 1001 * 10 floats apart: scalar loads).
+# Rows of K <= 16 classes, each member's [R, K] dense, take the short-row kernel (ensemble_reduce_short_rows.cu;
+# opt-in through FUSED_ENSEMBLE_CUDA_SHORT_ROWS=1 until it has run on a GPU): several blocks of 256 rows with a
+# partial last one, slabs whose length is not a multiple of the vector width (7 * 1001 values), members whose slabs
+# are not 16-byte aligned (3 * 1001 * 10 floats apart: scalar loads).
 SHORT_ROW_SHAPES = [(3, 1001, 10), (16, 513, 16), (5, 1001, 7), (2, 257, 1), (4, 256, 3), (40, 300, 10)]
 
 
@@ -347,6 +348,7 @@ SHORT_ROW_SHAPES = [(3, 1001, 10), (16, 513, 16), (5, 1001, 7), (2, 257, 1), (4,
 @pytest.mark.gpu
 @needs_cuda_kernels
 def test_short_rows_kernel(shape, dtype, monkeypatch):
+    monkeypatch.setenv("FUSED_ENSEMBLE_CUDA_SHORT_ROWS", "1")
     x = _logits(*shape, dtype)
     n, r, k = shape
     x[n - 1, r - 1, :] = -math.inf  # a member row with no finite logit, in the last (partial) block
@@ -366,8 +368,9 @@ def test_short_rows_kernel(shape, dtype, monkeypatch):
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.gpu
 @needs_cuda_kernels
-def test_short_rows_kernel_layouts(layout):
+def test_short_rows_kernel_layouts(layout, monkeypatch):
     # Dense rows with other member strides take it (expanded members, misaligned data); the rest the row kernel.
+    monkeypatch.setenv("FUSED_ENSEMBLE_CUDA_SHORT_ROWS", "1")
     _check_every_op(_logits(4, 600, 10, torch.float32, layout=layout), backward=False)
 
 

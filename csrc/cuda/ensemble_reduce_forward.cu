@@ -1,6 +1,6 @@
 // Forward kernels of the ensemble reduction and of the ensemble statistics over x [N, R, K] (any strides).
-// Rows of at most 16 classes stored row after row go to the short-row kernel instead
-// (ensemble_reduce_short_rows.cu); everything else runs here.
+// Rows of at most 16 classes stored row after row can go to the short-row kernel instead
+// (ensemble_reduce_short_rows.cu, opt-in for now); everything else runs here.
 //
 // "mean" is a flat streaming kernel (one thread per VEC output columns, a loop over members).
 // The other reductions and the statistics run one row group per output row (see Group). softmax_of_mean sums

@@ -19,7 +19,8 @@ struct StatsOutputs {
 void launch_stats_forward(const at::Tensor& x, StatsOutputs& outputs);
 
 // Short rows (ensemble_reduce_short_rows.cu): K <= 16 classes, rows contiguous ([R, K] of each member dense).
-// launch_reduce_forward / launch_stats_forward use it wherever it applies (but for kMean).
+// launch_reduce_forward / launch_stats_forward use it wherever it applies (but for kMean); for now only with
+// FUSED_ENSEMBLE_CUDA_SHORT_ROWS=1 (see short_rows_kernel_applies).
 bool short_rows_kernel_applies(const at::Tensor& x);
 void launch_short_rows_forward(const at::Tensor& x, Reduction reduction, at::Tensor& out, at::Tensor& lse);
 void launch_short_rows_stats(const at::Tensor& x, StatsOutputs& outputs);
