@@ -87,19 +87,25 @@ def test_bench_optimizer_step(benchmark, name, implementation):
     benchmark.pedantic(step, rounds=20, warmup_rounds=2)
 
 
-def _record(benchmark, group: str, implementation: str) -> None:
+def _members(member_params: list) -> list[list]:
+    """The flat list of every member's parameters, one list per member."""
+    per_member = len(member_params) // MEMBERS
+    return [member_params[i * per_member:(i + 1) * per_member] for i in range(MEMBERS)]
+
+
+def _bench_between_steps(benchmark, group: str, implementation: str, call) -> None:
+    """Times ``call()`` (synchronized on CUDA) as one implementation of ``group``."""
     benchmark.group = f"{group}, {MEMBERS} x resnet18-cifar, {DEVICE}"
     benchmark.extra_info.update(members=MEMBERS, device=DEVICE, implementation=implementation,
                                 threads=torch.get_num_threads(),
                                 card=torch.cuda.get_device_name() if DEVICE == "cuda" else "CPU")
 
-
-def _timed(fn):
-    def call():
-        fn()
+    def timed():
+        call()
         if DEVICE == "cuda":
             torch.cuda.synchronize()
-    return call
+
+    benchmark.pedantic(timed, rounds=20, warmup_rounds=2)
 
 
 @pytest.mark.parametrize("implementation", ["fused_ensemble", "torch_per_member"])
@@ -108,16 +114,16 @@ def test_bench_clip_grad_norm(benchmark, implementation):
         pytest.skip("benchmarks run with --benchmark-enable")
     settle_cpu_allocator(DEVICE)
     member_params, stacked = _member_and_stacked_parameters()
-    per_member = len(member_params) // MEMBERS
-    if implementation == "fused_ensemble":
-        def clip():
+    members = _members(member_params)
+
+    def clip():
+        if implementation == "fused_ensemble":
             clip_grad_norm_(stacked, 1.0)
-    else:
-        def clip():
-            for i in range(MEMBERS):
-                torch.nn.utils.clip_grad_norm_(member_params[i * per_member:(i + 1) * per_member], 1.0)
-    _record(benchmark, "clip_grad_norm", implementation)
-    benchmark.pedantic(_timed(clip), rounds=20, warmup_rounds=2)
+        else:
+            for params in members:
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+
+    _bench_between_steps(benchmark, "clip_grad_norm", implementation, clip)
 
 
 @pytest.mark.parametrize("implementation", ["fused_ensemble", "torch_per_member"])
@@ -126,23 +132,17 @@ def test_bench_unscale(benchmark, implementation):
         pytest.skip("benchmarks run with --benchmark-enable")
     settle_cpu_allocator(DEVICE)
     member_params, stacked = _member_and_stacked_parameters()
-    per_member = len(member_params) // MEMBERS
     if implementation == "fused_ensemble":
-        scaler, opt = MemberGradScaler(MEMBERS, DEVICE, init_scale=1.0), optim.SGD(stacked, lr=0.0)
+        pairs = [(MemberGradScaler(MEMBERS, DEVICE, init_scale=1.0), optim.SGD(stacked, lr=0.0))]
+    else:
+        pairs = [(torch.amp.GradScaler(DEVICE, init_scale=1.0), torch.optim.SGD(params, lr=0.0))
+                 for params in _members(member_params)]
+        for scaler, _ in pairs:
+            scaler.scale(torch.ones((), device=DEVICE))  # torch's scaler makes its scale here
 
-        def unscale():
+    def unscale():
+        for scaler, opt in pairs:
             scaler.unscale_(opt)
             scaler.update()
-    else:
-        pairs = [(torch.amp.GradScaler(DEVICE, init_scale=1.0),
-                  torch.optim.SGD(member_params[i * per_member:(i + 1) * per_member], lr=0.0))
-                 for i in range(MEMBERS)]
-        for member_scaler, _ in pairs:
-            member_scaler.scale(torch.ones((), device=DEVICE))  # torch's scaler makes its scale here
 
-        def unscale():
-            for member_scaler, member_opt in pairs:
-                member_scaler.unscale_(member_opt)
-                member_scaler.update()
-    _record(benchmark, "unscale", implementation)
-    benchmark.pedantic(_timed(unscale), rounds=20, warmup_rounds=2)
+    _bench_between_steps(benchmark, "unscale", implementation, unscale)

@@ -52,15 +52,21 @@ OPTIMIZERS = {
 }
 
 
-@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
-@pytest.mark.parametrize("build", [cnn_with_batchnorm, mlp_with_dropout_disabled])
-def test_fused_training_equals_each_member_trained_alone(build, optimizer):
+def fused_and_alone(build, optimizer):
+    """N members of ``build`` fused (train mode) with the fused optimizer, and copies of them with one torch
+    optimizer each: (fused, fused optimizer, members alone, their optimizers)."""
     make_fused_opt, make_member_opt = OPTIMIZERS[optimizer]
     members = make_members(build)
     alone = [copy.deepcopy(m).train() for m in members]
     fused = FusedEnsemble(members, reduction="none", member_inputs=True).train()
-    fused_opt = make_fused_opt(fused.parameters())
-    member_opts = [make_member_opt(m.parameters(), i) for i, m in enumerate(alone)]
+    return (fused, make_fused_opt(fused.parameters()), alone,
+            [make_member_opt(m.parameters(), i) for i, m in enumerate(alone)])
+
+
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+@pytest.mark.parametrize("build", [cnn_with_batchnorm, mlp_with_dropout_disabled])
+def test_fused_training_equals_each_member_trained_alone(build, optimizer):
+    fused, fused_opt, alone, member_opts = fused_and_alone(build, optimizer)
     for _ in range(STEPS):
         x = torch.randn(N, B, 1, 8, 8)
         y = torch.randint(0, 5, (N, B))
@@ -85,13 +91,8 @@ def assert_members_equal(fused, alone):
 
 @pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
 def test_per_member_gradient_clipping_equals_each_member_clipped_alone(optimizer):
-    make_fused_opt, make_member_opt = OPTIMIZERS[optimizer]
     max_norm = [0.05, 1.0, 100.0]  # the first clips at every step, the last never
-    members = make_members(cnn_with_batchnorm)
-    alone = [copy.deepcopy(m).train() for m in members]
-    fused = FusedEnsemble(members, reduction="none", member_inputs=True).train()
-    fused_opt = make_fused_opt(fused.parameters())
-    member_opts = [make_member_opt(m.parameters(), i) for i, m in enumerate(alone)]
+    fused, fused_opt, alone, member_opts = fused_and_alone(cnn_with_batchnorm, optimizer)
     for _ in range(STEPS):
         x, y = torch.randn(N, B, 1, 8, 8), torch.randint(0, 5, (N, B))
         fused_opt.zero_grad()
@@ -112,13 +113,8 @@ def test_per_member_gradient_clipping_equals_each_member_clipped_alone(optimizer
 def test_member_grad_scaler_equals_each_member_with_its_own_grad_scaler(optimizer):
     """Member 1's input is inf at step 1: it alone skips that step and backs off; the others grow their scales.
     (No BatchNorm: an inf batch would poison running statistics, in both trainings alike.)"""
-    make_fused_opt, make_member_opt = OPTIMIZERS[optimizer]
-    members = make_members(mlp_with_dropout_disabled)
-    alone = [copy.deepcopy(m).train() for m in members]
-    fused = FusedEnsemble(members, reduction="none", member_inputs=True).train()
-    fused_opt = make_fused_opt(fused.parameters())
+    fused, fused_opt, alone, member_opts = fused_and_alone(mlp_with_dropout_disabled, optimizer)
     scaler = MemberGradScaler(N, "cpu", init_scale=2.0**10, growth_interval=2)
-    member_opts = [make_member_opt(m.parameters(), i) for i, m in enumerate(alone)]
     member_scalers = [torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2) for _ in alone]
     for step in range(4):
         x, y = torch.randn(N, B, 1, 8, 8), torch.randint(0, 5, (N, B))

@@ -241,4 +241,20 @@ struct ProbsPart {
   }
 };
 
+// Writes row r's scalar statistics (into the fields of a kernel parameter struct P): from the partial over the
+// mean probabilities, the sum of the member entropies and the number of members whose own argmax is not the
+// prediction.
+template <typename P, typename A>
+__device__ __forceinline__ void store_row_stats(const P& p, int64_t r, const ProbsPart<A>& pp, A entropy_sum,
+                                                A differ) {
+  const A entropy = -pp.plogp;
+  const A expected = entropy_sum * p.inv_n;
+  p.entropy[r] = entropy;
+  p.expected_entropy[r] = expected;
+  p.mutual_info[r] = entropy - expected;
+  p.confidence[r] = pp.best;
+  p.prediction[r] = pp.idx;
+  p.disagreement[r] = differ * p.inv_n;
+}
+
 }  // namespace fused_ensemble_cuda

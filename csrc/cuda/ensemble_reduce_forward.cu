@@ -289,23 +289,11 @@ __global__ void __launch_bounds__(MAX_BLOCK) reduce_rows_kernel(const RowParams<
     A differ = 0;
     for (int64_t n = g.lane; n < p.N; n += g.tpr) differ += preds[n] != pp.idx ? A(1) : A(0);
     differ = group_reduce(SumPart<A>{differ}, g, scratch, parity).v;
-    if (g.lane == 0 && row_ok) {
-      const A entropy = -pp.plogp;
-      const A expected = entropy_sum * p.inv_n;
-      p.entropy[r] = entropy;
-      p.expected_entropy[r] = expected;
-      p.mutual_info[r] = entropy - expected;
-      p.confidence[r] = pp.best;
-      p.prediction[r] = pp.idx;
-      p.disagreement[r] = differ * p.inv_n;
-    }
+    if (g.lane == 0 && row_ok) store_row_stats(p, r, pp, entropy_sum, differ);
   }
 }
 
 // ---- launchers -------------------------------------------------------------------------------------
-
-// The accumulation type of a RowParams<A>& (for the generic lambdas that fill in output pointers).
-template <typename P> using acc_of = std::remove_pointer_t<decltype(std::declval<P>().out)>;
 
 template <typename A>
 RowParams<A> base_params(const at::Tensor& x, at::Tensor& out) {
@@ -470,15 +458,7 @@ void launch_stats_forward(const at::Tensor& x, StatsOutputs& o) {
     launch_short_rows_stats(x, o);
     return;
   }
-  run_rows<Mode::kStats>(x, o.probs, [&](auto& p) {
-    using A = acc_of<decltype(p)>;
-    p.entropy = o.entropy.data_ptr<A>();
-    p.expected_entropy = o.expected_entropy.data_ptr<A>();
-    p.mutual_info = o.mutual_info.data_ptr<A>();
-    p.confidence = o.confidence.data_ptr<A>();
-    p.disagreement = o.disagreement.data_ptr<A>();
-    p.prediction = o.prediction.data_ptr<int64_t>();
-  });
+  run_rows<Mode::kStats>(x, o.probs, [&](auto& p) { set_stats_outputs(p, o); });
 }
 
 }  // namespace fused_ensemble_cuda

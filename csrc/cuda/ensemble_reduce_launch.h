@@ -5,6 +5,9 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <type_traits>
+#include <utility>
+
 namespace fused_ensemble_cuda {
 
 enum class Reduction { kMean, kMeanProbs, kSoftmaxOfMean, kLogMeanProbs };
@@ -17,6 +20,23 @@ struct StatsOutputs {
   at::Tensor probs, entropy, expected_entropy, mutual_info, confidence, prediction, disagreement;
 };
 void launch_stats_forward(const at::Tensor& x, StatsOutputs& outputs);
+
+// The accumulation type of a kernel parameter struct P (the type its `out` points to), for the generic lambdas
+// that fill in output pointers.
+template <typename P> using acc_of = std::remove_pointer_t<decltype(std::declval<P>().out)>;
+
+// Points a kernel's parameter struct (fields named as in StatsOutputs, `out` of the accumulation type) at the
+// statistics outputs other than probs.
+template <typename Params>
+void set_stats_outputs(Params& p, StatsOutputs& o) {
+  using A = acc_of<Params>;
+  p.entropy = o.entropy.data_ptr<A>();
+  p.expected_entropy = o.expected_entropy.data_ptr<A>();
+  p.mutual_info = o.mutual_info.data_ptr<A>();
+  p.confidence = o.confidence.data_ptr<A>();
+  p.disagreement = o.disagreement.data_ptr<A>();
+  p.prediction = o.prediction.data_ptr<int64_t>();
+}
 
 // Short rows (ensemble_reduce_short_rows.cu): K <= 16 classes, rows contiguous ([R, K] of each member dense).
 // launch_reduce_forward / launch_stats_forward use it wherever it applies (but for kMean); for now only with

@@ -221,16 +221,7 @@ __global__ void __launch_bounds__(kRowsPerBlock) short_rows_kernel(const ShortPa
       }
     }
     const int agree = counts[pp.idx * kRowsPerBlock + t];
-    if (row_ok) {
-      const A entropy = -pp.plogp;
-      const A expected = entropy_sum * p.inv_n;
-      p.entropy[r] = entropy;
-      p.expected_entropy[r] = expected;
-      p.mutual_info[r] = entropy - expected;
-      p.confidence[r] = pp.best;
-      p.prediction[r] = pp.idx;
-      p.disagreement[r] = static_cast<A>(p.N - agree) * p.inv_n;
-    }
+    if (row_ok) store_row_stats(p, r, pp, entropy_sum, static_cast<A>(p.N - agree));
   }
   if (row_ok) {
 #pragma unroll
@@ -241,9 +232,6 @@ __global__ void __launch_bounds__(kRowsPerBlock) short_rows_kernel(const ShortPa
   __syncthreads();
   store_slab<A>(smem, p.out + r0 * K, count, K, p.pitch, p.inv_k);
 }
-
-// The accumulation type of a ShortParams<A>& (for the generic lambdas that fill in output pointers).
-template <typename P> using short_acc_of = std::remove_pointer_t<decltype(std::declval<P>().out)>;
 
 template <ShortMode MODE, typename Fill>
 void run_short_rows(const at::Tensor& x, at::Tensor& out, Fill fill_outputs) {
@@ -292,11 +280,10 @@ bool short_rows_kernel_applies(const at::Tensor& x) {
 void launch_short_rows_forward(const at::Tensor& x, Reduction reduction, at::Tensor& out, at::Tensor& lse) {
   switch (reduction) {
     case Reduction::kMeanProbs:
-      run_short_rows<ShortMode::kMeanProbs>(x, out, [&](auto& p) { p.lse = lse.data_ptr<short_acc_of<decltype(p)>>(); });
+      run_short_rows<ShortMode::kMeanProbs>(x, out, [&](auto& p) { p.lse = lse.data_ptr<acc_of<decltype(p)>>(); });
       return;
     case Reduction::kLogMeanProbs:
-      run_short_rows<ShortMode::kLogMeanProbs>(x, out,
-                                               [&](auto& p) { p.lse = lse.data_ptr<short_acc_of<decltype(p)>>(); });
+      run_short_rows<ShortMode::kLogMeanProbs>(x, out, [&](auto& p) { p.lse = lse.data_ptr<acc_of<decltype(p)>>(); });
       return;
     case Reduction::kSoftmaxOfMean:
       run_short_rows<ShortMode::kSoftmaxOfMean>(x, out, [](auto&) {});
@@ -308,15 +295,7 @@ void launch_short_rows_forward(const at::Tensor& x, Reduction reduction, at::Ten
 }
 
 void launch_short_rows_stats(const at::Tensor& x, StatsOutputs& o) {
-  run_short_rows<ShortMode::kStats>(x, o.probs, [&](auto& p) {
-    using A = short_acc_of<decltype(p)>;
-    p.entropy = o.entropy.data_ptr<A>();
-    p.expected_entropy = o.expected_entropy.data_ptr<A>();
-    p.mutual_info = o.mutual_info.data_ptr<A>();
-    p.confidence = o.confidence.data_ptr<A>();
-    p.disagreement = o.disagreement.data_ptr<A>();
-    p.prediction = o.prediction.data_ptr<int64_t>();
-  });
+  run_short_rows<ShortMode::kStats>(x, o.probs, [&](auto& p) { set_stats_outputs(p, o); });
 }
 
 }  // namespace fused_ensemble_cuda
