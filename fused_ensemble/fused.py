@@ -98,7 +98,10 @@ class FusedEnsemble(nn.Module):
                     shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
                     raise ValueError(f"member_inputs=True expects input {position} of shape [N, B, ...] with "
                                      f"N={self.num_members} members, got {shape}")
-        cpu_memory.retain_for(inputs)
+        if not torch.compiler.is_compiling():
+            # A process-wide malloc setting (ctypes) cannot be traced: a compiled forward relies on an eager CPU
+            # forward, optimize(), or cpu_memory.retain_freed_cpu_memory() having made it.
+            cpu_memory.retain_for(inputs)
         outputs = self._graphs[self.training].run([(x, layout) for x in inputs])
         return self.reduce(outputs)
 
