@@ -10,8 +10,9 @@
 # Steps are independent: a failing step is reported and the next one still runs; the exit code is the number of
 # failed steps. Every step has its own time limit, so one hang cannot eat the lease.
 # To fit what is left of a lease: TEST_PATHS (default tests) narrows the tests step, TRAIN_MEMBERS (default
-# "4 8 16") the train step; the profile step profiles NHWC members under bf16 autocast unless PROFILE_ARGS says
-# otherwise.
+# "4 8 16") the train step, whose points and implementations TRAIN_ARGS sets (default: NCHW and NHWC, fp32 and bf16
+# autocast, loop/vmap/fused; e.g. "--formats channels_last --precisions bf16 --implementations loop,fused,fused_compile");
+# the profile step profiles NHWC members under bf16 autocast unless PROFILE_ARGS says otherwise.
 set -uo pipefail
 OUT=${OUT:-bench/results}
 mkdir -p "$OUT"
@@ -34,8 +35,9 @@ step build timeout 240 python3 -m pip install --quiet --no-deps --no-build-isola
 step tests timeout 240 python3 -m pytest ${TEST_PATHS:-tests} -q -m gpu -n 8 -p no:cacheprovider --timeout 200 \
     --junitxml="$OUT/gpu-tests.xml"
 step reduce timeout 200 python3 bench/reduce_gpu.py --out "$OUT/reduce-gpu.json"
-step train timeout 200 python3 bench/train_throughput.py --members ${TRAIN_MEMBERS:-4 8 16} --channels-last \
-    --bf16-autocast --json "$OUT/train-gpu.json"
+TRAIN_ARGS=${TRAIN_ARGS:---channels-last --bf16-autocast}
+step train timeout 200 python3 bench/train_throughput.py --members ${TRAIN_MEMBERS:-4 8 16} $TRAIN_ARGS \
+    --json "$OUT/train-gpu.json"
 PROFILE_ARGS=${PROFILE_ARGS:---implementations loop,fused --channels-last --bf16-autocast}
 step profile timeout 150 python3 bench/profile_train_step.py --members 8 $PROFILE_ARGS \
     --json "$OUT/profile-train-gpu.json"

@@ -8,7 +8,10 @@
   ``torch.optim.SGD(fused=True)`` on the stacked leaves. vmap cannot update BatchNorm running statistics in place,
   so its BatchNorm layers run without them (``replace_all_batch_norm_modules_``): it does a little less work than
   the others;
-- ``fused``: ``FusedEnsemble(..., reduction="none", member_inputs=True)`` + ``fused_ensemble.optim.SGD``.
+- ``fused``: ``FusedEnsemble(..., reduction="none", member_inputs=True)`` + ``fused_ensemble.optim.SGD``;
+- ``fused_compile`` (not in the default set: compiling takes minutes): the same with its forward and loss under
+  ``torch.compile(fullgraph=True)`` (inductor fuses the BatchNorm, ReLU and residual elementwise work; the
+  convolutions stay cuDNN/oneDNN calls).
 
 Each builder takes the members (modules in train mode on the step's device) and returns ``step(x, y)`` for
 ``x: [N, B, ...]`` and ``y: [N, B]``.
@@ -96,4 +99,16 @@ def fused_step(members):
     return step
 
 
-BUILDERS = {"loop": loop_step, "vmap": vmap_step, "fused": fused_step}
+def fused_compile_step(members):
+    fused = FusedEnsemble(members, reduction="none", member_inputs=True).train()
+    opt = optim.SGD(fused.parameters(), **SGD_ARGS)
+    loss_of = torch.compile(lambda x, y: member_cross_entropy(fused(x), y), fullgraph=True)
+
+    def step(x, y):
+        opt.zero_grad(set_to_none=True)
+        loss_of(x, y).backward()
+        opt.step()
+    return step
+
+
+BUILDERS = {"loop": loop_step, "vmap": vmap_step, "fused": fused_step, "fused_compile": fused_compile_step}

@@ -7,6 +7,8 @@ test_bench_train.py) moved the fused-vs-loop ratio between 0.94x and 1.09x from 
 shifts all three alike.
 
     python bench/train_throughput.py --members 4 8 16 [--channels-last] [--bf16-autocast] --json PATH
+    python bench/train_throughput.py --members 8 --formats channels_last --precisions bf16 \
+        --implementations loop,fused,fused_compile
 """
 
 from __future__ import annotations
@@ -19,16 +21,22 @@ import torch
 
 from fused_ensemble.bench_cli import _environment
 from fused_ensemble.benchmarking import interleaved_times, median, settle_cpu_allocator
+from fused_ensemble.models import MODELS
 from train_steps import BUILDERS, IMPLEMENTATIONS, build_members, member_batch, training_call
 
 
+FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+PRECISIONS = {"float32": False, "bf16": True}  # name -> under bf16 autocast
+
+
 def measure(members: int, batch: int, device: str, rounds: int, min_reps: int,
-            memory_format: torch.memory_format = torch.contiguous_format, autocast: bool = False) -> dict:
+            memory_format: torch.memory_format = torch.contiguous_format, autocast: bool = False,
+            implementations: tuple[str, ...] = IMPLEMENTATIONS, model: str = "resnet18-cifar") -> dict:
     torch.manual_seed(1)
-    x, y = member_batch(members, batch, device, memory_format=memory_format)
+    x, y = member_batch(members, batch, device, model, memory_format=memory_format)
     steps, unsupported = {}, {}
-    for name in IMPLEMENTATIONS:
-        call = training_call(BUILDERS[name](build_members(members, device, memory_format=memory_format)), x, y,
+    for name in implementations:
+        call = training_call(BUILDERS[name](build_members(members, device, model, memory_format=memory_format)), x, y,
                              device, autocast)
         steps[name] = (lambda call=call: (call(), torch.cuda.synchronize())) if device == "cuda" else call
         try:  # warm-up: optimizer state, cuDNN autotuning, allocator
@@ -42,8 +50,9 @@ def measure(members: int, batch: int, device: str, rounds: int, min_reps: int,
     # time_ms (inside interleaved_times) runs under no_grad: training_call turns autograd back on.
     times = interleaved_times(steps, device, min_reps, budget_ms=0.0, rounds=rounds)
     ms = {name: median(t) for name, t in times.items()}
-    ratio = {f"fused_vs_{name}": ms[name] / ms["fused"] if name in ms and "fused" in ms else None
-             for name in ("loop", "vmap")}
+    ratio = {f"{ours}_vs_{name}": ms[name] / ms[ours] if name in ms and ours in ms else None
+             for ours in ("fused", "fused_compile") for name in ("loop", "vmap")
+             if ours == "fused" or ours in implementations}
     return {"members": members, "batch_per_member": batch, "memory_format": str(memory_format).replace("torch.", ""),
             "precision": "bf16 autocast" if autocast else "float32", "ms": ms, "times_ms": times, **ratio,
             "unsupported": unsupported,
@@ -61,25 +70,39 @@ def main(argv: list[str] | None = None) -> int:
                         help="also time every point with NHWC members and inputs (loop, vmap and fused alike)")
     parser.add_argument("--bf16-autocast", action="store_true",
                         help="also time every point under torch.autocast(bfloat16) (loop, vmap and fused alike)")
+    parser.add_argument("--formats", nargs="+", choices=sorted(FORMATS), default=None,
+                        help="memory formats to time (default: contiguous, plus channels_last with --channels-last)")
+    parser.add_argument("--precisions", nargs="+", choices=sorted(PRECISIONS), default=None,
+                        help="precisions to time (default: float32, plus bf16 with --bf16-autocast)")
+    parser.add_argument("--implementations", default=",".join(IMPLEMENTATIONS),
+                        help=f"comma-separated, of {', '.join(BUILDERS)} (default: {','.join(IMPLEMENTATIONS)})")
+    parser.add_argument("--model", default="resnet18-cifar", choices=sorted(MODELS))
     parser.add_argument("--json", default=None, metavar="PATH")
     args = parser.parse_args(argv)
+    implementations = tuple(args.implementations.split(","))
+    unknown = [name for name in implementations if name not in BUILDERS]
+    if unknown:
+        parser.error(f"unknown implementations {unknown}; expected some of {sorted(BUILDERS)}")
     settle_cpu_allocator(args.device)
     torch.backends.cudnn.benchmark = True
     batch = args.batch or (128 if args.device == "cuda" else 2)
-    result = {"environment": _environment(args.device), "model": "resnet18-cifar", "rounds": args.rounds,
+    result = {"environment": _environment(args.device), "model": args.model, "rounds": args.rounds,
               "points": []}
-    formats = [torch.contiguous_format] + ([torch.channels_last] if args.channels_last else [])
-    precisions = [False] + ([True] if args.bf16_autocast else [])
-    print(f"{'N':>3} {'B':>4} {'layout':>18} {'precision':>14} " + "".join(f"{name:>10}" for name in IMPLEMENTATIONS)
+    formats = ([FORMATS[name] for name in args.formats] if args.formats else
+               [torch.contiguous_format] + ([torch.channels_last] if args.channels_last else []))
+    precisions = ([PRECISIONS[name] for name in args.precisions] if args.precisions else
+                  [False] + ([True] if args.bf16_autocast else []))
+    print(f"{'N':>3} {'B':>4} {'layout':>18} {'precision':>14} " + "".join(f"{name:>14}" for name in implementations)
           + "  fused vs loop")
     for members in args.members:
         for memory_format in formats:
             for autocast in precisions:
-                point = measure(members, batch, args.device, args.rounds, args.reps, memory_format, autocast)
+                point = measure(members, batch, args.device, args.rounds, args.reps, memory_format, autocast,
+                                implementations, args.model)
                 result["points"].append(point)
                 print(f"{members:>3} {batch:>4} {point['memory_format']:>18} {point['precision']:>14} " +
-                      "".join(f"{point['ms'][name]:>10.1f}" if name in point["ms"] else f"{'n/a':>10}"
-                              for name in IMPLEMENTATIONS) +
+                      "".join(f"{point['ms'][name]:>14.1f}" if name in point["ms"] else f"{'n/a':>14}"
+                              for name in implementations) +
                       (f"  {point['fused_vs_loop']:>12.3f}x" if point["fused_vs_loop"] else ""), flush=True)
                 for name, error in point["unsupported"].items():
                     print(f"    {name}: {error}", flush=True)
