@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from fused_ensemble import module_rules
+from fused_ensemble import attention, module_rules
 from fused_ensemble.layout import Layout, convert, to_member
 
 ELEMENTWISE, CHANNELWISE, CONCATENATE, RANDOM = "elementwise", "channelwise", "concatenate", "random"
@@ -167,6 +167,8 @@ class FusedGraph:
         reason = module_rules.unsupported_reason(module)
         if reason is not None:
             raise TypeError(f"cannot fuse layer '{path}' ({type(module).__name__}): {reason}")
+        if attention.fusable(module):
+            return self._attention(module, args, kwargs, self._vmapped_module(module, args, kwargs))
         rule = module_rules.rule_for(module)
         if rule is not None:
             if len(args) != 1 or kwargs:
@@ -193,7 +195,10 @@ class FusedGraph:
             elif isinstance(module, module_rules.CHANNELWISE_MODULES):
                 category = CHANNELWISE
             return self._call(module, category, args, kwargs)
-        # A layer with parameters and no rule: vmap its functional form over the stacked parameters.
+        return self._vmapped_module(module, args, kwargs)
+
+    def _vmapped_module(self, module: nn.Module, args, kwargs):
+        """A layer with parameters and no rule: its functional form under vmap over the stacked parameters."""
         names = [name for name, _ in module.named_parameters()]
 
         def functional(*inputs, **keywords):
@@ -202,6 +207,14 @@ class FusedGraph:
 
         param_refs = tuple(_Param(module, name) for name in names)
         return self._call(_without_inference_fast_paths(functional), None, param_refs + tuple(args), kwargs)
+
+    def _attention(self, module: nn.Module, args, kwargs, generic):
+        """nn.MultiheadAttention through attention.fused_call, or ``generic`` (vmap) for the calls it leaves."""
+        def run(env):
+            (values, keywords), (layouts, keyword_layouts) = self._resolve(env, (args, kwargs))
+            fused = attention.fused_call(module, values, keywords, layouts, keyword_layouts, self.num_members)
+            return generic(env) if fused is None else fused
+        return run
 
     # ---- running --------------------------------------------------------------------------------------------
 

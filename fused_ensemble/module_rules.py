@@ -90,21 +90,24 @@ def conv(module: nn.modules.conv._ConvNd, x: torch.Tensor, layout: Layout, n: in
 
 @register_rule(nn.Linear)
 def linear(module: nn.Linear, x: torch.Tensor, layout: Layout, n: int):
-    out_features, in_features = module.weight.shape[1:]
+    return member_linear(x, layout, module.weight, module.bias, n), Layout.MEMBER
+
+
+def member_linear(x: torch.Tensor, layout: Layout, weight: torch.Tensor, bias: torch.Tensor | None,
+                  n: int) -> torch.Tensor:
+    """Each member's ``F.linear(x_i, weight[i], bias[i])`` (``weight [N, out, in]``, ``bias [N, out]``), member-first:
+    ``[N, *batch, out]``."""
+    out_features, in_features = weight.shape[1:]
     if layout is Layout.SHARED:
         # One GEMM against all members' weights side by side, then split the features per member (a view).
-        bias = module.bias.flatten() if module.bias is not None else None
-        y = F.linear(x, module.weight.flatten(0, 1), bias)
-        return y.unflatten(-1, (n, out_features)).movedim(-2, 0), Layout.MEMBER
+        y = F.linear(x, weight.flatten(0, 1), bias.flatten() if bias is not None else None)
+        return y.unflatten(-1, (n, out_features)).movedim(-2, 0)
     x = to_member(x, layout, n)
     batch_shape = x.shape[1:-1]
     x3 = x.reshape(n, -1, in_features)
-    weight_t = module.weight.transpose(1, 2)
-    if module.bias is not None:
-        y = torch.baddbmm(module.bias.unsqueeze(1), x3, weight_t)
-    else:
-        y = torch.bmm(x3, weight_t)
-    return y.view(n, *batch_shape, out_features), Layout.MEMBER
+    weight_t = weight.transpose(1, 2)
+    y = torch.baddbmm(bias.unsqueeze(1), x3, weight_t) if bias is not None else torch.bmm(x3, weight_t)
+    return y.view(n, *batch_shape, out_features)
 
 
 @register_rule(nn.modules.batchnorm._BatchNorm)

@@ -504,3 +504,100 @@ def test_multihead_attention_leaf_backward_in_eval_mode():
 
 def test_multihead_attention_leaf_without_weights_output():
     check_layer(lambda: AttentionBlock(need_weights=False), (5, 8))
+
+
+class AttentionCall(nn.Module):
+    """One nn.MultiheadAttention call in a chosen form; returns (output, weights) with the weights as zeros when
+    the layer returns none, so both are compared against the loop."""
+
+    def __init__(self, form: str, batch_first: bool = True, **layer):
+        super().__init__()
+        self.form, self.batch_first = form, batch_first
+        self.attention = nn.MultiheadAttention(8, 2, batch_first=batch_first, **layer)
+        self.key_proj = nn.Linear(8, 8)
+
+    def forward(self, x):
+        if not self.batch_first:
+            x = x.transpose(0, 1)
+        other = self.key_proj(x)  # a second member-specific sequence, for cross-attention
+        seq_dim = 1 if self.batch_first else 0
+        if self.form == "self":
+            out, weights = self.attention(x, x, x)
+        elif self.form == "cross_kv_shared":
+            longer = torch.cat([other, other.flip(seq_dim)], dim=seq_dim)  # source longer than the target
+            out, weights = self.attention(x, longer, longer, average_attn_weights=False)
+        elif self.form == "cross_all_different":
+            out, weights = self.attention(x, other, torch.tanh(other), need_weights=False)
+        elif self.form == "key_padding_mask":  # [B, L] (batch_first): a few keys masked, no row all masked
+            out, weights = self.attention(x, x, x, key_padding_mask=x[..., 0] > 2.5)
+        elif self.form == "causal":
+            length = x.shape[seq_dim]
+            mask = nn.Transformer.generate_square_subsequent_mask(length)
+            out, weights = self.attention(x, x, x, attn_mask=mask, is_causal=True, need_weights=False)
+        else:
+            raise ValueError(self.form)
+        return out, (weights if weights is not None else torch.zeros(()))
+
+
+ATTENTION_CASES = {
+    "self": dict(form="self"),
+    "self-seq-first-no-bias": dict(form="self", batch_first=False, bias=False),
+    "cross-kv-shared-per-head-weights": dict(form="cross_kv_shared"),
+    "cross-all-different-seq-first": dict(form="cross_all_different", batch_first=False),
+    # these keep the vmap path: masks, extra key/value bias, separate key/value sizes
+    "key-padding-mask": dict(form="key_padding_mask"),
+    "causal-mask": dict(form="causal"),
+    "bias-kv": dict(form="self", add_bias_kv=True),
+    "kdim-vdim": dict(form="cross_all_different", kdim=8, vdim=8),
+}
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("case", list(ATTENTION_CASES))
+def test_multihead_attention_forms(case, training):
+    """Outputs, attention weights and every gradient against the member loop (dropout 0), both input modes."""
+    for member_inputs in (False, True):
+        members = make_members(lambda: AttentionCall(**ATTENTION_CASES[case]), n=3, seed=5, training=training)
+        x = draw_input((5, 8), member_inputs, n=3)
+        fused = FusedEnsemble(copy.deepcopy(members), reduction="none", member_inputs=member_inputs)
+        out, weights = fused(x)
+        ref_out, ref_weights = member_loop([lambda v, m=m: m(v)[0] for m in members], x, member_inputs), None
+        ref_weights = torch.stack([m(x[i] if member_inputs else x)[1] for i, m in enumerate(members)])
+        assert_matches(out, ref_out)
+        if ref_weights.abs().max() > 0:
+            assert_matches(weights, ref_weights)
+        scale = torch.randn_like(ref_out)
+        (out * scale).sum().backward()
+        (ref_out * scale).sum().backward()
+        assert_grads_match(fused, members)
+
+
+def test_multihead_attention_runs_without_vmap_where_it_can(monkeypatch):
+    """The covered forms never run the layer through vmap(functional_call) (where CPU attention has no batching
+    rule: member by member); the others still do."""
+    calls = []
+    real_call = torch.func.functional_call
+
+    def recording_call(module, *args, **kwargs):
+        calls.append(type(module).__name__)
+        return real_call(module, *args, **kwargs)
+    monkeypatch.setattr(torch.func, "functional_call", recording_call)
+    for case, expect_vmap in (("self", False), ("cross-kv-shared-per-head-weights", False),
+                              ("cross-all-different-seq-first", False), ("key-padding-mask", True),
+                              ("bias-kv", True)):
+        calls.clear()
+        members = make_members(lambda: AttentionCall(**ATTENTION_CASES[case]), n=2, seed=6)
+        FusedEnsemble(members, reduction="none", member_inputs=True)(draw_input((5, 8), True))
+        assert ("MultiheadAttention" in calls) == expect_vmap, case
+
+
+def test_multihead_attention_dropout_draws_per_member():
+    members = make_members(lambda: AttentionCall(form="self", dropout=0.5), n=3, seed=7, training=True)
+    for m in members[1:]:  # identical members: only the dropout masks can tell them apart
+        m.load_state_dict(members[0].state_dict())
+    fused = FusedEnsemble(members, reduction="none")
+    _, weights = fused(draw_input((5, 8), False))
+    assert not torch.equal(weights[0], weights[1]) and not torch.equal(weights[1], weights[2])
+    fused.eval()
+    _, weights = fused(draw_input((5, 8), False))
+    assert torch.equal(weights[0], weights[1]) and torch.equal(weights[1], weights[2])
