@@ -12,9 +12,10 @@ stacked along the batch dim, ``[N * B, heads, L, head_dim]``, and attended in on
 for, an explicit softmax when they are; dropout on the weights in training, independent per member).
 
 Covered: batched inputs (``batch_first`` either way), self- and cross-attention, ``need_weights`` and
-``average_attn_weights``. Layers with ``add_bias_kv``, ``add_zero_attn`` or separate key/value sizes, calls with a
-``key_padding_mask`` or an ``attn_mask`` (or ``is_causal``, which needs one), and unbatched inputs keep the vmap
-path (``fused_call`` returns None for them).
+``average_attn_weights``, ``key_padding_mask`` (``[B, S]``) and ``attn_mask`` (``[L, S]`` or ``[B * heads, L, S]``),
+boolean or additive, the same for every member or one per member, and ``is_causal``. Layers with ``add_bias_kv``,
+``add_zero_attn`` or separate key/value sizes, unbatched inputs and masks of other shapes or dtypes keep the vmap
+path (``fused_call`` returns None for them; torch then raises its own errors for malformed masks).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fused_ensemble.layout import Layout
+from fused_ensemble.layout import Layout, to_member
 from fused_ensemble.module_rules import member_linear
 
 _SIGNATURE = inspect.signature(nn.MultiheadAttention.forward)
@@ -49,8 +50,6 @@ def fused_call(module: nn.MultiheadAttention, args: tuple, kwargs: dict, layouts
     names = list(_SIGNATURE.parameters)[1:]
     layout_of = dict(zip(names, layouts))
     layout_of.update(keyword_layouts)
-    if call["key_padding_mask"] is not None or call["attn_mask"] is not None or call["is_causal"]:
-        return None
     query, key, value = call["query"], call["key"], call["value"]
     if not all(isinstance(t, torch.Tensor) for t in (query, key, value)):
         return None
@@ -87,11 +86,21 @@ def fused_call(module: nn.MultiheadAttention, args: tuple, kwargs: dict, layouts
     def heads_first(t):  # [N, B, L, E] -> [N * B, heads, L, head_dim]
         return t.unflatten(-1, (heads, head_dim)).transpose(2, 3).reshape(n * batch, heads, t.shape[2], head_dim)
 
+    mask = _additive_mask(call, layout_of, n, batch, heads, target_len, source_len, q.dtype)
+    if mask is _UNSUPPORTED:
+        return None
+    # As F.multi_head_attention_forward: is_causal goes to SDPA only when it is the whole mask and no weights are
+    # asked for; otherwise the attention mask (which the hint then describes) is applied as given.
+    is_causal = call["is_causal"] and call["key_padding_mask"] is None and not call["need_weights"]
+    if is_causal:
+        mask = None
     q, k, v = heads_first(q), heads_first(k), heads_first(v)
     dropout_p = module.dropout if module.training else 0.0
     weights = None
     if call["need_weights"]:
         scores = torch.matmul(q * math.sqrt(1.0 / float(head_dim)), k.transpose(-2, -1))
+        if mask is not None:
+            scores = scores + mask
         weights = F.softmax(scores, dim=-1)
         if dropout_p > 0.0:
             weights = F.dropout(weights, p=dropout_p)
@@ -100,7 +109,7 @@ def fused_call(module: nn.MultiheadAttention, args: tuple, kwargs: dict, layouts
         if call["average_attn_weights"]:
             weights = weights.mean(dim=2)
     else:
-        attended = F.scaled_dot_product_attention(q, k, v, None, dropout_p, False)
+        attended = F.scaled_dot_product_attention(q, k, v, mask, dropout_p, is_causal)
     # [N * B, heads, L, head_dim] -> [N, B, L, E], then each member's out-projection.
     attended = attended.transpose(1, 2).reshape(n, batch, target_len, embed_dim)
     out = member_linear(attended, Layout.MEMBER, module.out_proj.weight, module.out_proj.bias, n)
@@ -108,3 +117,43 @@ def fused_call(module: nn.MultiheadAttention, args: tuple, kwargs: dict, layouts
         out = out.transpose(1, 2)  # [N, L, B, E]
     return (out, weights), Layout.MEMBER
 
+
+
+_UNSUPPORTED = object()
+
+
+def _additive_mask(call: dict, layout_of: dict, n: int, batch: int, heads: int, target_len: int, source_len: int,
+                   dtype: torch.dtype):
+    """The key-padding and attention masks as one additive float mask for the ``[N * B, heads, L, S]`` scores
+    (boolean masks: -inf where True, as torch's ``_canonical_mask``), None without masks, or ``_UNSUPPORTED``.
+    A mask is either every member's (shared layout) or one per member (leading member dim)."""
+    if call["is_causal"] and call["attn_mask"] is None:
+        return _UNSUPPORTED  # torch raises: the hint needs the mask
+    combined = None
+    for name, shapes in (("attn_mask", {2: (target_len, source_len), 3: (batch * heads, target_len, source_len)}),
+                         ("key_padding_mask", {2: (batch, source_len)})):
+        mask = call[name]
+        if mask is None:
+            continue
+        if not isinstance(mask, torch.Tensor) or not (mask.dtype == torch.bool or mask.is_floating_point()):
+            return _UNSUPPORTED
+        layout = layout_of[name]
+        if layout is not Layout.SHARED:
+            mask = to_member(mask, layout, n)
+        per_member = mask if layout is Layout.SHARED else mask[0]
+        if shapes.get(per_member.dim()) != tuple(per_member.shape):
+            return _UNSUPPORTED
+        if mask.dtype == torch.bool:
+            mask = torch.zeros_like(mask, dtype=dtype).masked_fill_(mask, float("-inf"))
+        # To [N or 1, B or 1, heads or 1, L or 1, S].
+        lead = (1,) if layout is Layout.SHARED else (n,)
+        if name == "key_padding_mask":
+            mask = mask.reshape(*lead, batch, 1, 1, source_len)
+        elif per_member.dim() == 2:
+            mask = mask.reshape(*lead, 1, 1, target_len, source_len)
+        else:
+            mask = mask.reshape(*lead, batch, heads, target_len, source_len)
+        combined = mask if combined is None else combined + mask
+    if combined is None:
+        return None
+    return combined.expand(n, batch, *combined.shape[2:]).reshape(n * batch, *combined.shape[2:])

@@ -514,7 +514,7 @@ class AttentionCall(nn.Module):
         super().__init__()
         self.form, self.batch_first = form, batch_first
         self.attention = nn.MultiheadAttention(8, 2, batch_first=batch_first, **layer)
-        self.key_proj = nn.Linear(8, 8)
+        self.key_proj = nn.Linear(8, layer.get("kdim", 8))
 
     def forward(self, x):
         if not self.batch_first:
@@ -530,10 +530,21 @@ class AttentionCall(nn.Module):
             out, weights = self.attention(x, other, torch.tanh(other), need_weights=False)
         elif self.form == "key_padding_mask":  # [B, L] (batch_first): a few keys masked, no row all masked
             out, weights = self.attention(x, x, x, key_padding_mask=x[..., 0] > 2.5)
-        elif self.form == "causal":
+        elif self.form in ("causal", "causal_with_weights"):
             length = x.shape[seq_dim]
             mask = nn.Transformer.generate_square_subsequent_mask(length)
-            out, weights = self.attention(x, x, x, attn_mask=mask, is_causal=True, need_weights=False)
+            out, weights = self.attention(x, x, x, attn_mask=mask, is_causal=True,
+                                          need_weights=self.form == "causal_with_weights")
+        elif self.form == "bool_attn_mask_and_padding":  # [L, S] and [B, S], both boolean
+            length = x.shape[seq_dim]
+            mask = nn.Transformer.generate_square_subsequent_mask(length) < 0
+            # padded keys anywhere but the first (under the causal mask, query 0 sees only key 0)
+            padding = (x[..., 1:].sum(-1) > 2.0) & (torch.arange(length) > 0)
+            out, weights = self.attention(x, x, x, attn_mask=mask, key_padding_mask=padding)
+        elif self.form == "per_head_mask":  # [B * heads, L, S] additive, from the data
+            scores = x[..., 0].unsqueeze(-1) * x[..., 1].unsqueeze(-2)
+            out, weights = self.attention(x, x, x, attn_mask=scores.repeat_interleave(2, dim=0),
+                                          need_weights=False)
         else:
             raise ValueError(self.form)
         return out, (weights if weights is not None else torch.zeros(()))
@@ -544,11 +555,14 @@ ATTENTION_CASES = {
     "self-seq-first-no-bias": dict(form="self", batch_first=False, bias=False),
     "cross-kv-shared-per-head-weights": dict(form="cross_kv_shared"),
     "cross-all-different-seq-first": dict(form="cross_all_different", batch_first=False),
-    # these keep the vmap path: masks, extra key/value bias, separate key/value sizes
     "key-padding-mask": dict(form="key_padding_mask"),
     "causal-mask": dict(form="causal"),
+    "causal-mask-with-weights": dict(form="causal_with_weights"),
+    "bool-attn-mask-and-padding": dict(form="bool_attn_mask_and_padding"),
+    "per-head-mask": dict(form="per_head_mask"),
+    # these keep the vmap path: extra key/value bias, separate key/value sizes
     "bias-kv": dict(form="self", add_bias_kv=True),
-    "kdim-vdim": dict(form="cross_all_different", kdim=8, vdim=8),
+    "kdim-vdim": dict(form="cross_all_different", kdim=6, vdim=6),
 }
 
 
@@ -583,8 +597,10 @@ def test_multihead_attention_runs_without_vmap_where_it_can(monkeypatch):
         return real_call(module, *args, **kwargs)
     monkeypatch.setattr(torch.func, "functional_call", recording_call)
     for case, expect_vmap in (("self", False), ("cross-kv-shared-per-head-weights", False),
-                              ("cross-all-different-seq-first", False), ("key-padding-mask", True),
-                              ("bias-kv", True)):
+                              ("cross-all-different-seq-first", False), ("key-padding-mask", False),
+                              ("causal-mask", False), ("per-head-mask", False),
+                              ("bool-attn-mask-and-padding", False), ("bias-kv", True),
+                              ("kdim-vdim", True)):
         calls.clear()
         members = make_members(lambda: AttentionCall(**ATTENTION_CASES[case]), n=2, seed=6)
         FusedEnsemble(members, reduction="none", member_inputs=True)(draw_input((5, 8), True))
