@@ -22,10 +22,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from fused_ensemble import attention, module_rules
+from fused_ensemble import attention, module_rules, transformer
 from fused_ensemble.layout import Layout, convert, to_member
 
 ELEMENTWISE, CHANNELWISE, CONCATENATE, RANDOM = "elementwise", "channelwise", "concatenate", "random"
+# Layers called with several inputs and keywords, each run by a module with ``fusable(layer)`` and
+# ``fused_call(layer, args, kwargs, layouts, keyword_layouts, n)`` (None: this call takes the generic path).
+_CALL_RULES = (transformer, attention)
 
 _ELEMENTWISE_FUNCTIONS = {
     operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, operator.iadd, operator.isub,
@@ -167,8 +170,9 @@ class FusedGraph:
         reason = module_rules.unsupported_reason(module)
         if reason is not None:
             raise TypeError(f"cannot fuse layer '{path}' ({type(module).__name__}): {reason}")
-        if attention.fusable(module):
-            return self._attention(module, args, kwargs, self._vmapped_module(module, args, kwargs))
+        for call_rule in _CALL_RULES:
+            if call_rule.fusable(module):
+                return self._call_rule(call_rule, module, args, kwargs, self._vmapped_module(module, args, kwargs))
         rule = module_rules.rule_for(module)
         if rule is not None:
             if len(args) != 1 or kwargs:
@@ -208,11 +212,12 @@ class FusedGraph:
         param_refs = tuple(_Param(module, name) for name in names)
         return self._call(_without_inference_fast_paths(functional), None, param_refs + tuple(args), kwargs)
 
-    def _attention(self, module: nn.Module, args, kwargs, generic):
-        """nn.MultiheadAttention through attention.fused_call, or ``generic`` (vmap) for the calls it leaves."""
+    def _call_rule(self, call_rule, module: nn.Module, args, kwargs, generic):
+        """A layer taking several inputs and keywords through ``call_rule.fused_call``, or ``generic`` (vmap) for
+        the calls it leaves (it returns None for them)."""
         def run(env):
             (values, keywords), (layouts, keyword_layouts) = self._resolve(env, (args, kwargs))
-            fused = attention.fused_call(module, values, keywords, layouts, keyword_layouts, self.num_members)
+            fused = call_rule.fused_call(module, values, keywords, layouts, keyword_layouts, self.num_members)
             return generic(env) if fused is None else fused
         return run
 

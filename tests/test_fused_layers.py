@@ -617,3 +617,73 @@ def test_multihead_attention_dropout_draws_per_member():
     fused.eval()
     _, weights = fused(draw_input((5, 8), False))
     assert torch.equal(weights[0], weights[1]) and torch.equal(weights[1], weights[2])
+
+
+class Encoder(nn.Module):
+    """A transformer encoder (or one encoder layer) as a member's child: torch.fx keeps it whole."""
+
+    def __init__(self, layers: int | None, batch_first: bool = True, masks: bool = False, **layer):
+        super().__init__()
+        self.batch_first, self.masks = batch_first, masks
+        block = nn.TransformerEncoderLayer(8, 2, 16, dropout=layer.pop("dropout", 0.0), batch_first=batch_first,
+                                           **layer)
+        self.encoder = block if layers is None else nn.TransformerEncoder(
+            block, layers, norm=nn.LayerNorm(8), enable_nested_tensor=False)
+
+    def forward(self, x):
+        if not self.batch_first:
+            x = x.transpose(0, 1)
+        if not self.masks:
+            return self.encoder(x)
+        length = x.shape[1 if self.batch_first else 0]
+        causal = nn.Transformer.generate_square_subsequent_mask(length)
+        # padded keys from the data, never the first (under the causal mask query 0 sees only key 0)
+        padded = ((x[..., 1:] if self.batch_first else x[..., 1:].transpose(0, 1)).sum(-1) > 2.0) & (
+            torch.arange(length) > 0)
+        padding = padded.float() * -1e9  # additive, like the causal mask (torch warns on mixed mask types)
+        if isinstance(self.encoder, nn.TransformerEncoder):
+            return self.encoder(x, mask=causal, src_key_padding_mask=padding, is_causal=True)
+        return self.encoder(x, src_mask=causal, src_key_padding_mask=padding)
+
+
+ENCODER_CASES = {
+    "layer": dict(layers=None),
+    "layer-norm-first-gelu-seq-first": dict(layers=None, norm_first=True, activation="gelu", batch_first=False),
+    "layer-activation-module-masks": dict(layers=None, activation=nn.GELU(), masks=True),
+    "encoder-final-norm": dict(layers=2),
+    "encoder-masks-causal": dict(layers=2, masks=True),
+    "encoder-norm-first-seq-first-masks": dict(layers=2, norm_first=True, batch_first=False, masks=True),
+}
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("case", list(ENCODER_CASES))
+def test_transformer_encoder(case, training):
+    check_layer(lambda: Encoder(**copy.deepcopy(ENCODER_CASES[case])), (5, 8), training=training)
+
+
+def test_transformer_encoder_runs_without_vmap(monkeypatch):
+    calls = []
+    real_call = torch.func.functional_call
+
+    def recording_call(module, *args, **kwargs):
+        calls.append(type(module).__name__)
+        return real_call(module, *args, **kwargs)
+    monkeypatch.setattr(torch.func, "functional_call", recording_call)
+    for case in ENCODER_CASES:
+        members = make_members(lambda: Encoder(**copy.deepcopy(ENCODER_CASES[case])), n=2, seed=8)
+        FusedEnsemble(members, reduction="none", member_inputs=True)(draw_input((5, 8), True))
+    assert calls == []
+
+
+def test_transformer_encoder_dropout_draws_per_member():
+    members = make_members(lambda: Encoder(layers=2, dropout=0.5), n=3, seed=9, training=True)
+    for m in members[1:]:
+        m.load_state_dict(members[0].state_dict())
+    fused = FusedEnsemble(members, reduction="none")
+    out = fused(draw_input((5, 8), False))
+    assert not torch.equal(out[0], out[1]) and not torch.equal(out[1], out[2])
+    fused.eval()
+    with torch.no_grad():
+        out = fused(draw_input((5, 8), False))
+    assert torch.equal(out[0], out[1]) and torch.equal(out[1], out[2])
