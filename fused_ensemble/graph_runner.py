@@ -225,8 +225,8 @@ class FusedGraph:
 
     def _resolve(self, env, refs):
         """(values, layouts) for a node's argument structure; layouts mirror values leaf for leaf."""
-        values = fx.node.map_aggregate(refs, lambda a: _resolve_leaf(a, env))
-        layouts = fx.node.map_aggregate(refs, lambda a: _layout_leaf(a, env))
+        values = _map_plain(refs, lambda a: _resolve_leaf(a, env))
+        layouts = _map_plain(refs, lambda a: _layout_leaf(a, env))
         return values, layouts
 
     def _shape_query(self, query, args, kwargs):
@@ -345,6 +345,22 @@ class _Param:
     def __init__(self, module: nn.Module, name: str):
         self.module = module
         self.name = name
+
+
+def _map_plain(a, fn):
+    """``fn`` over the leaves of an argument structure, as ``fx.node.map_aggregate`` but rebuilding plain lists and
+    dicts: fx's immutable_list reaching an op under vmap inside torch.compile broke the graph (torch.cat of a
+    ViT's class token and patches)."""
+    if isinstance(a, tuple):
+        mapped = [_map_plain(x, fn) for x in a]
+        return type(a)(*mapped) if hasattr(a, "_fields") else tuple(mapped)
+    if isinstance(a, list):
+        return [_map_plain(x, fn) for x in a]
+    if isinstance(a, dict):
+        return {k: _map_plain(v, fn) for k, v in a.items()}
+    if isinstance(a, slice):
+        return slice(_map_plain(a.start, fn), _map_plain(a.stop, fn), _map_plain(a.step, fn))
+    return fn(a)
 
 
 def _resolve_leaf(a, env):

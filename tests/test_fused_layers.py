@@ -687,3 +687,24 @@ def test_transformer_encoder_dropout_draws_per_member():
     with torch.no_grad():
         out = fused(draw_input((5, 8), False))
     assert torch.equal(out[0], out[1]) and torch.equal(out[1], out[2])
+
+
+def _tiny_vit():
+    import torchvision
+
+    return torchvision.models.VisionTransformer(image_size=16, patch_size=8, num_layers=1, num_heads=2, hidden_dim=8,
+                                                mlp_dim=16, num_classes=5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("factory, sample_shape", [(_tiny_vit, (3, 16, 16)), (lambda: Encoder(2, masks=True), (5, 8))],
+                         ids=["vit", "encoder-masks"])
+def test_attention_and_transformer_rules_under_torch_compile_fullgraph(factory, sample_shape):
+    """No graph break: the call rules (signature binding, masks) and the generic ops next to them (a ViT's torch.cat
+    of class token and patches once broke the graph through fx's immutable_list)."""
+    members = make_members(factory, n=2, seed=10)
+    fused = FusedEnsemble(members, reduction="none")
+    x = draw_input(sample_shape, False)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        assert_matches(torch.compile(fused, fullgraph=True)(x), member_loop(members, x))
