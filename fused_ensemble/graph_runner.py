@@ -174,6 +174,10 @@ class FusedGraph:
             if call_rule.fusable(module):
                 return self._call_rule(call_rule, module, args, kwargs, self._vmapped_module(module, args, kwargs))
         rule = module_rules.rule_for(module)
+        has_parameters = any(True for _ in module.parameters())
+        has_buffers = any(True for _ in module.buffers())
+        if rule is not None and (len(args) != 1 or kwargs) and has_parameters and not has_buffers:
+            rule = None  # a call the rule does not take (ConvTranspose's output_size): the generic path below
         if rule is not None:
             if len(args) != 1 or kwargs:
                 raise TypeError(f"cannot fuse layer '{path}' ({type(module).__name__}): expected one positional "
@@ -187,8 +191,6 @@ class FusedGraph:
                 except (ValueError, TypeError) as error:
                     raise type(error)(f"layer '{path}' ({type(module).__name__}): {error}") from error
             return run_rule
-        has_parameters = any(True for _ in module.parameters())
-        has_buffers = any(True for _ in module.buffers())
         if has_buffers:
             raise TypeError(f"cannot fuse layer '{path}' ({type(module).__name__}): it keeps buffers (state) and "
                             f"FusedEnsemble has no rule for this layer type")

@@ -88,6 +88,21 @@ def conv(module: nn.modules.conv._ConvNd, x: torch.Tensor, layout: Layout, n: in
     return functional(x, weight, bias, module.stride, padding, module.dilation, n * module.groups), Layout.CHANNEL
 
 
+@register_rule(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+def conv_transpose(module: nn.modules.conv._ConvTransposeNd, x: torch.Tensor, layout: Layout, n: int):
+    """A grouped transposed convolution over the channel-packed members: member i's input channels are groups
+    i * g ... (i + 1) * g - 1 of N * g, and its weight ``[C_in, C_out / g, *kernel]`` their rows, so stacking the
+    members' weights along C_in is the grouped weight. (Calls with ``output_size`` take the generic path.)"""
+    spatial = len(module.kernel_size)
+    _expect_batched(module, x, layout, spatial + 2)
+    functional = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[spatial - 1]
+    weight = module.weight.flatten(0, 1)  # [N * C_in, C_out / groups, *kernel]
+    bias = module.bias.flatten() if module.bias is not None else None
+    x = to_channel(x, layout, n)
+    return functional(x, weight, bias, module.stride, module.padding, module.output_padding, n * module.groups,
+                      module.dilation), Layout.CHANNEL
+
+
 @register_rule(nn.Linear)
 def linear(module: nn.Linear, x: torch.Tensor, layout: Layout, n: int):
     return member_linear(x, layout, module.weight, module.bias, n), Layout.MEMBER

@@ -62,6 +62,12 @@ CONVOLUTIONS = {
         lambda: nn.Conv1d(4, 6, 3, groups=2, dilation=2, padding="same", padding_mode="circular"), (4, 10)),
     "conv1d-reflect-nobias": (lambda: nn.Conv1d(3, 5, 3, padding=1, padding_mode="reflect", bias=False), (3, 7)),
     "conv3d": (lambda: nn.Conv3d(2, 3, 3, padding=1, stride=(1, 2, 2)), (2, 4, 5, 5)),
+    "conv-transpose2d": (lambda: nn.ConvTranspose2d(3, 4, 3, stride=2), (3, 5, 5)),
+    "conv-transpose2d-groups-outpad-dilation-nobias": (
+        lambda: nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1, groups=2, dilation=2, bias=False),
+        (4, 5, 6)),
+    "conv-transpose1d": (lambda: nn.ConvTranspose1d(3, 2, 3, padding=1), (3, 6)),
+    "conv-transpose3d-stride": (lambda: nn.ConvTranspose3d(2, 3, 2, stride=(1, 2, 2)), (2, 3, 4, 4)),
 }
 
 
@@ -464,11 +470,19 @@ def test_several_inputs_and_a_tuple_output(member_inputs):
         assert_matches(out[position], torch.stack([r[position] for r in refs]))
 
 
+class UpsampleToSize(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.up = nn.ConvTranspose2d(4, 2, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return self.up(self.conv(x), output_size=[x.shape[-2] * 2, x.shape[-1] * 2])
+
+
 LEAVES_WITHOUT_RULES = {
     "prelu": (lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.PReLU(4)), (3, 5, 5)),
-    "conv-transpose2d": (lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.ConvTranspose2d(4, 2, 3, stride=2)),
-                         (3, 5, 5)),
-    "conv-transpose1d-first-layer": (lambda: nn.Sequential(nn.ConvTranspose1d(3, 2, 3, padding=1)), (3, 6)),
+    "conv-transpose2d-output-size": (lambda: UpsampleToSize(), (3, 5, 5)),  # a call the rule leaves to vmap
     "instance-norm-affine": (lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.InstanceNorm2d(4, affine=True)),
                              (3, 5, 5)),
 }
