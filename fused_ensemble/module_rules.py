@@ -156,6 +156,30 @@ def group_norm(module: nn.GroupNorm, x: torch.Tensor, layout: Layout, n: int):
     return F.group_norm(x, n * module.num_groups, weight, bias, module.eps), Layout.CHANNEL
 
 
+@register_rule(nn.modules.instancenorm._InstanceNorm)
+def instance_norm(module: nn.modules.instancenorm._InstanceNorm, x: torch.Tensor, layout: Layout, n: int):
+    # Per sample and channel: the N * C packed channels are each member's own. Running statistics (when tracked)
+    # are updated in place through views of the stacked [N, C] buffers.
+    _expect_batched(module, x, layout, module._get_no_batch_dim() + 1)
+    x = to_channel(x, layout, n)
+    running_mean = module.running_mean.view(-1) if module.running_mean is not None else None
+    running_var = module.running_var.view(-1) if module.running_var is not None else None
+    weight = module.weight.flatten() if module.weight is not None else None
+    bias = module.bias.flatten() if module.bias is not None else None
+    y = F.instance_norm(x, running_mean, running_var, weight, bias, module.training or not module.track_running_stats,
+                        module.momentum if module.momentum is not None else 0.0, module.eps)
+    return y, Layout.CHANNEL
+
+
+@register_rule(nn.PReLU)
+def prelu(module: nn.PReLU, x: torch.Tensor, layout: Layout, n: int):
+    x = to_channel(x, layout, n)
+    weight = module.weight  # [N, C] or [N, 1]: one slope per channel, or one for all of a member's channels
+    if weight.shape[1] == 1:
+        weight = weight.expand(n, x.shape[1] // n)
+    return F.prelu(x, weight.reshape(-1)), Layout.CHANNEL
+
+
 def _broadcast_member(t: torch.Tensor, ndim: int) -> torch.Tensor:
     """``t`` of shape [N, *s] viewed as [N, 1, ..., 1, *s] with ``ndim`` dims in all."""
     return t.view(t.shape[0], *([1] * (ndim - t.dim())), *t.shape[1:])
@@ -174,6 +198,16 @@ def layer_norm(module: nn.LayerNorm, x: torch.Tensor, layout: Layout, n: int):
     if getattr(module, "bias", None) is not None:
         y = y + _broadcast_member(module.bias, out_ndim)
     return y, Layout.MEMBER
+
+
+@register_rule(nn.RMSNorm)
+def rms_norm(module: nn.RMSNorm, x: torch.Tensor, layout: Layout, n: int):
+    if layout is Layout.CHANNEL:
+        x, layout = to_member(x, layout, n), Layout.MEMBER
+    y = F.rms_norm(x, module.normalized_shape, None, module.eps)
+    if module.weight is None:
+        return y, layout
+    return y * _broadcast_member(module.weight, y.dim() + (1 if layout is Layout.SHARED else 0)), Layout.MEMBER
 
 
 @register_rule(nn.Embedding)

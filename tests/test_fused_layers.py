@@ -480,12 +480,54 @@ class UpsampleToSize(nn.Module):
         return self.up(self.conv(x), output_size=[x.shape[-2] * 2, x.shape[-1] * 2])
 
 
+class SelfBilinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bilinear = nn.Bilinear(6, 6, 4)
+
+    def forward(self, x):
+        return self.bilinear(x, torch.tanh(x))
+
+
 LEAVES_WITHOUT_RULES = {
-    "prelu": (lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.PReLU(4)), (3, 5, 5)),
+    "bilinear": (SelfBilinear, (6,)),
     "conv-transpose2d-output-size": (lambda: UpsampleToSize(), (3, 5, 5)),  # a call the rule leaves to vmap
-    "instance-norm-affine": (lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.InstanceNorm2d(4, affine=True)),
-                             (3, 5, 5)),
 }
+
+
+NORMS_AND_SLOPES = {
+    "prelu-per-channel": (lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.PReLU(4)), (3, 5, 5)),
+    "prelu-one-slope-first-layer": (lambda: nn.Sequential(nn.PReLU()), (3, 5, 5)),
+    "prelu-linear": (lambda: nn.Sequential(nn.Linear(6, 5), nn.PReLU(5)), (6,)),
+    "instance-norm-affine": (lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.InstanceNorm2d(4, affine=True)), (3, 5, 5)),
+    "instance-norm1d-running-stats": (lambda: nn.Sequential(
+        nn.Conv1d(3, 4, 3), nn.InstanceNorm1d(4, affine=True, track_running_stats=True)), (3, 9)),
+    "instance-norm3d-first-layer": (lambda: nn.Sequential(nn.InstanceNorm3d(2)), (2, 3, 4, 4)),
+    "rms-norm": (lambda: nn.Sequential(nn.Linear(6, 8), nn.RMSNorm(8)), (4, 6)),
+    "rms-norm-no-weight-first-layer": (lambda: nn.Sequential(nn.RMSNorm([4, 6], elementwise_affine=False)),
+                                       (4, 6)),
+}
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("name", NORMS_AND_SLOPES)
+def test_prelu_instance_and_rms_norm(name, training):
+    factory, shape = NORMS_AND_SLOPES[name]
+    check_layer(factory, shape, training=training)
+
+
+def test_instance_norm_running_statistics_update_as_in_the_loop():
+    members = make_members(lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.InstanceNorm2d(4, track_running_stats=True)),
+                           n=3, seed=11, training=True)
+    fused = FusedEnsemble(copy.deepcopy(members), reduction="none", member_inputs=True)
+    for _ in range(2):
+        x = draw_input((3, 6, 6), True, n=3)
+        fused(x)
+        member_loop(members, x, True)
+    for index, (ours, theirs) in enumerate(zip(fused.to_members(), members)):
+        for (name, got), expected in zip(ours.named_buffers(), theirs.buffers()):
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6, msg=lambda m: f"member {index} {name}: {m}")
+    assert not torch.equal(fused.to_members()[0][1].running_mean, fused.to_members()[1][1].running_mean)
 
 
 @pytest.mark.parametrize("name", LEAVES_WITHOUT_RULES)
