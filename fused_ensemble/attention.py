@@ -39,17 +39,22 @@ def fusable(module: nn.Module) -> bool:
             and not module.add_zero_attn)
 
 
+def bind_call(signature: inspect.Signature, module: nn.Module, args: tuple, kwargs: dict, layouts: tuple,
+              keyword_layouts: dict) -> tuple[dict, dict]:
+    """A layer call's arguments by parameter name (defaults filled in), and the layout of each tensor argument."""
+    bound = signature.bind(module, *args, **kwargs)
+    bound.apply_defaults()
+    layout_of = dict(zip(list(signature.parameters)[1:], layouts))
+    layout_of.update(keyword_layouts)
+    return bound.arguments, layout_of
+
+
 def fused_call(module: nn.MultiheadAttention, args: tuple, kwargs: dict, layouts: tuple, keyword_layouts: dict,
                n: int):
     """``module(*args, **kwargs)`` for all members: ``((attn_output, attn_weights or None), Layout.MEMBER)``, or
     None when this call needs the generic path (see the module doc). ``layouts`` / ``keyword_layouts`` mirror
     ``args`` / ``kwargs`` (a Layout for each tensor)."""
-    bound = _SIGNATURE.bind(module, *args, **kwargs)
-    bound.apply_defaults()
-    call = bound.arguments
-    names = list(_SIGNATURE.parameters)[1:]
-    layout_of = dict(zip(names, layouts))
-    layout_of.update(keyword_layouts)
+    call, layout_of = bind_call(_SIGNATURE, module, args, kwargs, layouts, keyword_layouts)
     query, key, value = call["query"], call["key"], call["value"]
     if not all(isinstance(t, torch.Tensor) for t in (query, key, value)):
         return None

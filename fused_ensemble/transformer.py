@@ -47,12 +47,7 @@ def fused_call(module: nn.Module, args: tuple, kwargs: dict, layouts: tuple, key
     ``layouts`` / ``keyword_layouts`` mirror ``args`` / ``kwargs``."""
     encoder = isinstance(module, nn.TransformerEncoder)
     signature = _ENCODER_SIGNATURE if encoder else _LAYER_SIGNATURE
-    bound = signature.bind(module, *args, **kwargs)
-    bound.apply_defaults()
-    call = bound.arguments
-    names = list(signature.parameters)[1:]
-    layout_of = dict(zip(names, layouts))
-    layout_of.update(keyword_layouts)
+    call, layout_of = attention.bind_call(signature, module, args, kwargs, layouts, keyword_layouts)
     src = call["src"]
     if not isinstance(src, torch.Tensor):
         return None

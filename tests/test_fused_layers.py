@@ -642,9 +642,9 @@ def test_multihead_attention_forms(case, training):
         assert_grads_match(fused, members)
 
 
-def test_multihead_attention_runs_without_vmap_where_it_can(monkeypatch):
-    """The covered forms never run the layer through vmap(functional_call) (where CPU attention has no batching
-    rule: member by member); the others still do."""
+@pytest.fixture
+def vmapped_layers(monkeypatch):
+    """The type names of the layers run through vmap(functional_call), in call order."""
     calls = []
     real_call = torch.func.functional_call
 
@@ -652,6 +652,13 @@ def test_multihead_attention_runs_without_vmap_where_it_can(monkeypatch):
         calls.append(type(module).__name__)
         return real_call(module, *args, **kwargs)
     monkeypatch.setattr(torch.func, "functional_call", recording_call)
+    return calls
+
+
+def test_multihead_attention_runs_without_vmap_where_it_can(vmapped_layers):
+    """The covered forms never run the layer through vmap(functional_call) (where CPU attention has no batching
+    rule: member by member); the others still do."""
+    calls = vmapped_layers
     for case, expect_vmap in (("self", False), ("cross-kv-shared-per-head-weights", False),
                               ("cross-all-different-seq-first", False), ("key-padding-mask", False),
                               ("causal-mask", False), ("per-head-mask", False),
@@ -718,18 +725,11 @@ def test_transformer_encoder(case, training):
     check_layer(lambda: Encoder(**copy.deepcopy(ENCODER_CASES[case])), (5, 8), training=training)
 
 
-def test_transformer_encoder_runs_without_vmap(monkeypatch):
-    calls = []
-    real_call = torch.func.functional_call
-
-    def recording_call(module, *args, **kwargs):
-        calls.append(type(module).__name__)
-        return real_call(module, *args, **kwargs)
-    monkeypatch.setattr(torch.func, "functional_call", recording_call)
+def test_transformer_encoder_runs_without_vmap(vmapped_layers):
     for case in ENCODER_CASES:
         members = make_members(lambda: Encoder(**copy.deepcopy(ENCODER_CASES[case])), n=2, seed=8)
         FusedEnsemble(members, reduction="none", member_inputs=True)(draw_input((5, 8), True))
-    assert calls == []
+    assert vmapped_layers == []
 
 
 def test_transformer_encoder_dropout_draws_per_member():
