@@ -193,10 +193,12 @@ def layer_norm(module: nn.LayerNorm, x: torch.Tensor, layout: Layout, n: int):
     if module.weight is None and getattr(module, "bias", None) is None:
         return y, layout
     out_ndim = y.dim() + (1 if layout is Layout.SHARED else 0)
+    # In y's dtype: under CPU autocast layer_norm returns bfloat16, as nn.LayerNorm does, and a float32 weight
+    # would promote the product back to float32.
     if module.weight is not None:
-        y = y * _broadcast_member(module.weight, out_ndim)
+        y = y * _broadcast_member(module.weight, out_ndim).to(y.dtype)
     if getattr(module, "bias", None) is not None:
-        y = y + _broadcast_member(module.bias, out_ndim)
+        y = y + _broadcast_member(module.bias, out_ndim).to(y.dtype)
     return y, Layout.MEMBER
 
 
@@ -207,7 +209,8 @@ def rms_norm(module: nn.RMSNorm, x: torch.Tensor, layout: Layout, n: int):
     y = F.rms_norm(x, module.normalized_shape, None, module.eps)
     if module.weight is None:
         return y, layout
-    return y * _broadcast_member(module.weight, y.dim() + (1 if layout is Layout.SHARED else 0)), Layout.MEMBER
+    weight = _broadcast_member(module.weight, y.dim() + (1 if layout is Layout.SHARED else 0))
+    return y * weight.to(y.dtype), Layout.MEMBER  # in y's dtype, as layer_norm above
 
 
 @register_rule(nn.Embedding)

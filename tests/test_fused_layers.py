@@ -764,3 +764,16 @@ def test_attention_and_transformer_rules_under_torch_compile_fullgraph(factory, 
     torch._dynamo.reset()
     with torch.no_grad():
         assert_matches(torch.compile(fused, fullgraph=True)(x), member_loop(members, x))
+
+
+@pytest.mark.parametrize("norm", [lambda: nn.LayerNorm(8), lambda: nn.RMSNorm(8)], ids=["layer_norm", "rms_norm"])
+def test_norms_keep_the_autocast_dtype(norm):
+    """Under CPU autocast layer_norm returns bfloat16 (as nn.LayerNorm does): the per-member affine must not promote
+    it back to float32."""
+    members = make_members(lambda: nn.Sequential(nn.Linear(8, 8), norm()), n=2, seed=12)
+    x = draw_input((8,), False)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = FusedEnsemble(members, reduction="none")(x)
+        ref = member_loop(members, x)
+    assert out.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
