@@ -1,4 +1,5 @@
-"""nn.TransformerEncoderLayer and nn.TransformerEncoder for all N members at once.
+"""torch.nn's transformer layers for all N members at once: TransformerEncoderLayer / TransformerDecoderLayer, their
+stacks TransformerEncoder / TransformerDecoder, and nn.Transformer.
 
 torch.fx keeps these torch.nn layers whole (its default leaves), and their forwards branch on tensor properties
 (the fast-path checks), so without a rule they run as ``vmap(functional_call)``: a 4-member encoder (4 layers of
@@ -9,8 +10,10 @@ tensors (dropout draws independently per member). The output equals torch's slow
 inference fast paths (the fused encoder-layer kernel, and the nested-tensor path that returns zeros at padded
 positions) are not reproduced, as under vmap.
 
-Calls this does not cover (a layer whose attention ``attention.fusable`` refuses, an activation with parameters,
-masks of shapes the attention leaves to torch) return None: the layer keeps the generic path.
+A stack hands its layers a causal hint only when the caller gave one: torch also turns the hint on when the mask
+equals the causal mask, and applying that mask as given computes the same thing. Calls this does not cover (an
+attention ``attention.fusable`` refuses, an activation with parameters, masks of shapes the attention leaves to
+torch) return None: the layer keeps the generic path.
 """
 
 from __future__ import annotations
@@ -24,20 +27,32 @@ from fused_ensemble import attention
 from fused_ensemble.layout import Layout, to_member
 from fused_ensemble.module_rules import member_linear, rule_for
 
-_LAYER_SIGNATURE = inspect.signature(nn.TransformerEncoderLayer.forward)
-_ENCODER_SIGNATURE = inspect.signature(nn.TransformerEncoder.forward)
+_SIGNATURES = {cls: inspect.signature(cls.forward) for cls in (
+    nn.TransformerEncoderLayer, nn.TransformerEncoder, nn.TransformerDecoderLayer, nn.TransformerDecoder,
+    nn.Transformer)}
+
+
+class _NotCovered(Exception):
+    """A call the fused pieces do not cover: the whole layer takes the generic path."""
 
 
 def _layer_fusable(layer: nn.Module) -> bool:
-    if not isinstance(layer, nn.TransformerEncoderLayer) or not attention.fusable(layer.self_attn):
+    if isinstance(layer, nn.TransformerEncoderLayer):
+        attentions = (layer.self_attn,)
+    elif isinstance(layer, nn.TransformerDecoderLayer):
+        attentions = (layer.self_attn, layer.multihead_attn)
+    else:
         return False
     activation = layer.activation
-    return not isinstance(activation, nn.Module) or not any(True for _ in activation.parameters())
+    elementwise = not isinstance(activation, nn.Module) or not any(True for _ in activation.parameters())
+    return elementwise and all(attention.fusable(a) for a in attentions)
 
 
 def fusable(module: nn.Module) -> bool:
-    """Whether ``module`` is an encoder layer, or an encoder of such layers, that ``fused_call`` can run."""
-    if isinstance(module, nn.TransformerEncoder):
+    """Whether ``module`` is a layer, a stack of layers or a Transformer that ``fused_call`` can run."""
+    if isinstance(module, nn.Transformer):
+        return fusable(module.encoder) and fusable(module.decoder)
+    if isinstance(module, (nn.TransformerEncoder, nn.TransformerDecoder)):
         return all(_layer_fusable(layer) for layer in module.layers)
     return _layer_fusable(module)
 
@@ -45,26 +60,40 @@ def fusable(module: nn.Module) -> bool:
 def fused_call(module: nn.Module, args: tuple, kwargs: dict, layouts: tuple, keyword_layouts: dict, n: int):
     """``module(*args, **kwargs)`` for all members: ``(output, Layout.MEMBER)``, or None for the generic path.
     ``layouts`` / ``keyword_layouts`` mirror ``args`` / ``kwargs``."""
-    encoder = isinstance(module, nn.TransformerEncoder)
-    signature = _ENCODER_SIGNATURE if encoder else _LAYER_SIGNATURE
-    call, layout_of = attention.bind_call(signature, module, args, kwargs, layouts, keyword_layouts)
-    src = call["src"]
-    if not isinstance(src, torch.Tensor):
+    call, layout_of = attention.bind_call(_signature_of(module), module, args, kwargs, layouts, keyword_layouts)
+    arg = {name: (value, layout_of.get(name)) for name, value in call.items() if name != "self"}
+    try:
+        if isinstance(module, nn.Transformer):
+            memory = _encoder(module.encoder, arg["src"], arg["src_mask"], arg["src_key_padding_mask"],
+                              call["src_is_causal"] is True, n)
+            out = _decoder(module.decoder, arg["tgt"], (memory, Layout.MEMBER), arg, n)
+        elif isinstance(module, nn.TransformerDecoder):
+            out = _decoder(module, arg["tgt"], arg["memory"], arg, n)
+        elif isinstance(module, nn.TransformerDecoderLayer):
+            out = _decoder_layer(module, _member(arg["tgt"], n), arg["memory"], arg, call["tgt_is_causal"] is True, n)
+        elif isinstance(module, nn.TransformerEncoder):
+            out = _encoder(module, arg["src"], arg["mask"], arg["src_key_padding_mask"], call["is_causal"] is True, n)
+        else:
+            out = _encoder_layer(module, _member(arg["src"], n), arg["src_mask"], arg["src_key_padding_mask"],
+                                 call["is_causal"] is True, n)
+    except _NotCovered:
         return None
-    x = to_member(src, layout_of["src"], n)
-    mask_name = "mask" if encoder else "src_mask"
-    masks = {"attn_mask": (call[mask_name], layout_of.get(mask_name)),
-             "key_padding_mask": (call["src_key_padding_mask"], layout_of.get("src_key_padding_mask"))}
-    # The encoder hands its layers a causal hint only when the caller gave one (torch also detects a mask equal to
-    # the causal one: applying that mask as given computes the same thing).
-    is_causal = call["is_causal"] is True
-    for layer in (module.layers if encoder else (module,)):
-        x = _layer(layer, x, masks, is_causal, n)
-        if x is None:
-            return None
-    if encoder and module.norm is not None:
-        x = _norm(module.norm, x, n)
-    return x, Layout.MEMBER
+    return out, Layout.MEMBER
+
+
+def _signature_of(module: nn.Module) -> inspect.Signature:
+    """The forward signature of the torch.nn transformer class ``module`` is (or derives from)."""
+    for cls in type(module).__mro__:
+        if cls in _SIGNATURES:
+            return _SIGNATURES[cls]
+    raise TypeError(f"no transformer signature for {type(module).__name__}")
+
+
+def _member(value_and_layout, n: int) -> torch.Tensor:
+    value, layout = value_and_layout
+    if not isinstance(value, torch.Tensor):
+        raise _NotCovered
+    return to_member(value, layout, n)
 
 
 def _norm(norm: nn.Module, x: torch.Tensor, n: int) -> torch.Tensor:
@@ -72,29 +101,70 @@ def _norm(norm: nn.Module, x: torch.Tensor, n: int) -> torch.Tensor:
     return to_member(y, layout, n)
 
 
-def _layer(layer: nn.TransformerEncoderLayer, x: torch.Tensor, masks: dict, is_causal: bool, n: int):
-    """One encoder layer on member-first ``x``, as its slow path (see the module doc); None if not covered."""
-    def self_attention(h):
-        keywords = {name: mask for name, (mask, _) in masks.items()}
-        keyword_layouts = {name: layout for name, (_, layout) in masks.items()}
-        keywords.update(need_weights=False, is_causal=is_causal)
-        result = attention.fused_call(layer.self_attn, (h, h, h), keywords, (Layout.MEMBER,) * 3, keyword_layouts,
-                                      n)
-        return None if result is None else layer.dropout1(result[0][0])
+def _attend(mha: nn.MultiheadAttention, query: torch.Tensor, key_value, attn_mask, key_padding_mask,
+            is_causal: bool, n: int) -> torch.Tensor:
+    """``mha(query, kv, kv, ...)[0]`` without weights; ``key_value``: (tensor, layout), or None for self-attention."""
+    kv, kv_layout = (query, Layout.MEMBER) if key_value is None else key_value
+    keywords = {"attn_mask": attn_mask[0], "key_padding_mask": key_padding_mask[0], "need_weights": False,
+                "is_causal": is_causal}
+    keyword_layouts = {"attn_mask": attn_mask[1], "key_padding_mask": key_padding_mask[1]}
+    result = attention.fused_call(mha, (query, kv, kv), keywords, (Layout.MEMBER, kv_layout, kv_layout),
+                                  keyword_layouts, n)
+    if result is None:
+        raise _NotCovered
+    return result[0][0]
 
-    def feed_forward(h):
-        h = layer.activation(member_linear(h, Layout.MEMBER, layer.linear1.weight, layer.linear1.bias, n))
-        h = member_linear(layer.dropout(h), Layout.MEMBER, layer.linear2.weight, layer.linear2.bias, n)
-        return layer.dropout2(h)
+
+def _feed_forward(layer: nn.Module, x: torch.Tensor, n: int) -> torch.Tensor:
+    h = layer.activation(member_linear(x, Layout.MEMBER, layer.linear1.weight, layer.linear1.bias, n))
+    return member_linear(layer.dropout(h), Layout.MEMBER, layer.linear2.weight, layer.linear2.bias, n)
+
+
+def _encoder_layer(layer: nn.TransformerEncoderLayer, x: torch.Tensor, mask, key_padding_mask, is_causal: bool,
+                   n: int) -> torch.Tensor:
+    def self_attention(h):
+        return layer.dropout1(_attend(layer.self_attn, h, None, mask, key_padding_mask, is_causal, n))
 
     if layer.norm_first:
-        attended = self_attention(_norm(layer.norm1, x, n))
-        if attended is None:
-            return None
-        x = x + attended
-        return x + feed_forward(_norm(layer.norm2, x, n))
-    attended = self_attention(x)
-    if attended is None:
-        return None
-    x = _norm(layer.norm1, x + attended, n)
-    return _norm(layer.norm2, x + feed_forward(x), n)
+        x = x + self_attention(_norm(layer.norm1, x, n))
+        return x + layer.dropout2(_feed_forward(layer, _norm(layer.norm2, x, n), n))
+    x = _norm(layer.norm1, x + self_attention(x), n)
+    return _norm(layer.norm2, x + layer.dropout2(_feed_forward(layer, x, n)), n)
+
+
+def _decoder_layer(layer: nn.TransformerDecoderLayer, x: torch.Tensor, memory, arg: dict, tgt_is_causal: bool,
+                   n: int) -> torch.Tensor:
+    memory_is_causal = arg["memory_is_causal"][0] is True
+
+    def self_attention(h):
+        return layer.dropout1(_attend(layer.self_attn, h, None, arg["tgt_mask"], arg["tgt_key_padding_mask"],
+                                      tgt_is_causal, n))
+
+    def cross_attention(h):
+        return layer.dropout2(_attend(layer.multihead_attn, h, memory, arg["memory_mask"],
+                                      arg["memory_key_padding_mask"], memory_is_causal, n))
+
+    if layer.norm_first:
+        x = x + self_attention(_norm(layer.norm1, x, n))
+        x = x + cross_attention(_norm(layer.norm2, x, n))
+        return x + layer.dropout3(_feed_forward(layer, _norm(layer.norm3, x, n), n))
+    x = _norm(layer.norm1, x + self_attention(x), n)
+    x = _norm(layer.norm2, x + cross_attention(x), n)
+    return _norm(layer.norm3, x + layer.dropout3(_feed_forward(layer, x, n)), n)
+
+
+def _encoder(encoder: nn.TransformerEncoder, src, mask, key_padding_mask, is_causal: bool, n: int) -> torch.Tensor:
+    x = _member(src, n)
+    for layer in encoder.layers:
+        x = _encoder_layer(layer, x, mask, key_padding_mask, is_causal, n)
+    return x if encoder.norm is None else _norm(encoder.norm, x, n)
+
+
+def _decoder(decoder: nn.TransformerDecoder, tgt, memory, arg: dict, n: int) -> torch.Tensor:
+    if not isinstance(memory[0], torch.Tensor):
+        raise _NotCovered
+    x = _member(tgt, n)
+    tgt_is_causal = arg["tgt_is_causal"][0] is True
+    for layer in decoder.layers:
+        x = _decoder_layer(layer, x, memory, arg, tgt_is_causal, n)
+    return x if decoder.norm is None else _norm(decoder.norm, x, n)

@@ -725,9 +725,61 @@ def test_transformer_encoder(case, training):
     check_layer(lambda: Encoder(**copy.deepcopy(ENCODER_CASES[case])), (5, 8), training=training)
 
 
-def test_transformer_encoder_runs_without_vmap(vmapped_layers):
-    for case in ENCODER_CASES:
-        members = make_members(lambda: Encoder(**copy.deepcopy(ENCODER_CASES[case])), n=2, seed=8)
+class Decoder(nn.Module):
+    """A decoder layer, a decoder stack or a whole nn.Transformer as a member's child; the memory is the member's own
+    sequence (a projection of the input, shorter than the target) or, for nn.Transformer, its encoder's output."""
+
+    def __init__(self, kind: str, masks: bool = False, batch_first: bool = True, raw_memory: bool = False, **layer):
+        super().__init__()
+        self.kind, self.masks, self.batch_first, self.raw_memory = kind, masks, batch_first, raw_memory
+        self.memory_proj = nn.Linear(8, 8)
+        options = dict(dropout=layer.pop("dropout", 0.0), batch_first=batch_first, **layer)
+        if kind == "layer":
+            self.model = nn.TransformerDecoderLayer(8, 2, 16, **options)
+        elif kind == "decoder":
+            self.model = nn.TransformerDecoder(nn.TransformerDecoderLayer(8, 2, 16, **options), 2,
+                                               norm=nn.LayerNorm(8))
+        else:
+            self.model = nn.Transformer(8, 2, num_encoder_layers=1, num_decoder_layers=2, dim_feedforward=16,
+                                        **options)
+
+    def forward(self, x):
+        if not self.batch_first:
+            x = x.transpose(0, 1)
+        seq_dim = 1 if self.batch_first else 0
+        # 3 source positions for 5 target ones; raw_memory: the input itself, shared by all members when it is
+        memory = (x if self.raw_memory else self.memory_proj(x)).narrow(seq_dim, 0, 3)
+        keywords = {}
+        if self.masks:
+            length = x.shape[seq_dim]
+            keywords["tgt_mask"] = nn.Transformer.generate_square_subsequent_mask(length)
+            batch_major = memory if self.batch_first else memory.transpose(0, 1)
+            keywords["memory_key_padding_mask"] = ((batch_major.sum(-1) > 1.0) & (torch.arange(3) > 0)).float() * -1e9
+        if self.kind == "transformer":
+            return self.model(memory, x, **keywords)
+        return self.model(x, memory, **keywords)
+
+
+DECODER_CASES = {
+    "layer": dict(kind="layer"),
+    "layer-norm-first-seq-first-masks": dict(kind="layer", norm_first=True, batch_first=False, masks=True),
+    "decoder-masks": dict(kind="decoder", masks=True),
+    "decoder-input-as-memory": dict(kind="decoder", raw_memory=True),
+    "transformer-masks": dict(kind="transformer", masks=True),
+    "transformer-seq-first-gelu": dict(kind="transformer", batch_first=False, activation="gelu"),
+}
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("case", list(DECODER_CASES))
+def test_transformer_decoder(case, training):
+    check_layer(lambda: Decoder(**copy.deepcopy(DECODER_CASES[case])), (5, 8), training=training)
+
+
+def test_transformer_layers_run_without_vmap(vmapped_layers):
+    for factory in [lambda case=case: Encoder(**copy.deepcopy(ENCODER_CASES[case])) for case in ENCODER_CASES] + [
+            lambda case=case: Decoder(**copy.deepcopy(DECODER_CASES[case])) for case in DECODER_CASES]:
+        members = make_members(factory, n=2, seed=8)
         FusedEnsemble(members, reduction="none", member_inputs=True)(draw_input((5, 8), True))
     assert vmapped_layers == []
 
