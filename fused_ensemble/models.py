@@ -90,11 +90,21 @@ def _torchvision(name: str) -> Callable[..., nn.Module]:
     return build
 
 
+def cifar_vit(num_classes: int = 10) -> nn.Module:
+    """A small Vision Transformer for 32x32 images (torchvision's VisionTransformer: 4x4 patches, 6 layers of width
+    256, 8 heads, MLP width 512; 3.2M parameters), the transformer counterpart of CIFAR ResNet-18."""
+    import torchvision
+
+    return torchvision.models.VisionTransformer(image_size=32, patch_size=4, num_layers=6, num_heads=8, hidden_dim=256,
+                                                mlp_dim=512, num_classes=num_classes)
+
+
 # name -> (constructor taking num_classes, input shape of one sample)
 MODELS: dict[str, tuple[Callable[..., nn.Module], tuple[int, ...]]] = {
     "mlp": (lambda num_classes=10: MLP(num_classes=num_classes), (1, 28, 28)),
     "lenet": (lambda num_classes=10: LeNet5(num_classes=num_classes), (1, 28, 28)),
     "resnet18-cifar": (lambda num_classes=10: CifarResNet18(num_classes=num_classes), (3, 32, 32)),
+    "vit-cifar": (cifar_vit, (3, 32, 32)),
     "resnet18": (_torchvision("resnet18"), (3, 224, 224)),
     "resnet50": (_torchvision("resnet50"), (3, 224, 224)),
     "vgg11_bn": (_torchvision("vgg11_bn"), (3, 224, 224)),

@@ -23,6 +23,7 @@ ARCHITECTURES = [
     pytest.param("mlp", None, id="mlp"),
     pytest.param("lenet", None, id="lenet"),
     pytest.param("resnet18-cifar", None, id="resnet18-cifar"),
+    pytest.param("vit-cifar", None, id="vit-cifar"),
     pytest.param("resnet18", (3, 64, 64), id="resnet18"),
     pytest.param("resnet50", (3, 64, 64), id="resnet50", marks=pytest.mark.slow),
     pytest.param("vgg11_bn", (3, 32, 32), id="vgg11_bn", marks=pytest.mark.slow),
