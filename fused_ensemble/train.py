@@ -24,7 +24,7 @@ from fused_ensemble.data import SAMPLINGS, ImageData, load_cifar10, load_digits,
 from fused_ensemble.fused import FusedEnsemble
 from fused_ensemble.lr_scheduler import CosineAnnealingLR
 from fused_ensemble.member_values import MemberValue
-from fused_ensemble.optim import SGD
+from fused_ensemble.optim import SGD, AdamW
 
 __all__ = ["small_cnn", "member_cross_entropy", "train_epoch", "evaluate", "add_train_arguments", "run_train"]
 
@@ -149,11 +149,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                              "(cifar10 default: resnet18-cifar)")
     parser.add_argument("--epochs", type=int, default=None, help="default: 6 (digits), 1 (cifar10)")
     parser.add_argument("--batch-size", type=int, default=None, help="per member; default 64 (digits), 128 (cifar10)")
+    parser.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd",
+                        help="fused_ensemble.optim.SGD (Nesterov momentum) or AdamW (default sgd)")
     parser.add_argument("--lr", type=float, nargs="+", default=None,
-                        help="SGD learning rate: one value, or one per member (default 0.1)")
+                        help="learning rate: one value, or one per member (default 0.1 for SGD, 1e-3 for AdamW)")
     parser.add_argument("--weight-decay", type=float, nargs="+", default=[5e-4],
                         help="one value, or one per member (default 5e-4)")
-    parser.add_argument("--momentum", type=float, default=0.9)
+    parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
     parser.add_argument("--clip-grad-norm", type=float, nargs="+", default=None,
                         help="clip each member's gradient norm: one value, or one per member (default: no clipping)")
     parser.add_argument("--amp", choices=AMP_DTYPES, default="none",
@@ -206,7 +208,7 @@ def run_train(args: argparse.Namespace) -> dict:
     model = args.model or defaults["model"]
     epochs = args.epochs if args.epochs is not None else defaults["epochs"]
     batch_size = args.batch_size or defaults["batch_size"]
-    lr = args.lr or [defaults["lr"]]
+    lr = args.lr or [defaults["lr"] if args.optimizer == "sgd" else 1e-3]
     n = args.members
     if n < 1 or epochs < 1 or batch_size < 1:
         raise SystemExit(f"--members, --epochs and --batch-size must be >= 1, got {n}, {epochs}, {batch_size}")
@@ -216,9 +218,12 @@ def run_train(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
     members = [_build_member(model, data.train_x.shape[1], data.num_classes) for _ in range(n)]
     fused = FusedEnsemble(members, reduction="none", member_inputs=True).to(device)
-    optimizer = SGD(fused.parameters(), lr=lr[0] if len(lr) == 1 else lr, momentum=args.momentum,
-                    nesterov=args.momentum > 0,
-                    weight_decay=args.weight_decay[0] if len(args.weight_decay) == 1 else args.weight_decay)
+    per_member = dict(lr=lr[0] if len(lr) == 1 else lr,
+                      weight_decay=args.weight_decay[0] if len(args.weight_decay) == 1 else args.weight_decay)
+    if args.optimizer == "adamw":
+        optimizer = AdamW(fused.parameters(), **per_member)
+    else:
+        optimizer = SGD(fused.parameters(), momentum=args.momentum, nesterov=args.momentum > 0, **per_member)
     scheduler = CosineAnnealingLR(optimizer, T_max=epochs)
     clip = args.clip_grad_norm
     clip = None if clip is None else clip[0] if len(clip) == 1 else clip
@@ -247,7 +252,8 @@ def run_train(args: argparse.Namespace) -> dict:
     ensemble_probs = result.pop("_ensemble_probs")
     summary = {
         "dataset": data.name, "model": model, "members": n, "epochs": epochs, "batch_size": batch_size,
-        "lr": lr, "weight_decay": args.weight_decay, "momentum": args.momentum, "sampling": args.sampling,
+        "optimizer": args.optimizer, "lr": lr, "weight_decay": args.weight_decay,
+        "momentum": args.momentum if args.optimizer == "sgd" else None, "sampling": args.sampling,
         "clip_grad_norm": args.clip_grad_norm, "amp": args.amp,
         "loss_scale": None if scaler is None else scaler.get_scale().tolist(),
         "seed": args.seed, "device": str(device), "train_examples": int(data.train_x.shape[0]),

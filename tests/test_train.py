@@ -189,12 +189,13 @@ def test_train_command_on_a_tiny_cifar10_folder(tmp_path):
     assert summary["train_steps"] == 5 and len(summary["member_accuracy"]) == 2
 
 
-@pytest.mark.parametrize("amp", ["fp16", "bf16"])
-def test_train_command_with_clipping_and_mixed_precision(amp):
+@pytest.mark.parametrize("amp, optimizer", [("fp16", "sgd"), ("bf16", "adamw")])
+def test_train_command_with_clipping_mixed_precision_and_adamw(amp, optimizer):
     summary = run_train(parse(["--dataset", "digits", "--members", "2", "--epochs", "1", "--batch-size", "32",
                                "--max-train", "640", "--max-test", "200", "--clip-grad-norm", "1.0", "5.0",
-                               "--amp", amp, "--device", "cpu", "--no-progress"]))
+                               "--amp", amp, "--optimizer", optimizer, "--device", "cpu", "--no-progress"]))
     assert summary["clip_grad_norm"] == [1.0, 5.0] and summary["amp"] == amp
+    assert summary["optimizer"] == optimizer and summary["lr"] == ([0.1] if optimizer == "sgd" else [1e-3])
     if amp == "fp16":
         assert len(summary["loss_scale"]) == 2 and all(s > 0 for s in summary["loss_scale"])
     else:
