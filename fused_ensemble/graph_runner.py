@@ -22,13 +22,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from fused_ensemble import attention, module_rules, transformer
+from fused_ensemble import attention, module_rules, recurrent, transformer
 from fused_ensemble.layout import Layout, convert, to_member
 
 ELEMENTWISE, CHANNELWISE, CONCATENATE, RANDOM = "elementwise", "channelwise", "concatenate", "random"
 # Layers called with several inputs and keywords, each run by a module with ``fusable(layer)`` and
 # ``fused_call(layer, args, kwargs, layouts, keyword_layouts, n)`` (None: this call takes the generic path).
-_CALL_RULES = (transformer, attention)
+_CALL_RULES = (transformer, attention, recurrent)
 
 _ELEMENTWISE_FUNCTIONS = {
     operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, operator.iadd, operator.isub,

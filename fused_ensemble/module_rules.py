@@ -33,7 +33,7 @@ ELEMENTWISE_MODULES = (
     nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.Softplus, nn.Softsign, nn.Tanhshrink, nn.Identity,
 )
 # Layers whose weights cannot be vmapped or that keep state we do not stack: refused with a clear error.
-UNSUPPORTED_MODULES = (nn.RNNBase, nn.SyncBatchNorm, nn.modules.lazy.LazyModuleMixin)
+UNSUPPORTED_MODULES = (nn.SyncBatchNorm, nn.modules.lazy.LazyModuleMixin)
 
 
 def register_rule(*module_types: type) -> Callable[[ModuleRule], ModuleRule]:

@@ -149,6 +149,7 @@ class OptimizedEnsemble(nn.Module):
         self.execution = "fused"
         self.members = nn.ModuleList(_folded_members(fused, self.device, self.compute_dtype))
         self._vmap = None
+        self._cannot_run: set[str] = set()
 
         x = example_input
         self._check_input(x)
@@ -195,8 +196,8 @@ class OptimizedEnsemble(nn.Module):
             self.execution = "fused"
             self._autotune(x)
             strategies = [c.strategy for c in self.convolutions]
-            execution, ms = _fastest({execution: self._eager_as(execution, x) for execution in self._executions()},
-                                     self.device.type)
+            execution, ms = _fastest(self._runnable({execution: self._eager_as(execution, x)
+                                                     for execution in self._executions()}), self.device.type)
             if best is None or ms < best[0]:
                 best = (ms, memory_format, execution, strategies)
         _, memory_format, self.execution, strategies = best
@@ -204,8 +205,26 @@ class OptimizedEnsemble(nn.Module):
         for conv, strategy in zip(self.convolutions, strategies):
             conv.strategy = strategy
 
+    def _runnable(self, candidates: dict) -> dict:
+        """The candidates that run: torch.vmap has no batching rule for some layers (recurrent ones), so a member
+        network with one cannot take the vmap execution (it is then left out of later choices too). The fused
+        graph must run."""
+        runnable = {}
+        for name, run in candidates.items():
+            try:
+                with torch.no_grad():
+                    run()
+            except RuntimeError:
+                if name == "fused":
+                    raise
+                self._cannot_run.add(name)
+                continue
+            runnable[name] = run
+        return runnable
+
     def _executions(self) -> tuple[str, ...]:
-        return ("fused", "member_loop", "vmap") if self.members is not None else ("fused",)
+        executions = ("fused", "member_loop", "vmap") if self.members is not None else ("fused",)
+        return tuple(e for e in executions if e not in self._cannot_run)
 
     def _vmapped_members(self):
         """torch.func's vmap of the (BatchNorm-folded) member over stacked weights: one batched op per layer.

@@ -109,7 +109,18 @@ def stack_members(members: list[nn.Module]) -> nn.Module:
         for name, _ in members[0].named_buffers():
             owner, attribute = _owner(stacked, name)
             owner._buffers[attribute] = torch.stack([member.get_buffer(name).detach() for member in members])
+    for module in stacked.modules():
+        if isinstance(module, nn.RNNBase):
+            # Its weight list must name the stacks (they were swapped in behind its __setattr__), and it must never
+            # pack them: flatten_parameters (on .to("cuda")) would treat the [N, ...] stacks as one layer's
+            # weights. recurrent.py calls each member's slices instead.
+            module.flatten_parameters = _keep_weights_unpacked
+            module._init_flat_weights()
     return stacked
+
+
+def _keep_weights_unpacked() -> None:
+    """flatten_parameters of a stacked recurrent layer: nothing to pack (see stack_members)."""
 
 
 def unstack_member(stacked: nn.Module, index: int) -> nn.Module:
@@ -121,4 +132,9 @@ def unstack_member(stacked: nn.Module, index: int) -> nn.Module:
             memo[id(parameter)] = nn.Parameter(parameter[index].clone(), requires_grad=parameter.requires_grad)
         for buffer in stacked.buffers():
             memo[id(buffer)] = buffer[index].clone()
-    return copy.deepcopy(stacked, memo)
+    member = copy.deepcopy(stacked, memo)
+    for module in member.modules():
+        if isinstance(module, nn.RNNBase):  # an ordinary layer again: its own flatten_parameters, its own weights
+            module.__dict__.pop("flatten_parameters", None)
+            module._init_flat_weights()
+    return member

@@ -47,14 +47,14 @@ class Classifier(nn.Module):
         return self.fc(x)
 
 
-class WithLSTM(nn.Module):
+class WithSyncBatchNorm(nn.Module):
     def __init__(self):
         super().__init__()
         self.encoder = nn.Sequential(nn.Linear(4, 8), nn.ReLU())
-        self.rnn = nn.LSTM(8, 8, batch_first=True)
+        self.norm = nn.SyncBatchNorm(8)
 
     def forward(self, x):
-        return self.rnn(self.encoder(x))[0]
+        return self.norm(self.encoder(x))
 
 
 class DataDependent(nn.Module):
@@ -170,8 +170,9 @@ def test_tied_parameters():
 
 
 def test_unsupported_layer_names_its_path_and_type():
-    with pytest.raises(TypeError, match=r"cannot fuse layer 'rnn' \(LSTM\): LSTM layers are not supported"):
-        FusedEnsemble(make_members(WithLSTM))
+    with pytest.raises(TypeError, match=r"cannot fuse layer 'norm' \(SyncBatchNorm\): SyncBatchNorm layers are not "
+                                        "supported"):
+        FusedEnsemble(make_members(WithSyncBatchNorm))
 
 
 def test_layer_with_state_and_no_rule_names_its_path_and_type():
@@ -232,7 +233,7 @@ def test_momentum_none_batch_norm_needs_equal_batch_counts():
 
 
 FAILING_CONSTRUCTIONS = {
-    "unsupported-layer": lambda: make_members(WithLSTM, n=2, training=True),
+    "unsupported-layer": lambda: make_members(WithSyncBatchNorm, n=2, training=True),
     "untraceable": lambda: make_members(DataDependent, n=2),
     "different-config": lambda: [Head(), Head(stride=2)],
     "different-shapes": lambda: [RawWeights(10), RawWeights(11)],

@@ -829,3 +829,92 @@ def test_norms_keep_the_autocast_dtype(norm):
         ref = member_loop(members, x)
     assert out.dtype == ref.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
+
+
+class Recurrent(nn.Module):
+    """An RNN / LSTM / GRU after a Linear; returns the sequence output and the final states."""
+
+    def __init__(self, kind: str, with_state: bool = False, batch_first: bool = True, **layer):
+        super().__init__()
+        self.kind, self.with_state, self.batch_first = kind, with_state, batch_first
+        self.encoder = nn.Linear(6, 8)
+        self.rnn = getattr(nn, kind)(8, 5, batch_first=batch_first, **layer)
+        self.states = layer.get("num_layers", 1) * (2 if layer.get("bidirectional") else 1)
+        self.h_size = layer.get("proj_size") or 5
+        # initial states from the data: h_0 [layers * directions, B, h_size], c_0 (LSTM) [..., 5]
+        self.h0_proj = nn.Linear(6, self.states * self.h_size)
+        self.c0_proj = nn.Linear(6, self.states * 5)
+
+    def forward(self, x):
+        h = self.encoder(x)
+        if not self.batch_first:
+            h = h.transpose(0, 1)
+        if not self.with_state:
+            result = self.rnn(h)
+        else:
+            first = x[:, 0]
+            h0 = torch.tanh(self.h0_proj(first)).unflatten(-1, (self.states, self.h_size)).transpose(0, 1)
+            if self.kind == "LSTM":
+                c0 = torch.tanh(self.c0_proj(first)).unflatten(-1, (self.states, 5)).transpose(0, 1)
+                result = self.rnn(h, (h0.contiguous(), c0.contiguous()))
+            else:
+                result = self.rnn(h, h0.contiguous())
+        out, state = result[0], result[1]  # torch.fx cannot unpack a layer's output
+        if self.kind == "LSTM":
+            return out, state[0], state[1]
+        return out, state
+
+
+RECURRENT_CASES = {
+    "lstm": dict(kind="LSTM"),
+    "lstm-2-layers-bidirectional-state": dict(kind="LSTM", num_layers=2, bidirectional=True, with_state=True),
+    "lstm-proj-seq-first-state": dict(kind="LSTM", proj_size=3, batch_first=False, with_state=True),
+    "gru-state": dict(kind="GRU", with_state=True),
+    "gru-2-layers-seq-first": dict(kind="GRU", num_layers=2, batch_first=False),
+    "rnn-relu-bidirectional-state": dict(kind="RNN", nonlinearity="relu", bidirectional=True, with_state=True),
+}
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("case", list(RECURRENT_CASES))
+def test_recurrent_layers(case, training):
+    """Outputs and final states, and every gradient, against the member loop."""
+    for member_inputs in (False, True):
+        members = make_members(lambda: Recurrent(**RECURRENT_CASES[case]), n=3, seed=13, training=training)
+        x = draw_input((4, 6), member_inputs, n=3)
+        fused = FusedEnsemble(copy.deepcopy(members), reduction="none", member_inputs=member_inputs)
+        outs = fused(x)
+        refs = [torch.stack(parts) for parts in zip(*[m(x[i] if member_inputs else x)
+                                                      for i, m in enumerate(members)])]
+        for out, ref in zip(outs, refs):
+            assert_matches(out, ref)
+        weights = [torch.randn_like(ref) for ref in refs]
+        sum((o * w).sum() for o, w in zip(outs, weights)).backward()
+        sum((r * w).sum() for r, w in zip(refs, weights)).backward()
+        assert_grads_match(fused, members)
+
+
+def test_recurrent_members_come_back_as_ordinary_layers():
+    members = make_members(lambda: Recurrent("LSTM", num_layers=2), n=2, seed=14)
+    fused = FusedEnsemble(copy.deepcopy(members), reduction="none")
+    unfused = fused.to_members()[1]
+    assert "flatten_parameters" not in unfused.rnn.__dict__  # packs its weights again (on CUDA)
+    assert all(w is getattr(unfused.rnn, name) for w, name in zip(unfused.rnn._flat_weights,
+                                                                  unfused.rnn._flat_weights_names))
+    x = draw_input((4, 6), False)
+    for ours, theirs in zip(unfused(x), members[1](x)):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+def test_recurrent_layers_on_cuda():
+    """On CUDA the stacked layer must not pack its [N, ...] weights (moving it there would), and each member's call
+    runs cuDNN on that member's slices."""
+    members = [m.cuda() for m in make_members(lambda: Recurrent("LSTM", num_layers=2, with_state=True), n=3,
+                                                  seed=15)]
+    fused = FusedEnsemble(copy.deepcopy(members), reduction="none", member_inputs=True).cuda()
+    x = draw_input((4, 6), True, n=3).cuda()
+    with torch.no_grad():
+        for out, ref in zip(fused(x), [torch.stack(parts) for parts in zip(*[m(x[i]) for i, m in
+                                                                              enumerate(members)])]):
+            torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)

@@ -299,3 +299,26 @@ def test_no_fused_head_without_a_reduction_or_a_final_linear(force_execution):
 
     members = [EndsInPooling().eval() for _ in range(2)]
     assert FusedEnsemble(members).eval().optimize(torch.randn(2, 1, 8, 8)).head is None
+
+
+class RecurrentClassifier(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Linear(6, 8)
+        self.rnn = nn.GRU(8, 8, batch_first=True)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.head(self.rnn(torch.relu(self.encoder(x)))[0][:, -1])
+
+
+def test_recurrent_members_skip_the_vmap_candidate():
+    """torch.vmap has no batching rule for recurrent layers: optimize() leaves that execution out and still
+    matches the fused module."""
+    torch.manual_seed(0)
+    fused = FusedEnsemble([RecurrentClassifier().eval() for _ in range(3)])
+    x = torch.randn(5, 7, 6)
+    optimized = fused.optimize(x)
+    assert "vmap" in optimized._cannot_run and optimized.execution in ("fused", "member_loop")
+    with torch.no_grad():
+        _assert_close_fp32(optimized(x), fused(x))
