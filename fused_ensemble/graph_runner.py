@@ -1,8 +1,9 @@
 """Runs a member's traced forward (a torch.fx graph) once for all N members.
 
 Every value carries a ``Layout`` (see layout.py). Layers with a rule in module_rules run as one fused op
-(grouped convolution, batched matmul, BatchNorm over N * C channels). Everything else runs through one of three
-generic paths, none of which loops over members in Python:
+(grouped convolution, batched matmul, BatchNorm over N * C channels); layers called with several inputs have call
+rules (attention.py, transformer.py, and recurrent.py, the one that runs member by member). Everything else runs
+through one of three generic paths, none of which loops over members in Python:
 
 - values every member shares (no member tensor among the inputs) are computed once, as the member would;
 - elementwise and per-channel ops on channel-packed or member-first tensors run unchanged;
