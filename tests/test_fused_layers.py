@@ -918,3 +918,21 @@ def test_recurrent_layers_on_cuda():
         for out, ref in zip(fused(x), [torch.stack(parts) for parts in zip(*[m(x[i]) for i, m in
                                                                               enumerate(members)])]):
             torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("factory", [lambda: Encoder(2, masks=True), lambda: Decoder("transformer", masks=True),
+                                     lambda: AttentionCall("cross_kv_shared")],
+                         ids=["encoder-masks", "transformer-masks", "attention-weights"])
+def test_attention_rules_on_cuda(factory):
+    """The fused attention on CUDA (scaled_dot_product_attention with the folded masks; explicit weights)."""
+    members = [m.cuda() for m in make_members(factory, n=3, seed=16)]
+    fused = FusedEnsemble(copy.deepcopy(members), reduction="none", member_inputs=True).cuda()
+    x = draw_input((5, 8), True, n=3).cuda()
+    with torch.no_grad():
+        outs = fused(x)
+        refs = [m(x[i]) for i, m in enumerate(members)]
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    refs = [torch.stack(parts) for parts in zip(*[r if isinstance(r, tuple) else (r,) for r in refs])]
+    for out, ref in zip(outs, refs):
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
