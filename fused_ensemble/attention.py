@@ -123,7 +123,6 @@ def fused_call(module: nn.MultiheadAttention, args: tuple, kwargs: dict, layouts
     return (out, weights), Layout.MEMBER
 
 
-
 _UNSUPPORTED = object()
 
 
