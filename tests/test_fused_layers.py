@@ -936,3 +936,17 @@ def test_attention_rules_on_cuda(factory):
     refs = [torch.stack(parts) for parts in zip(*[r if isinstance(r, tuple) else (r,) for r in refs])]
     for out, ref in zip(outs, refs):
         torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_recurrent_layers_under_torch_compile_fullgraph(monkeypatch):
+    """Dynamo traces recurrent layers only with allow_rnn (for the members too): then the fused ensemble compiles."""
+    monkeypatch.setattr(torch._dynamo.config, "allow_rnn", True)
+    members = make_members(lambda: Recurrent("GRU", with_state=True), n=2, seed=17)
+    fused = FusedEnsemble(members, reduction="none")
+    x = draw_input((4, 6), False)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        for out, ref in zip(torch.compile(fused, fullgraph=True)(x), [torch.stack(p) for p in zip(*[m(x) for m in
+                                                                                                  members])]):
+            assert_matches(out, ref)
