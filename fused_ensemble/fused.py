@@ -12,7 +12,7 @@ from fused_ensemble import cpu_memory
 from fused_ensemble.graph_runner import FusedGraph
 from fused_ensemble.layout import Layout
 from fused_ensemble.reference import check_reduction
-from fused_ensemble.stacking import check_members, stack_members, unstack_member
+from fused_ensemble.stacking import check_members, check_replacement, stack_members, unstack_member
 
 
 def _trace(stacked: nn.Module, training: bool) -> fx.Graph:
@@ -125,3 +125,20 @@ class FusedEnsemble(nn.Module):
     def to_members(self) -> list[nn.Module]:
         """The N members as ordinary modules, with this module's current weights, buffers, device and mode."""
         return [unstack_member(self.stacked, index) for index in range(self.num_members)]
+
+    def set_member(self, index: int, member: nn.Module) -> None:
+        """Replaces member ``index``'s parameters and buffers (in place) with ``member``'s: a diverged member
+        restarted from a fresh initialization, or another member's weights copied over (population-based
+        training). ``member`` must have the members' architecture; the other members are untouched. Pair it with
+        the optimizer's ``reset_member(index)`` to restart that member's optimizer state too."""
+        if isinstance(index, bool) or not isinstance(index, int):
+            raise TypeError(f"index must be an int, got {type(index).__name__}")
+        if not -self.num_members <= index < self.num_members:
+            raise IndexError(f"member {index} is out of range for an ensemble of {self.num_members} members")
+        index %= self.num_members
+        check_replacement(self.stacked, member, index)
+        with torch.no_grad():
+            for name, tensor in member.named_parameters():
+                self.stacked.get_parameter(name)[index].copy_(tensor)
+            for name, tensor in member.named_buffers():
+                self.stacked.get_buffer(name)[index].copy_(tensor)

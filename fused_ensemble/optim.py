@@ -147,6 +147,16 @@ class MemberOptimizer(torch.optim.Optimizer):
         """Resumes updating ``member`` from the state it had when frozen."""
         self._frozen[self._member_index(member)] = False
 
+    def reset_member(self, member: int) -> None:
+        """Restarts ``member``'s optimizer state (moments, momentum buffers, step counts) as if it had never taken
+        a step; the other members' state is untouched. With ``FusedEnsemble.set_member`` it restarts a member."""
+        index = self._member_index(member)
+        with torch.no_grad():
+            for state in self.state.values():
+                for value in state.values():
+                    if isinstance(value, torch.Tensor) and value.dim() > 0:
+                        value[index].zero_()
+
     @property
     def frozen_members(self) -> list[int]:
         """Indices of the frozen members, ascending."""

@@ -93,6 +93,26 @@ def _check_same_tensors(index: int, kind: str, ours: dict, theirs: dict) -> None
                              f"{other.requires_grad}")
 
 
+def check_replacement(stacked: nn.Module, member: nn.Module, index: int) -> None:
+    """Raises a TypeError/ValueError unless ``member`` can replace member ``index`` of ``stacked``: the same module
+    types and configuration, tensor names, and each tensor of one member's shape and dtype (any device)."""
+    if type(member) is not type(stacked):
+        raise TypeError(f"member {index}: the replacement is a {type(member).__qualname__}, the members are "
+                        f"{type(stacked).__qualname__}s")
+    _check_no_tied_tensors(member)
+    _check_same_structure(index, member, stacked)
+    for kind, ours, theirs in (("parameter", dict(member.named_parameters()), dict(stacked.named_parameters())),
+                               ("buffer", dict(member.named_buffers()), dict(stacked.named_buffers()))):
+        _check_same_names(index, f"{kind} names", ours, theirs)
+        for name, tensor in ours.items():
+            expected = theirs[name]
+            if tuple(tensor.shape) != tuple(expected.shape[1:]) or tensor.dtype != expected.dtype:
+                raise ValueError(f"member {index}: the replacement's {name} is {tensor.dtype} of shape "
+                                 f"{tuple(tensor.shape)}, the members' are {expected.dtype} of shape "
+                                 f"{tuple(expected.shape[1:])}")
+    _check_same_configuration(index, member, stacked)
+
+
 def _owner(root: nn.Module, qualified_name: str) -> tuple[nn.Module, str]:
     path, _, attribute = qualified_name.rpartition(".")
     return (root.get_submodule(path) if path else root), attribute

@@ -201,3 +201,51 @@ def test_train_command_with_clipping_mixed_precision_and_adamw(amp, optimizer):
     else:
         assert summary["loss_scale"] is None
     assert summary["ensemble_accuracy"] > 0.5
+
+
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+def test_a_restarted_member_trains_as_a_fresh_model_and_the_others_go_on(optimizer):
+    """set_member + reset_member mid-training: member 1 then trains exactly as a fresh model with a fresh torch
+    optimizer would; members 0 and 2 as if nothing happened."""
+    fused, fused_opt, alone, member_opts = fused_and_alone(cnn_with_batchnorm, optimizer)
+    make_member_opt = OPTIMIZERS[optimizer][1]
+
+    def step(x, y):
+        fused_opt.zero_grad()
+        member_cross_entropy(fused(x), y).backward()
+        fused_opt.step()
+        for i, (m, opt) in enumerate(zip(alone, member_opts)):
+            opt.zero_grad()
+            F.cross_entropy(m(x[i]), y[i]).backward()
+            opt.step()
+
+    for _ in range(2):
+        step(torch.randn(N, B, 1, 8, 8), torch.randint(0, 5, (N, B)))
+    fresh = make_members(cnn_with_batchnorm)[0].train()
+    fused.set_member(1, fresh)
+    fused_opt.reset_member(1)
+    alone[1] = copy.deepcopy(fresh)
+    member_opts[1] = make_member_opt(alone[1].parameters(), 1)
+    for _ in range(2):
+        step(torch.randn(N, B, 1, 8, 8), torch.randint(0, 5, (N, B)))
+    assert_members_equal(fused, alone)
+
+
+def test_set_member_checks_the_architecture_and_index():
+    fused = FusedEnsemble(make_members(cnn_with_batchnorm), reduction="none")
+    before = fused.to_members()
+    copy_of_0 = copy.deepcopy(before[0])
+    fused.set_member(-1, copy_of_0)  # population-based training: member 2 takes member 0's weights
+    after = fused.to_members()
+    for name, tensor in after[2].state_dict().items():
+        assert torch.equal(tensor, before[0].state_dict()[name]), name
+        assert torch.equal(after[1].state_dict()[name], before[1].state_dict()[name]), name
+    wider = nn.Sequential(nn.Conv2d(1, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Flatten(), nn.Linear(6 * 4 * 4, 5))
+    with pytest.raises(ValueError, match=r"member 1: the replacement's 0.weight is torch.float32 of shape "
+                                         r"\(6, 1, 3, 3\), the members' are torch.float32 of shape \(4, 1, 3, 3\)"):
+        fused.set_member(1, wider)
+    with pytest.raises(IndexError, match="member 3 is out of range"):
+        fused.set_member(3, copy_of_0)
+    with pytest.raises(TypeError, match="the replacement is a Linear"):
+        fused.set_member(0, nn.Linear(2, 2))
