@@ -68,16 +68,20 @@ def fused_and_alone(build, optimizer):
 def test_fused_training_equals_each_member_trained_alone(build, optimizer):
     fused, fused_opt, alone, member_opts = fused_and_alone(build, optimizer)
     for _ in range(STEPS):
-        x = torch.randn(N, B, 1, 8, 8)
-        y = torch.randint(0, 5, (N, B))
-        fused_opt.zero_grad()
-        member_cross_entropy(fused(x), y).backward()
-        fused_opt.step()
-        for i, (m, opt) in enumerate(zip(alone, member_opts)):
-            opt.zero_grad()
-            F.cross_entropy(m(x[i]), y[i]).backward()
-            opt.step()
+        train_both(fused, fused_opt, alone, member_opts)
     assert_members_equal(fused, alone)
+
+
+def train_both(fused, fused_opt, alone, member_opts):
+    """One step on a fresh random batch: the fused ensemble, and each member alone with its own optimizer."""
+    x, y = torch.randn(N, B, 1, 8, 8), torch.randint(0, 5, (N, B))
+    fused_opt.zero_grad()
+    member_cross_entropy(fused(x), y).backward()
+    fused_opt.step()
+    for i, (m, opt) in enumerate(zip(alone, member_opts)):
+        opt.zero_grad()
+        F.cross_entropy(m(x[i]), y[i]).backward()
+        opt.step()
 
 
 def assert_members_equal(fused, alone):
@@ -209,25 +213,15 @@ def test_a_restarted_member_trains_as_a_fresh_model_and_the_others_go_on(optimiz
     optimizer would; members 0 and 2 as if nothing happened."""
     fused, fused_opt, alone, member_opts = fused_and_alone(cnn_with_batchnorm, optimizer)
     make_member_opt = OPTIMIZERS[optimizer][1]
-
-    def step(x, y):
-        fused_opt.zero_grad()
-        member_cross_entropy(fused(x), y).backward()
-        fused_opt.step()
-        for i, (m, opt) in enumerate(zip(alone, member_opts)):
-            opt.zero_grad()
-            F.cross_entropy(m(x[i]), y[i]).backward()
-            opt.step()
-
     for _ in range(2):
-        step(torch.randn(N, B, 1, 8, 8), torch.randint(0, 5, (N, B)))
+        train_both(fused, fused_opt, alone, member_opts)
     fresh = make_members(cnn_with_batchnorm)[0].train()
     fused.set_member(1, fresh)
     fused_opt.reset_member(1)
     alone[1] = copy.deepcopy(fresh)
     member_opts[1] = make_member_opt(alone[1].parameters(), 1)
     for _ in range(2):
-        step(torch.randn(N, B, 1, 8, 8), torch.randint(0, 5, (N, B)))
+        train_both(fused, fused_opt, alone, member_opts)
     assert_members_equal(fused, alone)
 
 
