@@ -11,6 +11,7 @@ from torch import nn
 from fused_ensemble import cpu_memory
 from fused_ensemble.graph_runner import FusedGraph
 from fused_ensemble.layout import Layout
+from fused_ensemble.member_values import member_index
 from fused_ensemble.reference import check_reduction
 from fused_ensemble.stacking import check_members, check_replacement, stack_members, unstack_member
 
@@ -131,11 +132,7 @@ class FusedEnsemble(nn.Module):
         restarted from a fresh initialization, or another member's weights copied over (population-based
         training). ``member`` must have the members' architecture; the other members are untouched. Pair it with
         the optimizer's ``reset_member(index)`` to restart that member's optimizer state too."""
-        if isinstance(index, bool) or not isinstance(index, int):
-            raise TypeError(f"index must be an int, got {type(index).__name__}")
-        if not -self.num_members <= index < self.num_members:
-            raise IndexError(f"member {index} is out of range for an ensemble of {self.num_members} members")
-        index %= self.num_members
+        index = member_index(index, self.num_members)
         check_replacement(self.stacked, member, index)
         with torch.no_grad():
             for name, tensor in member.named_parameters():

@@ -55,3 +55,12 @@ def member_view(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """``value`` (``[N]``, one entry per member) as ``[N, 1, ..., 1]`` on ``like``'s device: it broadcasts over
     the member slices of ``like`` (``[N, ...]``). The dtype stays: in-place ops compute in the wider one."""
     return value.to(like.device).view(-1, *([1] * (like.dim() - 1)))
+
+
+def member_index(member: int, num_members: int) -> int:
+    """``member`` checked against an ensemble of ``num_members`` (negative counts from the end), as 0..N-1."""
+    if isinstance(member, bool) or not isinstance(member, int):
+        raise TypeError(f"member must be an int, got {type(member).__name__}")
+    if not -num_members <= member < num_members:
+        raise IndexError(f"member {member} is out of range for an ensemble of {num_members} members")
+    return member % num_members

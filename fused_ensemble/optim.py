@@ -42,7 +42,7 @@ from collections.abc import Iterable
 import torch
 
 from fused_ensemble._extension import extension_status, has_cuda_kernels, load_extension
-from fused_ensemble.member_values import MemberValue, check_range, per_member
+from fused_ensemble.member_values import MemberValue, check_range, member_index, per_member
 
 __all__ = ["SGD", "AdamW", "MemberOptimizer"]
 
@@ -121,13 +121,6 @@ class MemberOptimizer(torch.optim.Optimizer):
         return {key: per_member(group[key], key, self.num_members) for key in self.member_keys}
 
     # -- freezing -------------------------------------------------------------------------------------------
-    def _member_index(self, member: int) -> int:
-        if isinstance(member, bool) or not isinstance(member, int):
-            raise TypeError(f"member must be an int, got {type(member).__name__}")
-        if not -self.num_members <= member < self.num_members:
-            raise IndexError(f"member {member} is out of range for an ensemble of {self.num_members} members")
-        return member % self.num_members
-
     def _member_mask(self, members) -> torch.Tensor:
         """``members`` (a ``[N]`` bool tensor, or member indices) as a ``[N]`` bool CPU tensor."""
         if isinstance(members, torch.Tensor) and members.dtype == torch.bool:
@@ -136,21 +129,21 @@ class MemberOptimizer(torch.optim.Optimizer):
             return members.cpu()
         mask = torch.zeros(self.num_members, dtype=torch.bool)
         for member in (members.tolist() if isinstance(members, torch.Tensor) else members):
-            mask[self._member_index(member)] = True
+            mask[member_index(member, self.num_members)] = True
         return mask
 
     def freeze(self, member: int) -> None:
         """Stops updating ``member``: its parameters and optimizer state stay bitwise as they are."""
-        self._frozen[self._member_index(member)] = True
+        self._frozen[member_index(member, self.num_members)] = True
 
     def unfreeze(self, member: int) -> None:
         """Resumes updating ``member`` from the state it had when frozen."""
-        self._frozen[self._member_index(member)] = False
+        self._frozen[member_index(member, self.num_members)] = False
 
     def reset_member(self, member: int) -> None:
         """Restarts ``member``'s optimizer state (moments, momentum buffers, step counts) as if it had never taken
         a step; the other members' state is untouched. With ``FusedEnsemble.set_member`` it restarts a member."""
-        index = self._member_index(member)
+        index = member_index(member, self.num_members)
         with torch.no_grad():
             for state in self.state.values():
                 for value in state.values():

@@ -201,6 +201,11 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _one_or_per_member(values: list[float]) -> MemberValue:
+    """A command-line list of one value (for every member) or one per member, as the optimizers take it."""
+    return values[0] if len(values) == 1 else values
+
+
 def run_train(args: argparse.Namespace) -> dict:
     """Trains ``args.members`` members as one FusedEnsemble, prints per-member and ensemble metrics on the test
     set, and writes ``--json`` / ``--plot``. Returns the summary dict (what ``--json`` writes)."""
@@ -218,15 +223,13 @@ def run_train(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
     members = [_build_member(model, data.train_x.shape[1], data.num_classes) for _ in range(n)]
     fused = FusedEnsemble(members, reduction="none", member_inputs=True).to(device)
-    per_member = dict(lr=lr[0] if len(lr) == 1 else lr,
-                      weight_decay=args.weight_decay[0] if len(args.weight_decay) == 1 else args.weight_decay)
+    per_member = dict(lr=_one_or_per_member(lr), weight_decay=_one_or_per_member(args.weight_decay))
     if args.optimizer == "adamw":
         optimizer = AdamW(fused.parameters(), **per_member)
     else:
         optimizer = SGD(fused.parameters(), momentum=args.momentum, nesterov=args.momentum > 0, **per_member)
     scheduler = CosineAnnealingLR(optimizer, T_max=epochs)
-    clip = args.clip_grad_norm
-    clip = None if clip is None else clip[0] if len(clip) == 1 else clip
+    clip = None if args.clip_grad_norm is None else _one_or_per_member(args.clip_grad_norm)
     autocast_dtype = AMP_DTYPES[args.amp]
     scaler = MemberGradScaler(n, device) if args.amp == "fp16" else None
     generator = torch.Generator().manual_seed(args.seed)
