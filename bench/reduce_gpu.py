@@ -166,8 +166,8 @@ def _measure_row(shape, workload, inputs, implementations, time_fn, copy_gbs, it
            "speedup_vs_eager": {}, "max_abs_error_vs_eager": {}, "skipped": {}}
     for name in rw.IMPLEMENTATIONS:
         fn, problem = implementations[workload, name]
-        if name == "cpp_short_rows" and fn is not None and shape[2] > 16:
-            fn, problem = None, "K > 16: the short-row kernel does not apply"
+        if fn is not None and rw.shape_problem(name, shape):
+            fn, problem = None, rw.shape_problem(name, shape)
         if fn is None:
             row["skipped"][name] = problem
             continue

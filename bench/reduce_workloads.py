@@ -76,6 +76,13 @@ def implementation(name: str, workload: str, device: str, dynamic_compile: bool 
     return kernel(workload, name), None
 
 
+def shape_problem(name: str, shape: tuple[int, int, int]) -> str | None:
+    """Why implementation ``name`` has nothing to time at ``shape`` (None: it has)."""
+    if name == "cpp_short_rows" and shape[2] > 16:
+        return "K > 16: the short-row kernel does not apply"
+    return None
+
+
 def _with_short_rows(fn):
     def call(x):
         previous = os.environ.get(SHORT_ROWS_FLAG)

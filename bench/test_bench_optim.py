@@ -67,33 +67,13 @@ def _optimizer(name: str, implementation: str):
     return theirs(member_params, **kwargs)
 
 
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
-@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
-def test_bench_optimizer_step(benchmark, name, implementation):
-    if benchmark.disabled:
-        pytest.skip("benchmarks run with --benchmark-enable")
-    settle_cpu_allocator(DEVICE)
-    opt = _optimizer(name, implementation)
-
-    def step():
-        opt.step()
-        if DEVICE == "cuda":
-            torch.cuda.synchronize()
-
-    benchmark.group = f"{name} step, {MEMBERS} x resnet18-cifar, {DEVICE}"
-    benchmark.extra_info.update(members=MEMBERS, device=DEVICE, implementation=implementation,
-                                threads=torch.get_num_threads(),
-                                card=torch.cuda.get_device_name() if DEVICE == "cuda" else "CPU")
-    benchmark.pedantic(step, rounds=20, warmup_rounds=2)
-
-
 def _members(member_params: list) -> list[list]:
     """The flat list of every member's parameters, one list per member."""
     per_member = len(member_params) // MEMBERS
     return [member_params[i * per_member:(i + 1) * per_member] for i in range(MEMBERS)]
 
 
-def _bench_between_steps(benchmark, group: str, implementation: str, call) -> None:
+def _bench(benchmark, group: str, implementation: str, call) -> None:
     """Times ``call()`` (synchronized on CUDA) as one implementation of ``group``."""
     benchmark.group = f"{group}, {MEMBERS} x resnet18-cifar, {DEVICE}"
     benchmark.extra_info.update(members=MEMBERS, device=DEVICE, implementation=implementation,
@@ -106,6 +86,15 @@ def _bench_between_steps(benchmark, group: str, implementation: str, call) -> No
             torch.cuda.synchronize()
 
     benchmark.pedantic(timed, rounds=20, warmup_rounds=2)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_bench_optimizer_step(benchmark, name, implementation):
+    if benchmark.disabled:
+        pytest.skip("benchmarks run with --benchmark-enable")
+    settle_cpu_allocator(DEVICE)
+    _bench(benchmark, f"{name} step", implementation, _optimizer(name, implementation).step)
 
 
 @pytest.mark.parametrize("implementation", ["fused_ensemble", "torch_per_member"])
@@ -123,7 +112,7 @@ def test_bench_clip_grad_norm(benchmark, implementation):
             for params in members:
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
 
-    _bench_between_steps(benchmark, "clip_grad_norm", implementation, clip)
+    _bench(benchmark, "clip_grad_norm", implementation, clip)
 
 
 @pytest.mark.parametrize("implementation", ["fused_ensemble", "torch_per_member"])
@@ -145,4 +134,4 @@ def test_bench_unscale(benchmark, implementation):
             scaler.unscale_(opt)
             scaler.update()
 
-    _bench_between_steps(benchmark, "unscale", implementation, unscale)
+    _bench(benchmark, "unscale", implementation, unscale)

@@ -50,10 +50,10 @@ def _synchronized(fn, x):
 def test_bench_reduce(benchmark, name, workload, shape):
     if benchmark.disabled:
         pytest.skip("benchmarks run with --benchmark-enable")
+    if rw.shape_problem(name, shape):
+        pytest.skip(rw.shape_problem(name, shape))
     # Without it eager's temporaries (a 131 MB softmax at 8 x 4096 x 1000) page-fault on every call and its times
     # swing with the cost of the faults (12-48 ms for mean_probs there, run to run).
-    if name == "cpp_short_rows" and shape[2] > 16:
-        pytest.skip("K > 16: the short-row kernel does not apply")
     settle_cpu_allocator(DEVICE)
     fn = _callable(name, workload)
     x = torch.randn(shape, device=DEVICE)

@@ -88,21 +88,15 @@ def vmap_step(members):
     return step
 
 
-def fused_step(members):
+def fused_step(members, compile: bool = False):
     fused = FusedEnsemble(members, reduction="none", member_inputs=True).train()
     opt = optim.SGD(fused.parameters(), **SGD_ARGS)
 
-    def step(x, y):
-        opt.zero_grad(set_to_none=True)
-        member_cross_entropy(fused(x), y).backward()
-        opt.step()
-    return step
+    def loss_of(x, y):
+        return member_cross_entropy(fused(x), y)
 
-
-def fused_compile_step(members):
-    fused = FusedEnsemble(members, reduction="none", member_inputs=True).train()
-    opt = optim.SGD(fused.parameters(), **SGD_ARGS)
-    loss_of = torch.compile(lambda x, y: member_cross_entropy(fused(x), y), fullgraph=True)
+    if compile:
+        loss_of = torch.compile(loss_of, fullgraph=True)
 
     def step(x, y):
         opt.zero_grad(set_to_none=True)
@@ -111,4 +105,5 @@ def fused_compile_step(members):
     return step
 
 
-BUILDERS = {"loop": loop_step, "vmap": vmap_step, "fused": fused_step, "fused_compile": fused_compile_step}
+BUILDERS = {"loop": loop_step, "vmap": vmap_step, "fused": fused_step,
+            "fused_compile": lambda members: fused_step(members, compile=True)}
