@@ -24,7 +24,7 @@ from torch.profiler import ProfilerActivity, profile
 from fused_ensemble.bench_cli import _environment
 from fused_ensemble.benchmarking import settle_cpu_allocator
 from fused_ensemble.models import MODELS
-from train_steps import BUILDERS, build_members, member_batch, training_call
+from train_steps import BUILDERS, build_members, member_batch, parse_implementations, training_call
 
 # Operator kinds, first match wins (aten and our ops' names, lower case).
 KINDS = (
@@ -151,10 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bf16-autocast", action="store_true", help="under torch.autocast(bfloat16)")
     parser.add_argument("--json", default=None, metavar="PATH")
     args = parser.parse_args(argv)
-    implementations = args.implementations.split(",")
-    unknown = [name for name in implementations if name not in BUILDERS]
-    if unknown:
-        parser.error(f"unknown implementations {unknown}; expected some of {sorted(BUILDERS)}")
+    implementations = parse_implementations(parser, args.implementations)
     batch = args.batch or (128 if args.device == "cuda" else 2)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     result = run(args.members, batch, args.steps, args.device, args.model, implementations, memory_format,

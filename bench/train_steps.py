@@ -107,3 +107,12 @@ def fused_step(members, compile: bool = False):
 
 BUILDERS = {"loop": loop_step, "vmap": vmap_step, "fused": fused_step,
             "fused_compile": lambda members: fused_step(members, compile=True)}
+
+
+def parse_implementations(parser, text: str) -> tuple[str, ...]:
+    """A comma-separated ``--implementations`` value, checked against BUILDERS (``parser.error`` otherwise)."""
+    implementations = tuple(text.split(","))
+    unknown = [name for name in implementations if name not in BUILDERS]
+    if unknown:
+        parser.error(f"unknown implementations {unknown}; expected some of {sorted(BUILDERS)}")
+    return implementations

@@ -22,7 +22,7 @@ import torch
 from fused_ensemble.bench_cli import _environment
 from fused_ensemble.benchmarking import interleaved_times, median, settle_cpu_allocator
 from fused_ensemble.models import MODELS
-from train_steps import BUILDERS, IMPLEMENTATIONS, build_members, member_batch, training_call
+from train_steps import BUILDERS, IMPLEMENTATIONS, build_members, member_batch, parse_implementations, training_call
 
 
 FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
@@ -79,10 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="resnet18-cifar", choices=sorted(MODELS))
     parser.add_argument("--json", default=None, metavar="PATH")
     args = parser.parse_args(argv)
-    implementations = tuple(args.implementations.split(","))
-    unknown = [name for name in implementations if name not in BUILDERS]
-    if unknown:
-        parser.error(f"unknown implementations {unknown}; expected some of {sorted(BUILDERS)}")
+    implementations = parse_implementations(parser, args.implementations)
     settle_cpu_allocator(args.device)
     torch.backends.cudnn.benchmark = True
     batch = args.batch or (128 if args.device == "cuda" else 2)
