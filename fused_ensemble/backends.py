@@ -19,6 +19,7 @@ import os
 import warnings
 
 import torch
+import torch.utils.checkpoint
 
 BACKENDS = ("auto", "torch", "triton", "cpp")
 KERNEL_BACKENDS = ("triton", "cpp")
@@ -149,6 +150,20 @@ def resolve_backend(backend: str, device_type: str, dtype: torch.dtype, classes:
     if problem is not None:
         raise RuntimeError(f"backend={backend!r} is unavailable: {problem}")
     return backend
+
+
+def _not_kernel_failures() -> tuple[type[BaseException], ...]:
+    kinds: list[type[BaseException]] = [torch.cuda.OutOfMemoryError]  # a full device is the caller's problem
+    # Non-reentrant activation checkpointing stops a recomputed forward by raising this from the saved-tensor hook
+    # (inside our op's autograd setup): swallowed, the recomputation fails and the backend would be dropped.
+    stop = getattr(torch.utils.checkpoint, "_StopRecomputationError", None)
+    if stop is not None:
+        kinds.append(stop)
+    return tuple(kinds)
+
+
+NOT_KERNEL_FAILURES = _not_kernel_failures()
+"""Exceptions that pass through ``"auto"``'s fallback: they say nothing about the kernel, which must not be dropped."""
 
 
 def note_auto_failure(backend: str, device_type: str, exc: BaseException) -> None:

@@ -15,6 +15,7 @@ import warnings
 import torch
 from torch import Tensor
 
+from fused_ensemble.backends import NOT_KERNEL_FAILURES
 from fused_ensemble.ensemble_reduce import ensemble_reduce
 from fused_ensemble.reference import check_float_tensor, check_reduction
 
@@ -175,8 +176,8 @@ def ensemble_linear_reduce(x: Tensor, weight: Tensor, bias: Tensor | None = None
     if use_triton:
         try:
             return _triton_forward(x, weight, bias, reduction)
-        except torch.cuda.OutOfMemoryError:
-            raise  # a full device is the caller's problem, not a broken kernel
+        except NOT_KERNEL_FAILURES:
+            raise
         except Exception as exc:
             _triton_failed_under_auto = True
             warnings.warn(f"fused_ensemble: the Triton ensemble-head kernels failed ({type(exc).__name__}: {exc});"

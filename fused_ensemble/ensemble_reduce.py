@@ -53,8 +53,8 @@ def _run_with_fallback(run_kernel, run_reference, backend: str, logits: Tensor, 
             return run_kernel(chosen)
         try:
             return run_kernel(chosen)
-        except torch.cuda.OutOfMemoryError:
-            raise  # a full device is the caller's problem, not a broken kernel
+        except backends.NOT_KERNEL_FAILURES:
+            raise
         except Exception as exc:
             backends.note_auto_failure(chosen, device_type, exc)
 

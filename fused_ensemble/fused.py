@@ -79,14 +79,28 @@ class FusedEnsemble(nn.Module):
         if not isinstance(member_inputs, bool):
             raise TypeError(f"member_inputs must be a bool, got {type(member_inputs).__name__}")
         members = check_members(members)
-        stacked = stack_members(members)
-        graphs = {mode: FusedGraph(_trace(stacked, mode), stacked, len(members)) for mode in (True, False)}
         self.num_members = len(members)
         self.reduction = reduction
         self.member_inputs = member_inputs
-        self.stacked = stacked
-        self._graphs = graphs
+        self.stacked = stack_members(members)
+        self._graphs = self._compile_graphs()
         self.train(members[0].training)
+
+    def _compile_graphs(self) -> dict[bool, FusedGraph]:
+        """The fused forward of each mode (train/eval): closures over ``self.stacked``'s submodules."""
+        return {mode: FusedGraph(_trace(self.stacked, mode), self.stacked, self.num_members) for mode in (True, False)}
+
+    # A copy (copy.deepcopy, AveragedModel's EMA copy, torch.save of the whole module) must compile graphs of its
+    # own: deepcopy shares functions, so the copied graphs' closures would keep running the original's weights, and
+    # pickle cannot store closures at all.
+    def __getstate__(self):
+        state = dict(super().__getstate__())
+        del state["_graphs"]
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._graphs = self._compile_graphs()
 
     def extra_repr(self) -> str:
         return f"num_members={self.num_members}, reduction={self.reduction!r}, member_inputs={self.member_inputs}"

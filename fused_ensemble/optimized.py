@@ -165,6 +165,13 @@ class OptimizedEnsemble(nn.Module):
         if self.device.type == "cuda":
             self.cuda_graph = self._graph_is_faster(x) if cuda_graph is None else bool(cuda_graph)
 
+    def __getstate__(self):
+        # Its forward is tied to this process and device: FusedGraph closures over this module's layers, CUDA graphs
+        # and compiled code, none of which a copy could share safely (a deepcopy would run the original's weights).
+        raise TypeError("an OptimizedEnsemble cannot be copied or pickled: it is tuned for one process and device "
+                        "(CUDA graphs, compiled code); copy or save the FusedEnsemble (or its state_dict) and call "
+                        "optimize() on the copy")
+
     def extra_repr(self) -> str:
         strategies = [c.strategy for c in self.convolutions]
         head = f"fused_head={self.head_backend!r}, " if self.head is not None else ""

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import io
 
@@ -210,6 +211,76 @@ def test_state_dict_save_and_load_into_a_fresh_fused_module():
     assert all(key.startswith("stacked.") for key in fused.state_dict())
 
 
+def test_deepcopy_runs_its_own_weights_and_buffers():
+    # deepcopy shares functions: a copy whose fused graphs were copied along would keep running the original's
+    # layers through their closures (and update the original's BatchNorm statistics in train mode).
+    fused = FusedEnsemble(make_members(small_cnn, n=2, seed=14), reduction="none")
+    x = torch.randn(3, 3, 14, 14)
+    with torch.no_grad():
+        before = fused(x)  # the original's graphs have run
+        state = clone_state(fused)
+        copied = copy.deepcopy(fused)
+        for parameter in copied.parameters():
+            parameter.mul_(0.5)
+        assert_matches(copied(x), member_loop(copied.to_members(), x))
+        assert not torch.allclose(copied(x), before)
+        copied.train()(x)
+        assert_state_equal(fused.state_dict(), state)
+        assert torch.equal(fused(x), before)
+
+
+def test_whole_module_torch_save_round_trip():
+    fused = FusedEnsemble(make_members(small_cnn, n=2, seed=15), reduction="log_mean_probs", member_inputs=True)
+    x = torch.randn(2, 3, 3, 14, 14)
+    buffer = io.BytesIO()
+    torch.save(fused, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert (loaded.num_members, loaded.reduction, loaded.member_inputs) == (2, "log_mean_probs", True)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), fused(x))
+        expected = fused(x)
+        for parameter in loaded.parameters():
+            parameter.add_(0.1)
+        assert_matches(loaded(x), reduce_reference(member_loop(loaded.to_members(), x, member_inputs=True),
+                                                   "log_mean_probs"))
+        assert torch.equal(fused(x), expected)
+
+
+def test_averaged_model_keeps_an_ema_of_every_member():
+    # torch.optim.swa_utils.AveragedModel deep-copies the module: one EMA model of the whole ensemble.
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    fused = FusedEnsemble(make_members(small_cnn, n=2, seed=16, training=True), reduction="log_mean_probs")
+    ema = AveragedModel(fused, multi_avg_fn=get_ema_multi_avg_fn(0.5))
+    optimizer = torch.optim.SGD(fused.parameters(), lr=0.5)
+    x, y = torch.randn(4, 3, 14, 14), torch.tensor([0, 1, 2, 3])
+    average = None
+    for _ in range(3):
+        optimizer.zero_grad()
+        torch.nn.functional.nll_loss(fused(x), y).backward()
+        optimizer.step()
+        ema.update_parameters(fused)
+        current = [p.detach().clone() for p in fused.parameters()]
+        average = current if average is None else [0.5 * a + 0.5 * c for a, c in zip(average, current)]
+    for averaged, expected in zip(ema.module.parameters(), average):
+        assert_matches(averaged, expected)
+    fused.eval(), ema.eval()
+    with torch.no_grad():
+        expected_out = reduce_reference(member_loop(ema.module.to_members(), x), "log_mean_probs")
+        assert_matches(ema(x), expected_out)
+        assert not torch.allclose(ema(x), fused(x))
+
+
+def test_optimized_ensemble_refuses_to_be_copied():
+    fused = FusedEnsemble(make_members(small_cnn, n=2, seed=17))
+    optimized = fused.optimize(torch.randn(2, 3, 14, 14))
+    with pytest.raises(TypeError, match="cannot be copied or pickled"):
+        copy.deepcopy(optimized)
+    with pytest.raises(TypeError, match="call optimize\\(\\) on the copy"):
+        torch.save(optimized, io.BytesIO())
+
+
 def test_to_float64():
     members = make_members(small_cnn, n=2, seed=10)
     fused = FusedEnsemble(members, reduction="log_mean_probs").to(torch.float64)
@@ -268,6 +339,21 @@ def test_torch_compile_fullgraph_matches_eager():
     with torch.no_grad():
         assert_matches(compiled(x), fused(x))
         assert_matches(fused(x), reduce_reference(member_loop(members, x), "mean_probs"))
+
+
+@pytest.mark.parametrize("optimized", [False, True], ids=["fused", "optimized"])
+def test_torch_export_with_a_dynamic_batch(optimized):
+    members = make_members(small_cnn, n=3, seed=18)
+    fused = FusedEnsemble(members, reduction="mean_probs")
+    x = torch.randn(4, 3, 14, 14)
+    module = fused.optimize(x) if optimized else fused
+    batch = torch.export.Dim("batch", min=2)
+    # FusedEnsemble.forward takes *inputs (one spec per input, in a tuple); OptimizedEnsemble.forward takes x.
+    shapes = ({0: batch},) if optimized else (({0: batch},),)
+    program = torch.export.export(module, (x,), dynamic_shapes=shapes)
+    other = torch.randn(7, 3, 14, 14)
+    with torch.no_grad():
+        assert_matches(program.module()(other), reduce_reference(member_loop(members, other), "mean_probs"))
 
 
 def test_forward_frees_each_activation_after_its_last_use():

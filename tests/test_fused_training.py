@@ -4,6 +4,8 @@ dropout, and a few optimizer steps."""
 from __future__ import annotations
 
 import copy
+import math
+import warnings
 
 import pytest
 import torch
@@ -200,3 +202,29 @@ def test_compiled_training_matches_eager_and_compiles_before_any_eager_forward(m
     assert cpu_memory.settled()  # by the eager forward, not the compiled one
     for (name, ours), theirs in zip(compiled_fused.state_dict().items(), eager.state_dict().values()):
         torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True], ids=["non_reentrant", "reentrant"])
+def test_activation_checkpointing_gives_the_loops_gradients(use_reentrant):
+    # Non-reentrant checkpointing stops the recomputed forward by raising inside the reduction op's autograd setup;
+    # backend="auto"'s kernel fallback once swallowed that (recomputation then failed, and the C++ kernels were
+    # dropped for the process with a warning).
+    from torch.utils.checkpoint import checkpoint
+
+    members, shape, _ = train_members("resnet18-cifar", n=3, seed=40)
+    fused = FusedEnsemble(copy.deepcopy(members), reduction="log_mean_probs")
+    x = torch.randn(4, *shape, requires_grad=True)
+    y = torch.tensor([1, 0, 3, 2])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        loss = F.nll_loss(checkpoint(fused, x, use_reentrant=use_reentrant), y)
+        loss.backward()  # reentrant checkpointing does not support autograd.grad
+    grads = [x.grad] + [p.grad for p in fused.parameters()]
+    log_probs = torch.stack([F.log_softmax(m(x), -1) for m in members])
+    expected_loss = F.nll_loss(torch.logsumexp(log_probs, 0) - math.log(len(members)), y)
+    names = [name.removeprefix("stacked.") for name, _ in fused.named_parameters()]
+    expected = torch.autograd.grad(expected_loss, [x] + [m.get_parameter(n) for n in names for m in members])
+    assert_matches(loss, expected_loss)
+    assert_matches(grads[0], expected[0])
+    for index, grad in enumerate(grads[1:]):
+        assert_matches(grad, torch.stack(expected[1 + index * 3:1 + (index + 1) * 3]))
