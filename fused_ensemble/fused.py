@@ -13,7 +13,8 @@ from fused_ensemble.graph_runner import FusedGraph
 from fused_ensemble.layout import Layout
 from fused_ensemble.member_values import member_index
 from fused_ensemble.reference import check_reduction
-from fused_ensemble.stacking import check_members, check_replacement, stack_members, unstack_member
+from fused_ensemble.stacking import (check_members, check_replacement, stack_members, unstack_member,
+                                    with_member_memory_format)
 
 
 def _trace(stacked: nn.Module, training: bool) -> fx.Graph:
@@ -104,6 +105,17 @@ class FusedEnsemble(nn.Module):
 
     def extra_repr(self) -> str:
         return f"num_members={self.num_members}, reduction={self.reduction!r}, member_inputs={self.member_inputs}"
+
+    def to(self, *args, **kwargs):
+        """``nn.Module.to``; a ``memory_format`` lays out each member's slice of the stacked 4-D/5-D tensors as
+        ``member.to(memory_format=...)`` would (the member dim stays outermost): ``fused.to(memory_format=
+        torch.channels_last)`` gives the grouped convolutions channels_last weights, as it does a member's."""
+        device, dtype, non_blocking, memory_format = torch._C._nn._parse_to(*args, **kwargs)
+        if memory_format is None or memory_format == torch.preserve_format:
+            return super().to(*args, **kwargs)
+        # nn.Module.to would apply the format to the stacks themselves: one rank too many for channels_last.
+        super().to(device=device, dtype=dtype, non_blocking=non_blocking)
+        return self._apply(lambda tensor: with_member_memory_format(tensor, memory_format))
 
     def forward(self, *inputs: torch.Tensor):
         layout = Layout.MEMBER if self.member_inputs else Layout.SHARED

@@ -8,6 +8,7 @@ stacked tensors swapped for slices, so the members come back with the same keys,
 from __future__ import annotations
 
 import copy
+import math
 from typing import Iterable
 
 import torch
@@ -141,6 +142,19 @@ def stack_members(members: list[nn.Module]) -> nn.Module:
 
 def _keep_weights_unpacked() -> None:
     """flatten_parameters of a stacked recurrent layer: nothing to pack (see stack_members)."""
+
+
+def with_member_memory_format(stacked: torch.Tensor, memory_format: torch.memory_format) -> torch.Tensor:
+    """``stacked`` (dim 0 = member) with every member's slice laid out as ``member_tensor.to(memory_format=...)``
+    lays out one member's tensor, the member dim outermost: channels_last conv weights ``[N, O, I, kh, kw]`` then
+    flatten to the grouped convolution's channels_last ``[N * O, I, kh, kw]`` weight. As ``nn.Module.to`` does,
+    only 4-D and 5-D member tensors change, and a format of another rank raises torch's own error."""
+    if stacked.dim() - 1 not in (4, 5):
+        return stacked
+    member_strides = torch.empty(stacked.shape[1:], device="meta", memory_format=memory_format).stride()
+    laid_out = torch.empty_strided(stacked.shape, (math.prod(stacked.shape[1:]), *member_strides),
+                                   dtype=stacked.dtype, device=stacked.device)
+    return laid_out.copy_(stacked)
 
 
 def unstack_member(stacked: nn.Module, index: int) -> nn.Module:

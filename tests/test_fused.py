@@ -293,6 +293,48 @@ def test_to_float64():
     assert_matches(out, ref, rel=1e-12)
 
 
+def test_to_channels_last_lays_out_each_member_slice():
+    # nn.Module.to(memory_format=channels_last) on the [N, O, I, kh, kw] stacks would raise (rank 5); each member's
+    # slice must be laid out as the member's own weight is, so that the grouped weight is channels_last too.
+    members = make_members(small_cnn, n=3, seed=19, training=True)
+    fused = FusedEnsemble(members, reduction="none", member_inputs=True).to(memory_format=torch.channels_last)
+    loop = [m.to(memory_format=torch.channels_last) for m in members]
+    weight = fused.stacked[0].weight
+    assert all(weight[i].is_contiguous(memory_format=torch.channels_last) for i in range(3))
+    assert weight.flatten(0, 1).is_contiguous(memory_format=torch.channels_last)
+    assert fused.stacked[-1].weight.is_contiguous()  # 2-D Linear weights keep their layout, as nn.Module.to does
+    assert all(m[0].weight.is_contiguous(memory_format=torch.channels_last) for m in fused.to_members())
+    x = torch.randn(3, 4, 3, 14, 14).contiguous(memory_format=torch.channels_last_3d)
+    y = torch.randint(0, 5, (3, 4))
+    from fused_ensemble import optim
+
+    fused_optimizer = optim.SGD(fused.parameters(), lr=0.1, momentum=0.9)
+    loop_optimizer = torch.optim.SGD([p for m in loop for p in m.parameters()], lr=0.1, momentum=0.9)
+    for _ in range(2):
+        fused_optimizer.zero_grad(), loop_optimizer.zero_grad()
+        out, expected = fused(x), member_loop(loop, x, member_inputs=True)  # one train forward each
+        assert_matches(out, expected)
+        torch.nn.functional.cross_entropy(out.flatten(0, 1), y.flatten()).backward()
+        torch.nn.functional.cross_entropy(expected.flatten(0, 1), y.flatten()).backward()
+        fused_optimizer.step(), loop_optimizer.step()
+    for index, member in enumerate(fused.to_members()):
+        for name, value in member.state_dict().items():
+            assert_matches(value.double(), loop[index].state_dict()[name].double())
+    assert weight[0].is_contiguous(memory_format=torch.channels_last)  # the optimizer kept the layout
+    fused.to(torch.float64, memory_format=torch.contiguous_format)
+    assert weight.dtype == torch.float64 and weight.is_contiguous()
+
+
+def test_to_channels_last_3d_and_a_format_of_the_wrong_rank():
+    members = [nn.Sequential(nn.Conv3d(2, 4, 3), nn.Flatten()) for _ in range(2)]
+    fused = FusedEnsemble(members, reduction="none").to(memory_format=torch.channels_last_3d)
+    assert fused.stacked[0].weight[1].is_contiguous(memory_format=torch.channels_last_3d)
+    x = torch.randn(2, 2, 5, 5, 5)
+    assert_matches(fused(x), member_loop(members, x))
+    with pytest.raises(RuntimeError, match="rank 4"):  # as members[0].to(memory_format=torch.channels_last)
+        fused.to(memory_format=torch.channels_last)
+
+
 def test_train_eval_switch_follows_members_mode():
     members = make_members(small_cnn, n=2, seed=11)
     x = torch.randn(4, 3, 14, 14)
