@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from fused_ensemble import attention, module_rules, recurrent, transformer
+from fused_ensemble import attention, layer_hooks, module_rules, recurrent, transformer
 from fused_ensemble.layout import Layout, convert, to_member
 
 ELEMENTWISE, CHANNELWISE, CONCATENATE, RANDOM = "elementwise", "channelwise", "concatenate", "random"
@@ -110,17 +110,18 @@ class FusedGraph:
         self._output: Any = None
         # After step i, the values whose last user it was are dropped (as torch.fx.Interpreter does): holding every
         # activation until the output made a fused ResNet-18 forward at N=8, B=64 grow the heap by 3 GB per call.
-        last_user: dict[fx.Node, fx.Node] = {}
+        last_user: dict[int, int] = {}
         for node in graph.nodes:
             for used in node.all_input_nodes:
-                last_user[used] = node
-        self._release: list[tuple[int, ...]] = [() for _ in graph.nodes]
-        for node in graph.nodes:
-            if node.op == "output":
-                continue
-            user = last_user.get(node, node)  # a value nobody reads goes right after it is made
-            if user.op != "output":
-                self._release[index[user]] += (index[node],)
+                last_user[index[used]] = index[node]
+        output_slot = len(index) - 1
+        self._release = _release_schedule(last_user, output_slot)
+        # Modules the graph never calls (containers fx inlined, the inner layers of a layer run whole): containers'
+        # hooks run around their ops, and need their input kept until then; anywhere else a hook raises.
+        self._containers, self._unhookable = layer_hooks.container_spans(graph, stacked, index)
+        for span in self._containers:
+            last_user[span.input] = max(last_user.get(span.input, span.input), span.end)
+        self._release_for_container_hooks = _release_schedule(last_user, output_slot)
         for node in graph.nodes:
             refs = fx.node.map_arg((node.args, node.kwargs), lambda n: _Ref(index[n]))
             if node.op == "placeholder":
@@ -166,6 +167,18 @@ class FusedGraph:
         raise NotImplementedError(f"unexpected fx node {node.op}")
 
     def _compile_module(self, node: fx.Node, args, kwargs):
+        """The layer's fused step, which runs the hooks registered on the layer around it (layer_hooks.py)."""
+        step = self._compile_layer(node, args, kwargs)
+        module = self.stacked.get_submodule(node.target)
+
+        def run(env):
+            if layer_hooks.has_hooks(module):
+                return layer_hooks.run_hooked(module, node.target, step, env, (args, kwargs), self._resolve,
+                                              self.num_members)
+            return step(env)
+        return run
+
+    def _compile_layer(self, node: fx.Node, args, kwargs):
         path = node.target
         module = self.stacked.get_submodule(path)
         reason = module_rules.unsupported_reason(module)
@@ -318,6 +331,9 @@ class FusedGraph:
 
     def run(self, inputs: list[tuple[torch.Tensor, Layout]]):
         """Runs the graph on (value, layout) inputs; returns the output with every tensor member-first."""
+        layer_hooks.refuse_hooks_on(self._unhookable, layer_hooks.UNHOOKABLE)
+        hooked = [span for span in self._containers if layer_hooks.has_hooks(span.module)]
+        release = self._release_for_container_hooks if hooked else self._release
         env: list = [None] * len(self._steps)
         if len(inputs) > len(self._placeholders):
             raise TypeError(f"the member forward takes {len(self._placeholders)} inputs, got {len(inputs)}")
@@ -328,16 +344,43 @@ class FusedGraph:
                 env[slot] = (default, Layout.SHARED)
             else:
                 raise TypeError(f"the member forward takes {len(self._placeholders)} inputs, got {len(inputs)}")
+        starts, ends = _container_hook_slots(hooked)
         for slot, step in enumerate(self._steps):
+            for span in starts.get(slot, ()):
+                layer_hooks.run_container_pre_hooks(span, env, self.num_members)
             if step is not None:
                 env[slot] = step(env)
-            for released in self._release[slot]:
+            for span in ends.get(slot, ()):
+                env[span.output] = layer_hooks.run_container_hooks(span, env, self.num_members)
+            for released in release[slot]:
                 env[released] = None
         values, layouts = self._resolve(env, self._output)
         leaves, spec = tree_flatten(values)
         leaf_layouts, _ = tree_flatten(layouts)
         return tree_unflatten([convert(leaf, layout, Layout.MEMBER, self.num_members) if isinstance(layout, Layout)
                                else leaf for leaf, layout in zip(leaves, leaf_layouts)], spec)
+
+
+def _release_schedule(last_user: dict[int, int], output_slot: int) -> list[tuple[int, ...]]:
+    """For each slot, the values to drop after its step: those whose last reader it is (a value nobody reads goes
+    right after it is made; values the output reads stay)."""
+    release: list[tuple[int, ...]] = [() for _ in range(output_slot + 1)]
+    for slot in range(output_slot):
+        user = last_user.get(slot, slot)
+        if user != output_slot:
+            release[user] += (slot,)
+    return release
+
+
+def _container_hook_slots(spans) -> tuple[dict, dict]:
+    """The containers with hooks by first slot (outer first, as their pre-hooks would run) and by last slot (inner
+    first, as their forward hooks would)."""
+    starts: dict[int, list] = {}
+    ends: dict[int, list] = {}
+    for span in sorted(spans, key=lambda span: len(span.path)):
+        starts.setdefault(span.start, []).append(span)
+        ends.setdefault(span.end, []).insert(0, span)
+    return starts, ends
 
 
 class _Param:

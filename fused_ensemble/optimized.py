@@ -26,7 +26,7 @@ import warnings
 import torch
 from torch import nn
 
-from fused_ensemble import cpu_memory
+from fused_ensemble import cpu_memory, layer_hooks
 from fused_ensemble.batchnorm_folding import fold_batchnorm
 from fused_ensemble.benchmarking import interleaved_times, median, time_ms
 from fused_ensemble.graph_runner import FusedGraph
@@ -119,6 +119,9 @@ class OptimizedEnsemble(nn.Module):
 
         if not isinstance(example_input, torch.Tensor):
             raise TypeError(f"example_input must be a tensor, got {type(example_input).__name__}")
+        layer_hooks.refuse_hooks_on(list(fused.stacked.named_modules()),
+                                    "optimize() cannot run module hooks (its member loop, vmap and compiled "
+                                    "executions would each see other tensors); remove them before optimize()")
         self.num_members = fused.num_members
         self.reduction = fused.reduction
         self.member_inputs = fused.member_inputs
