@@ -7,7 +7,8 @@ form from each member's base learning rate (``group["initial_lr"]``), so they co
 ``SequentialLR`` switches each member to the next schedule at that member's own milestone.
 
 Use like torch's: build after the optimizer, call ``scheduler.step()`` once per epoch (or iteration) after
-``optimizer.step()``.
+``optimizer.step()``. torch's own schedulers work with these optimizers while ``lr`` is one number for all members;
+with per-member learning rates they fail on list arithmetic, so use these (``LambdaLR`` takes any schedule).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from collections.abc import Sequence
 
 from fused_ensemble.member_values import MemberValue, check_range, per_member
 
-__all__ = ["MemberLRScheduler", "StepLR", "CosineAnnealingLR", "LinearLR", "SequentialLR", "warmup_cosine"]
+__all__ = ["MemberLRScheduler", "LambdaLR", "StepLR", "MultiStepLR", "CosineAnnealingLR", "LinearLR", "SequentialLR",
+           "warmup_cosine"]
 
 
 def _num_members(optimizer, scheduler_name: str) -> int:
@@ -74,6 +76,28 @@ class MemberLRScheduler:
         self.__dict__.update(state_dict)
 
 
+class LambdaLR(MemberLRScheduler):
+    """``lr = base_lr * lr_lambda(epoch)``: one function for every member or one per member. As torch's, its
+    ``state_dict`` leaves the functions out (rebuild the scheduler with them, then load the state)."""
+
+    def __init__(self, optimizer, lr_lambda, last_epoch: int = -1):
+        n = _num_members(optimizer, type(self).__name__)
+        if callable(lr_lambda):
+            self.lr_lambdas = [lr_lambda] * n
+        elif isinstance(lr_lambda, Sequence) and len(lr_lambda) == n and all(map(callable, lr_lambda)):
+            self.lr_lambdas = list(lr_lambda)
+        else:
+            raise TypeError(f"lr_lambda must be a function or a sequence of {n} functions (one per member), got "
+                            f"{type(lr_lambda).__name__}")
+        super().__init__(optimizer, last_epoch)
+
+    def member_lr(self, epoch, base_lr, member):
+        return base_lr * self.lr_lambdas[member](epoch)
+
+    def state_dict(self) -> dict:
+        return {k: v for k, v in super().state_dict().items() if k != "lr_lambdas"}
+
+
 class StepLR(MemberLRScheduler):
     """``lr = base_lr * gamma ** (epoch // step_size)``, with per-member ``step_size`` and ``gamma``."""
 
@@ -86,6 +110,31 @@ class StepLR(MemberLRScheduler):
 
     def member_lr(self, epoch, base_lr, member):
         return base_lr * self.gamma[member] ** (epoch // self.step_size[member])
+
+
+class MultiStepLR(MemberLRScheduler):
+    """``lr = base_lr * gamma ** (number of milestones <= epoch)``: ``milestones`` one increasing list for every
+    member or one list per member, ``gamma`` one value or one per member."""
+
+    def __init__(self, optimizer, milestones: Sequence, gamma: MemberValue = 0.1, last_epoch: int = -1):
+        n = _num_members(optimizer, type(self).__name__)
+        if not isinstance(milestones, Sequence) or isinstance(milestones, str):
+            raise TypeError(f"milestones must be a list of epochs or one list per member, got "
+                            f"{type(milestones).__name__}")
+        per_member_lists = bool(milestones) and all(isinstance(m, Sequence) for m in milestones)
+        if per_member_lists and len(milestones) != n:
+            raise ValueError(f"milestones has {len(milestones)} lists, but the ensemble has {n} members")
+        lists = milestones if per_member_lists else [milestones] * n
+        self.milestones = [per_member(list(ms), f"milestones of member {member}", len(ms), int)
+                           for member, ms in enumerate(lists)]
+        for member, ms in enumerate(self.milestones):
+            if any(b <= a for a, b in zip(ms, ms[1:])):
+                raise ValueError(f"member {member}: milestones {ms} must be increasing")
+        self.gamma = per_member(gamma, "gamma", n)
+        super().__init__(optimizer, last_epoch)
+
+    def member_lr(self, epoch, base_lr, member):
+        return base_lr * self.gamma[member] ** bisect.bisect_right(self.milestones[member], epoch)
 
 
 class CosineAnnealingLR(MemberLRScheduler):

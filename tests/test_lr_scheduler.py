@@ -38,6 +38,16 @@ T = torch.optim.lr_scheduler
 CASES = {
     "step": (lambda o: lr_scheduler.StepLR(o, step_size=[3, 5, 1], gamma=[0.5, 0.1, 0.9]),
              lambda o, i: T.StepLR(o, step_size=[3, 5, 1][i], gamma=[0.5, 0.1, 0.9][i])),
+    "multistep": (lambda o: lr_scheduler.MultiStepLR(o, milestones=[[3, 9], [5], [1, 2, 20]], gamma=[0.5, 0.1, 0.9]),
+                  lambda o, i: T.MultiStepLR(o, milestones=[[3, 9], [5], [1, 2, 20]][i], gamma=[0.5, 0.1, 0.9][i])),
+    "multistep_shared_milestones": (lambda o: lr_scheduler.MultiStepLR(o, milestones=[4, 12], gamma=0.2),
+                                    lambda o, i: T.MultiStepLR(o, milestones=[4, 12], gamma=0.2)),
+    "lambda_per_member": (lambda o: lr_scheduler.LambdaLR(o, [lambda e: 0.9 ** e, lambda e: 1 / (1 + e),
+                                                              lambda e: min(1.0, (e + 1) / 5)]),
+                          lambda o, i: T.LambdaLR(o, [lambda e: 0.9 ** e, lambda e: 1 / (1 + e),
+                                                      lambda e: min(1.0, (e + 1) / 5)][i])),
+    "lambda_shared": (lambda o: lr_scheduler.LambdaLR(o, lambda e: 0.95 ** e),
+                      lambda o, i: T.LambdaLR(o, lambda e: 0.95 ** e)),
     "cosine": (lambda o: lr_scheduler.CosineAnnealingLR(o, T_max=[10, 25, 7], eta_min=[0.0, 1e-3, 0.01]),
                lambda o, i: T.CosineAnnealingLR(o, T_max=[10, 25, 7][i], eta_min=[0.0, 1e-3, 0.01][i])),
     "linear_warmup": (lambda o: lr_scheduler.LinearLR(o, start_factor=[0.1, 0.5, 1.0], total_iters=[4, 10, 2]),
@@ -98,6 +108,23 @@ def test_state_dict_resumes_the_schedule():
     assert a.get_last_lr() == b.get_last_lr()
 
 
+def test_lambda_state_dict_leaves_the_functions_out():
+    import io
+
+    opt = optim.SGD([torch.zeros(N, 2, requires_grad=True)], lr=BASE_LRS)
+    a = lr_scheduler.LambdaLR(opt, lambda e: 0.5 ** e)
+    for _ in range(3):
+        a.step()
+    buffer = io.BytesIO()
+    torch.save(a.state_dict(), buffer)  # a lambda could not be pickled
+    buffer.seek(0)
+    b = lr_scheduler.LambdaLR(opt, lambda e: 0.5 ** e)
+    b.load_state_dict(torch.load(buffer, weights_only=True))
+    a.step()
+    b.step()
+    assert a.get_last_lr() == b.get_last_lr() == [[lr * 0.5 ** 4 for lr in BASE_LRS]]
+
+
 def test_errors():
     opt = optim.SGD([torch.zeros(N, 2, requires_grad=True)], lr=0.1)
     with pytest.raises(ValueError, match="gamma has 2 values, but the ensemble has 3 members"):
@@ -108,3 +135,9 @@ def test_errors():
         lr_scheduler.StepLR(torch.optim.SGD([torch.zeros(2, requires_grad=True)], lr=0.1), step_size=1)
     with pytest.raises(ValueError, match="member 2: need 1 <= warmup_iters < total_iters"):
         lr_scheduler.warmup_cosine(opt, warmup_iters=[2, 2, 10], total_iters=10)
+    with pytest.raises(ValueError, match="member 1: milestones \\[5, 2\\] must be increasing"):
+        lr_scheduler.MultiStepLR(opt, milestones=[[1], [5, 2], [3]])
+    with pytest.raises(ValueError, match="milestones has 2 lists, but the ensemble has 3 members"):
+        lr_scheduler.MultiStepLR(opt, milestones=[[1], [2]])
+    with pytest.raises(TypeError, match="lr_lambda must be a function or a sequence of 3 functions"):
+        lr_scheduler.LambdaLR(opt, [lambda e: 1.0])
