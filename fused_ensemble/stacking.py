@@ -26,6 +26,7 @@ def check_members(members: Iterable[nn.Module]) -> list[nn.Module]:
     for i, member in enumerate(members):
         if not isinstance(member, nn.Module):
             raise TypeError(f"member {i} is a {type(member).__name__}, not an nn.Module")
+        _check_no_reparametrization(i, member)
     _check_no_tied_tensors(members[0])
     reference = members[0]
     for i, member in enumerate(members[1:], start=1):
@@ -38,6 +39,23 @@ def check_members(members: Iterable[nn.Module]) -> list[nn.Module]:
         _check_same_tensors(i, "buffer", dict(member.named_buffers()), dict(reference.named_buffers()))
         _check_same_configuration(i, member, reference)
     return members
+
+
+def _check_no_reparametrization(index: int, member: nn.Module) -> None:
+    """Weights computed from other tensors at each call (torch.nn.utils.parametrize, the old weight_norm hook)
+    cannot be stacked: the computation would run on the [N, ...] stacks, with the wrong dims for its norms."""
+    from torch.nn.utils import parametrize
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    for path, module in member.named_modules():
+        where = f"'{path}'" if path else "its root module"
+        if parametrize.is_parametrized(module):
+            raise TypeError(f"member {index}: {where} is parametrized (torch.nn.utils.parametrize: weight_norm, "
+                            f"spectral_norm, orthogonal, ...), which FusedEnsemble cannot stack; bake the weights "
+                            f"in first with torch.nn.utils.parametrize.remove_parametrizations(layer, 'weight')")
+        if any(isinstance(hook, WeightNorm) for hook in module._forward_pre_hooks.values()):
+            raise TypeError(f"member {index}: {where} uses torch.nn.utils.weight_norm, which FusedEnsemble cannot "
+                            f"stack; bake the weights in first with torch.nn.utils.remove_weight_norm(layer)")
 
 
 def _check_no_tied_tensors(member: nn.Module) -> None:

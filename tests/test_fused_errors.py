@@ -169,6 +169,17 @@ def test_tied_parameters():
         FusedEnsemble([member, member])
 
 
+@pytest.mark.parametrize("reparametrize, message", [
+    (nn.utils.parametrizations.weight_norm, "'0' is parametrized .*remove_parametrizations"),
+    (nn.utils.parametrizations.spectral_norm, "'0' is parametrized .*remove_parametrizations"),
+    (nn.utils.weight_norm, "'0' uses torch.nn.utils.weight_norm.*remove_weight_norm"),
+], ids=["weight_norm", "spectral_norm", "old_weight_norm"])
+def test_reparametrized_weights_are_refused_with_the_way_out(reparametrize, message):
+    members = [nn.Sequential(reparametrize(nn.Linear(4, 3)), nn.ReLU()) for _ in range(2)]
+    with pytest.raises(TypeError, match="member 0: " + message):
+        FusedEnsemble(members)
+
+
 def test_unsupported_layer_names_its_path_and_type():
     with pytest.raises(TypeError, match=r"cannot fuse layer 'norm' \(SyncBatchNorm\): SyncBatchNorm layers are not "
                                         "supported"):
