@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from fused_ensemble import FusedEnsemble, optim
+from fused_ensemble.conv_backward import conv_backward
 from fused_ensemble.models import build_model, input_shape
 from fused_ensemble.train import member_cross_entropy
 
@@ -88,12 +89,15 @@ def vmap_step(members):
     return step
 
 
-def fused_step(members, compile: bool = False):
+def fused_step(members, compile: bool = False, conv_backward_mode: str = "grouped"):
+    """The fused training step; ``conv_backward_mode="per_member"`` runs the convolutions' backward as N dense
+    ones (fused_ensemble.conv_backward, experimental)."""
     fused = FusedEnsemble(members, reduction="none", member_inputs=True).train()
     opt = optim.SGD(fused.parameters(), **SGD_ARGS)
 
     def loss_of(x, y):
-        return member_cross_entropy(fused(x), y)
+        with conv_backward(conv_backward_mode):
+            return member_cross_entropy(fused(x), y)
 
     if compile:
         loss_of = torch.compile(loss_of, fullgraph=True)
@@ -106,7 +110,8 @@ def fused_step(members, compile: bool = False):
 
 
 BUILDERS = {"loop": loop_step, "vmap": vmap_step, "fused": fused_step,
-            "fused_compile": lambda members: fused_step(members, compile=True)}
+            "fused_compile": lambda members: fused_step(members, compile=True),
+            "fused_member_backward": lambda members: fused_step(members, conv_backward_mode="per_member")}
 
 
 def parse_implementations(parser, text: str) -> tuple[str, ...]:

@@ -8,7 +8,7 @@ shifts all three alike.
 
     python bench/train_throughput.py --members 4 8 16 [--channels-last] [--bf16-autocast] --json PATH
     python bench/train_throughput.py --members 8 --formats channels_last --precisions bf16 \
-        --implementations loop,fused,fused_compile
+        --implementations loop,fused,fused_compile,fused_member_backward
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def measure(members: int, batch: int, device: str, rounds: int, min_reps: int,
     times = interleaved_times(steps, device, min_reps, budget_ms=0.0, rounds=rounds)
     ms = {name: median(t) for name, t in times.items()}
     ratio = {f"{ours}_vs_{name}": ms[name] / ms[ours] if name in ms and ours in ms else None
-             for ours in ("fused", "fused_compile") for name in ("loop", "vmap")
+             for ours in ("fused", "fused_compile", "fused_member_backward") for name in ("loop", "vmap")
              if ours == "fused" or ours in implementations}
     return {"members": members, "batch_per_member": batch, "memory_format": str(memory_format).replace("torch.", ""),
             "precision": "bf16 autocast" if autocast else "float32", "ms": ms, "times_ms": times, **ratio,
@@ -89,8 +89,9 @@ def main(argv: list[str] | None = None) -> int:
                [torch.contiguous_format] + ([torch.channels_last] if args.channels_last else []))
     precisions = ([PRECISIONS[name] for name in args.precisions] if args.precisions else
                   [False] + ([True] if args.bf16_autocast else []))
-    print(f"{'N':>3} {'B':>4} {'layout':>18} {'precision':>14} " + "".join(f"{name:>14}" for name in implementations)
-          + "  fused vs loop")
+    width = max(14, *(len(name) + 2 for name in implementations))  # one column per implementation
+    print(f"{'N':>3} {'B':>4} {'layout':>18} {'precision':>14} " +
+          "".join(f"{name:>{width}}" for name in implementations) + "  fused vs loop")
     for members in args.members:
         for memory_format in formats:
             for autocast in precisions:
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
                                 implementations, args.model)
                 result["points"].append(point)
                 print(f"{members:>3} {batch:>4} {point['memory_format']:>18} {point['precision']:>14} " +
-                      "".join(f"{point['ms'][name]:>14.1f}" if name in point["ms"] else f"{'n/a':>14}"
+                      "".join(f"{point['ms'][name]:>{width}.1f}" if name in point["ms"] else f"{'n/a':>{width}}"
                               for name in implementations) +
                       (f"  {point['fused_vs_loop']:>12.3f}x" if point["fused_vs_loop"] else ""), flush=True)
                 for name, error in point["unsupported"].items():

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fused_ensemble.conv_backward import conv_backward_mode, grouped_conv_with_per_member_backward
 from fused_ensemble.layout import Layout, to_channel, to_member
 
 ModuleRule = Callable[[nn.Module, torch.Tensor, Layout, int], "tuple[torch.Tensor, Layout]"]
@@ -85,6 +86,9 @@ def conv(module: nn.modules.conv._ConvNd, x: torch.Tensor, layout: Layout, n: in
     if module.padding_mode != "zeros":
         x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
         padding = 0
+    if conv_backward_mode() == "per_member" and torch.is_grad_enabled() and not isinstance(padding, str):
+        return grouped_conv_with_per_member_backward(functional, x, weight, bias, module.stride, padding,
+                                                     module.dilation, module.groups, n), Layout.CHANNEL
     return functional(x, weight, bias, module.stride, padding, module.dilation, n * module.groups), Layout.CHANNEL
 
 

@@ -115,19 +115,22 @@ def test_train_throughput_times_the_three_steps_in_turns(tmp_path, bench_scripts
 
 
 @pytest.mark.slow
-def test_train_throughput_times_chosen_points_and_the_compiled_fused_step(tmp_path, bench_scripts):
+def test_train_throughput_times_chosen_points_and_the_fused_step_variants(tmp_path, bench_scripts):
     import train_throughput
 
     path = tmp_path / "train.json"
     assert train_throughput.main(["--members", "2", "--batch", "2", "--device", "cpu", "--rounds", "2", "--reps", "2",
                                   "--model", "lenet", "--formats", "channels_last", "--precisions", "float32",
-                                  "--implementations", "loop,fused,fused_compile", "--json", str(path)]) == 0
+                                  "--implementations", "loop,fused,fused_compile,fused_member_backward", "--json",
+                                  str(path)]) == 0
     result = json.loads(path.read_text())
     assert result["model"] == "lenet"
     (point,) = result["points"]
     assert (point["memory_format"], point["precision"]) == ("channels_last", "float32")
-    assert set(point["ms"]) == {"loop", "fused", "fused_compile"} and not point["unsupported"]
-    assert point["fused_compile_vs_loop"] == pytest.approx(point["ms"]["loop"] / point["ms"]["fused_compile"])
+    assert set(point["ms"]) == {"loop", "fused", "fused_compile", "fused_member_backward"}
+    assert not point["unsupported"]
+    for ours in ("fused_compile", "fused_member_backward"):
+        assert point[f"{ours}_vs_loop"] == pytest.approx(point["ms"]["loop"] / point["ms"][ours])
     assert point["fused_vs_vmap"] is None
 
 

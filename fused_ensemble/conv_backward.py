@@ -1,0 +1,96 @@
+"""Experimental: a grouped convolution whose backward runs as N dense convolution backwards, one per member.
+
+The fused training step runs each convolution as one grouped convolution over the N members' channels. On an H100
+(NHWC, bf16, N=8 CIFAR ResNet-18 at batch 128 per member; bench/NOTES.md, session 4) cuDNN's grouped backward took
+14.0 ms per step against 7.9 ms for the member loop's dense backwards, the largest gap between the fused step
+(29.1 ms) and 2x the loop's speed (27 ms). This keeps the grouped forward and computes the backward with
+``aten.convolution_backward`` on each member's channel slices: the dense kernels, at the price of N launches and of
+copying strided slices. Whether that wins is a GPU measurement (``bench/train_throughput.py --implementations
+fused,fused_member_backward``); on the 2-core CPU oneDNN's grouped backward is as fast as the dense ones, so this
+is off unless asked for:
+
+    with conv_backward("per_member"):
+        loss = member_cross_entropy(fused(x), y)   # the choice is made in the forward
+    loss.backward()
+
+Gradients equal the grouped backward's to rounding (tests/test_conv_backward.py). Double backward is not supported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+MODES = ("grouped", "per_member")
+_mode = "grouped"
+
+
+def conv_backward_mode() -> str:
+    return _mode
+
+
+@contextlib.contextmanager
+def conv_backward(mode: str):
+    """Within this context, the fused convolutions of a forward run their backward ``mode``-wise: ``"grouped"``
+    (one grouped convolution backward, the default) or ``"per_member"`` (N dense backwards)."""
+    global _mode
+    if mode not in MODES:
+        raise ValueError(f"unknown conv backward mode {mode!r}; expected one of {MODES}")
+    previous, _mode = _mode, mode
+    try:
+        yield
+    finally:
+        _mode = previous
+
+
+def grouped_conv_with_per_member_backward(functional, x: torch.Tensor, weight: torch.Tensor,
+                                          bias: torch.Tensor | None, stride, padding, dilation, groups: int,
+                                          n: int) -> torch.Tensor:
+    """``functional(x, weight, bias, stride, padding, dilation, n * groups)`` (x ``[B, N * C_in, ...]``, weight
+    ``[N * C_out, C_in / groups, ...]``), differentiated member by member. ``padding`` must be numbers."""
+    return _PerMemberBackward.apply(x, weight, bias, functional, stride, padding, dilation, groups, n)
+
+
+class _PerMemberBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, functional, stride, padding, dilation, groups, n):
+        ctx.save_for_backward(x, weight)
+        ctx.conv = (stride, padding, dilation, groups, n)
+        ctx.has_bias = bias is not None
+        return functional(x, weight, bias, stride, padding, dilation, n * groups)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        stride, padding, dilation, groups, n = ctx.conv
+        spatial = x.dim() - 2
+        c_in, c_out = x.shape[1] // n, weight.shape[0] // n
+        need_input, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        memory_format = _memory_format(x)
+        grad_x = torch.empty_like(x, memory_format=memory_format) if need_input else None
+        grad_w = torch.empty_like(weight) if need_weight else None
+        expand = (lambda v: list(v) if isinstance(v, (tuple, list)) else [v] * spatial)
+        for member in range(n):
+            inputs = slice(member * c_in, (member + 1) * c_in)
+            outputs = slice(member * c_out, (member + 1) * c_out)
+            # cuDNN and oneDNN want dense operands: the channel slices of a packed tensor are strided.
+            member_x = x[:, inputs].contiguous(memory_format=memory_format)
+            member_grad = grad_out[:, outputs].contiguous(memory_format=memory_format)
+            gx, gw, _ = torch.ops.aten.convolution_backward(
+                member_grad, member_x, weight[outputs], None, expand(stride), expand(padding), expand(dilation),
+                False, [0] * spatial, groups, [need_input, need_weight, False])
+            if need_input:
+                grad_x[:, inputs] = gx
+            if need_weight:
+                grad_w[outputs] = gw
+        grad_b = grad_out.sum([0, *range(2, grad_out.dim())]) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous():
+        return torch.channels_last_3d
+    return torch.contiguous_format
