@@ -104,3 +104,24 @@ def test_the_mode_is_scoped_and_checked():
     with pytest.raises(ValueError, match="unknown conv backward mode 'dense'"):
         with conv_backward("dense"):
             pass
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_per_member_backward_on_cuda_channels_last(dtype):
+    """cuDNN's dense backwards on the strided channel slices of NHWC activations (the layout the H100 training
+    runs use) give the grouped backward's gradients."""
+    members = make_members(lambda: CifarResNet18(width=8), n=3, seed=3, training=True)
+    grads = {}
+    for mode in ("grouped", "per_member"):
+        fused = FusedEnsemble(copy.deepcopy(members), reduction="none", member_inputs=True)
+        fused = fused.cuda().to(memory_format=torch.channels_last)
+        torch.manual_seed(4)
+        x = torch.randn(3, 8, 16, 16, 3, device="cuda").permute(0, 1, 4, 2, 3)  # each member's slice NHWC
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16), conv_backward(mode):
+            out = fused(x)
+        out.float().square().sum().backward()
+        grads[mode] = [p.grad.float() for p in fused.parameters()]
+    tolerance = 1e-4 if dtype == torch.float32 else 3e-2
+    for grouped, per_member in zip(grads["grouped"], grads["per_member"]):
+        torch.testing.assert_close(per_member, grouped, rtol=tolerance, atol=tolerance * grouped.abs().max().item())

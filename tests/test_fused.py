@@ -304,7 +304,7 @@ def test_to_channels_last_lays_out_each_member_slice():
     assert weight.flatten(0, 1).is_contiguous(memory_format=torch.channels_last)
     assert fused.stacked[-1].weight.is_contiguous()  # 2-D Linear weights keep their layout, as nn.Module.to does
     assert all(m[0].weight.is_contiguous(memory_format=torch.channels_last) for m in fused.to_members())
-    x = torch.randn(3, 4, 3, 14, 14).contiguous(memory_format=torch.channels_last_3d)
+    x = torch.randn(3, 4, 14, 14, 3).permute(0, 1, 4, 2, 3)  # every member's [B, C, H, W] slice NHWC
     y = torch.randint(0, 5, (3, 4))
     from fused_ensemble import optim
 
