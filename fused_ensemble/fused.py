@@ -117,20 +117,28 @@ class FusedEnsemble(nn.Module):
         super().to(device=device, dtype=dtype, non_blocking=non_blocking)
         return self._apply(lambda tensor: with_member_memory_format(tensor, memory_format))
 
-    def forward(self, *inputs: torch.Tensor):
-        layout = Layout.MEMBER if self.member_inputs else Layout.SHARED
+    def forward(self, *inputs, **keyword_inputs):
+        """The members' forward on ``inputs`` (positional and keyword, as the member takes them). Tensors are
+        ``[B, ...]`` shared by every member, or with ``member_inputs=True`` ``[N, B, ...]``; other values
+        (numbers, flags, None) are passed to every member as they are."""
+        named = [(repr(position), x) for position, x in enumerate(inputs)] + list(keyword_inputs.items())
         if self.member_inputs:
-            for position, x in enumerate(inputs):
-                if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[0] != self.num_members:
-                    shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-                    raise ValueError(f"member_inputs=True expects input {position} of shape [N, B, ...] with "
-                                     f"N={self.num_members} members, got {shape}")
+            for name, x in named:
+                if isinstance(x, torch.Tensor) and (x.dim() == 0 or x.shape[0] != self.num_members):
+                    raise ValueError(f"member_inputs=True expects input {name} of shape [N, B, ...] with "
+                                     f"N={self.num_members} members, got {tuple(x.shape)}")
         if not torch.compiler.is_compiling():
             # A process-wide malloc setting (ctypes) cannot be traced: a compiled forward relies on an eager CPU
             # forward, optimize(), or cpu_memory.retain_freed_cpu_memory() having made it.
-            cpu_memory.retain_for(inputs)
-        outputs = self._graphs[self.training].run([(x, layout) for x in inputs])
+            cpu_memory.retain_for([x for _, x in named])
+        outputs = self._graphs[self.training].run([self._with_layout(x) for x in inputs],
+                                                  {name: self._with_layout(x) for name, x in keyword_inputs.items()})
         return self.reduce(outputs)
+
+    def _with_layout(self, x) -> tuple:
+        if isinstance(x, torch.Tensor) and self.member_inputs:
+            return x, Layout.MEMBER
+        return x, Layout.SHARED
 
     def reduce(self, outputs: torch.Tensor) -> torch.Tensor:
         """Applies this ensemble's ``reduction`` to member outputs ``[N, B, ...]``."""

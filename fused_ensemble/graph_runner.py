@@ -106,7 +106,7 @@ class FusedGraph:
         self.stacked = stacked
         index = {node: slot for slot, node in enumerate(graph.nodes)}  # a node's value lives in env[index[node]]
         self._steps: list[Callable[[list], tuple[Any, Layout]]] = []
-        self._placeholders: list[tuple[int, Any]] = []
+        self._placeholders: list[tuple[int, str, Any]] = []  # (slot, argument name, default)
         self._output: Any = None
         # After step i, the values whose last user it was are dropped (as torch.fx.Interpreter does): holding every
         # activation until the output made a fused ResNet-18 forward at N=8, B=64 grow the heap by 3 GB per call.
@@ -126,7 +126,7 @@ class FusedGraph:
             refs = fx.node.map_arg((node.args, node.kwargs), lambda n: _Ref(index[n]))
             if node.op == "placeholder":
                 default = node.args[0] if node.args else _NOT_A_TENSOR
-                self._placeholders.append((index[node], default))
+                self._placeholders.append((index[node], node.target, default))
                 self._steps.append(None)
             elif node.op == "output":
                 self._output = refs[0][0]
@@ -329,21 +329,30 @@ class FusedGraph:
             return x * noise, Layout.MEMBER
         return run
 
-    def run(self, inputs: list[tuple[torch.Tensor, Layout]]):
-        """Runs the graph on (value, layout) inputs; returns the output with every tensor member-first."""
+    def run(self, inputs: list[tuple[Any, Layout]], keywords: dict[str, tuple[Any, Layout]] | None = None):
+        """Runs the graph on (value, layout) inputs, positional and by argument name; returns the output with every
+        tensor member-first."""
         layer_hooks.refuse_hooks_on(self._unhookable, layer_hooks.UNHOOKABLE)
         hooked = [span for span in self._containers if layer_hooks.has_hooks(span.module)]
         release = self._release_for_container_hooks if hooked else self._release
         env: list = [None] * len(self._steps)
+        keywords = dict(keywords or {})
         if len(inputs) > len(self._placeholders):
             raise TypeError(f"the member forward takes {len(self._placeholders)} inputs, got {len(inputs)}")
-        for position, (slot, default) in enumerate(self._placeholders):
+        for position, (slot, name, default) in enumerate(self._placeholders):
             if position < len(inputs):
+                if name in keywords:
+                    raise TypeError(f"the member forward got multiple values for argument '{name}'")
                 env[slot] = inputs[position]
+            elif name in keywords:
+                env[slot] = keywords.pop(name)
             elif default is not _NOT_A_TENSOR:
                 env[slot] = (default, Layout.SHARED)
             else:
-                raise TypeError(f"the member forward takes {len(self._placeholders)} inputs, got {len(inputs)}")
+                raise TypeError(f"the member forward takes {len(self._placeholders)} inputs, got {len(inputs)}; "
+                                f"'{name}' is missing")
+        if keywords:
+            raise TypeError(f"the member forward got unexpected keyword arguments {sorted(keywords)}")
         starts, ends = _container_hook_slots(hooked)
         for slot, step in enumerate(self._steps):
             for span in starts.get(slot, ()):

@@ -398,6 +398,45 @@ def test_torch_export_with_a_dynamic_batch(optimized):
         assert_matches(program.module()(other), reduce_reference(member_loop(members, other), "mean_probs"))
 
 
+class KeywordMember(nn.Module):
+    """A member whose forward takes keyword inputs: an optional padding mask (a tensor) and a scale (a number)."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x, padding_mask=None, scale: float = 1.0):
+        return self.head(self.encoder(x, src_key_padding_mask=padding_mask)) * scale
+
+
+@pytest.mark.parametrize("member_inputs", [False, True], ids=["shared", "member_inputs"])
+def test_keyword_inputs_reach_the_members(member_inputs):
+    members = make_members(KeywordMember, n=3, seed=20)
+    fused = FusedEnsemble(members, reduction="none", member_inputs=member_inputs)
+    lead = (3, 2) if member_inputs else (2,)
+    x = torch.randn(*lead, 5, 8)
+    mask = torch.zeros(*lead, 5, dtype=torch.bool)
+    mask[..., -2:] = True
+
+    def loop(**keywords):
+        return torch.stack([m(x[i] if member_inputs else x,
+                              **{k: (v[i] if member_inputs and isinstance(v, torch.Tensor) else v)
+                                 for k, v in keywords.items()}) for i, m in enumerate(members)])
+
+    with torch.no_grad():
+        assert_matches(fused(x, padding_mask=mask, scale=2.0), loop(padding_mask=mask, scale=2.0))
+        assert_matches(fused(x, mask, scale=0.5), loop(padding_mask=mask, scale=0.5))
+        assert_matches(fused(x), loop())  # the defaults
+    with pytest.raises(TypeError, match="multiple values for argument 'padding_mask'"):
+        fused(x, mask, padding_mask=mask)
+    with pytest.raises(TypeError, match=r"unexpected keyword arguments \['temperature'\]"):
+        fused(x, temperature=2.0)
+    if member_inputs:
+        with pytest.raises(ValueError, match="expects input padding_mask of shape \\[N, B, ...\\]"):
+            fused(x, padding_mask=mask[0])
+
+
 def test_forward_frees_each_activation_after_its_last_use():
     # A deep MLP: holding every intermediate value until the output (as the graph runner once did) keeps ~2 tensors
     # per layer alive; dropping each after its last reader keeps a handful, whatever the depth.
