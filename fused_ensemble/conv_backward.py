@@ -49,6 +49,13 @@ def grouped_conv_with_per_member_backward(functional, x: torch.Tensor, weight: t
                                           n: int) -> torch.Tensor:
     """``functional(x, weight, bias, stride, padding, dilation, n * groups)`` (x ``[B, N * C_in, ...]``, weight
     ``[N * C_out, C_in / groups, ...]``), differentiated member by member. ``padding`` must be numbers."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        # Autocast would cast inside the Function's forward only, leaving its backward the float32 tensors it
+        # saved: cast here, so that the casts' own backward takes the gradients back to float32.
+        dtype = torch.get_autocast_dtype(device_type)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
     return _PerMemberBackward.apply(x, weight, bias, functional, stride, padding, dilation, groups, n)
 
 

@@ -94,6 +94,24 @@ def test_training_steps_with_the_per_member_backward_track_the_loop():
                 assert_matches(value, members[index].state_dict()[name])
 
 
+def test_per_member_backward_under_cpu_autocast():
+    # Autocast casts inside a Function's forward only: without casting first, the backward ran float32 tensors
+    # against bfloat16 gradients (oneDNN refused them).
+    members = make_members(lambda: CifarResNet18(width=8), n=2, seed=5, training=True)
+    grads = {}
+    for mode in ("grouped", "per_member"):
+        fused = FusedEnsemble(copy.deepcopy(members), reduction="none", member_inputs=True)
+        x = torch.randn(2, 4, 3, 16, 16, generator=torch.Generator().manual_seed(6))
+        with torch.autocast("cpu", dtype=torch.bfloat16), conv_backward(mode):
+            out = fused(x)
+        assert out.dtype == torch.bfloat16
+        out.float().square().sum().backward()
+        grads[mode] = [p.grad for p in fused.parameters()]
+    for grouped, per_member in zip(grads["grouped"], grads["per_member"]):
+        assert per_member.dtype == torch.float32
+        torch.testing.assert_close(per_member, grouped, rtol=2e-2, atol=2e-2 * grouped.abs().max().item())
+
+
 def test_the_mode_is_scoped_and_checked():
     from fused_ensemble.conv_backward import conv_backward_mode
 
