@@ -96,8 +96,14 @@ def fused_step(members, compile: bool = False, conv_backward_mode: str = "groupe
     opt = optim.SGD(fused.parameters(), **SGD_ARGS)
 
     def loss_of(x, y):
-        with conv_backward(conv_backward_mode):
-            return member_cross_entropy(fused(x), y)
+        return member_cross_entropy(fused(x), y)
+
+    if conv_backward_mode != "grouped":
+        plain_loss_of = loss_of
+
+        def loss_of(x, y):
+            with conv_backward(conv_backward_mode):  # the choice is made in the forward
+                return plain_loss_of(x, y)
 
     if compile:
         loss_of = torch.compile(loss_of, fullgraph=True)
