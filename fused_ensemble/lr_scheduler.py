@@ -8,19 +8,22 @@ form from each member's base learning rate (``group["initial_lr"]``), so they co
 
 Use like torch's: build after the optimizer, call ``scheduler.step()`` once per epoch (or iteration) after
 ``optimizer.step()``. torch's own schedulers work with these optimizers while ``lr`` is one number for all members;
-with per-member learning rates they fail on list arithmetic, so use these (``LambdaLR`` takes any schedule).
+with per-member learning rates they fail on list arithmetic: use these, or run any torch scheduler once per member
+through ``PerMemberScheduler`` (OneCycleLR, CosineAnnealingWarmRestarts, ReduceLROnPlateau, ...).
 """
 
 from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+
+import torch
 
 from fused_ensemble.member_values import MemberValue, check_range, per_member
 
 __all__ = ["MemberLRScheduler", "LambdaLR", "StepLR", "MultiStepLR", "CosineAnnealingLR", "LinearLR", "SequentialLR",
-           "warmup_cosine"]
+           "warmup_cosine", "PerMemberScheduler"]
 
 
 def _num_members(optimizer, scheduler_name: str) -> int:
@@ -218,3 +221,82 @@ def warmup_cosine(optimizer, warmup_iters: MemberValue, total_iters: MemberValue
     linear = LinearLR(optimizer, start_factor=start_factor, end_factor=1.0, total_iters=warmup)
     cosine = CosineAnnealingLR(optimizer, T_max=[t - w for w, t in zip(warmup, total)], eta_min=eta_min)
     return SequentialLR(optimizer, [linear, cosine], milestones=[warmup])
+
+
+class PerMemberScheduler:
+    """Any ``torch.optim.lr_scheduler`` scheduler, one per member, driving a ``fused_ensemble.optim`` optimizer.
+
+    ``make_scheduler(member, optimizer)`` builds member ``member``'s scheduler on a stand-in torch optimizer
+    whose param groups hold that member's ``lr`` (and ``momentum`` or ``betas``, which schedulers such as
+    OneCycleLR cycle); each ``step()`` steps the N schedulers and writes their values into the fused optimizer's
+    groups as per-member lists. Member i's values are therefore exactly those of the torch scheduler run on member
+    i's own torch optimizer::
+
+        scheduler = PerMemberScheduler(opt, lambda member, optimizer: torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=[0.1, 0.05, 0.2, 0.1][member], total_steps=1000))
+
+    ``step(metrics)`` passes ``metrics`` (one value for all, or one per member) to schedulers that take one, such
+    as ReduceLROnPlateau.
+    """
+
+    def __init__(self, optimizer, make_scheduler: Callable[[int, torch.optim.Optimizer], object]):
+        self.optimizer = optimizer
+        self.num_members = _num_members(optimizer, type(self).__name__)
+        self._stand_ins = [self._stand_in(member) for member in range(self.num_members)]
+        self.schedulers = [make_scheduler(member, stand_in) for member, stand_in in enumerate(self._stand_ins)]
+        self._write()
+
+    def _stand_in(self, member: int) -> torch.optim.Optimizer:
+        """A torch optimizer over one dummy tensor per group, with member ``member``'s values; AdamW where the
+        groups have betas (OneCycleLR cycles betas[0] only when the optimizer's defaults have them)."""
+        n, groups = self.num_members, []
+        for group in self.optimizer.param_groups:
+            values = {"params": [torch.zeros(1, requires_grad=True)],
+                      "lr": per_member(group["lr"], "lr", n)[member]}
+            if "momentum" in group:
+                values["momentum"] = per_member(group["momentum"], "momentum", n)[member]
+            if "betas" in group:
+                values["betas"] = tuple(per_member(beta, f"betas[{k}]", n)[member]
+                                        for k, beta in enumerate(group["betas"]))
+            groups.append(values)
+        kind = torch.optim.AdamW if "betas" in groups[0] else torch.optim.SGD
+        return kind(groups, lr=groups[0]["lr"])
+
+    def step(self, metrics=None) -> None:
+        """Steps every member's scheduler (with its metric, if given) and writes their values."""
+        values = None if metrics is None else per_member(metrics, "metrics", self.num_members)
+        for member, (stand_in, scheduler) in enumerate(zip(self._stand_ins, self.schedulers)):
+            stand_in.step()  # no gradients, nothing to update: torch's schedulers expect a step before theirs
+            if values is None:
+                scheduler.step()
+            else:
+                scheduler.step(values[member])
+        self._write()
+
+    def _write(self) -> None:
+        for index, group in enumerate(self.optimizer.param_groups):
+            stand_in_groups = [stand_in.param_groups[index] for stand_in in self._stand_ins]
+            group["lr"] = [g["lr"] for g in stand_in_groups]
+            if "momentum" in group:
+                group["momentum"] = [g["momentum"] for g in stand_in_groups]
+            if "betas" in group:
+                group["betas"] = ([g["betas"][0] for g in stand_in_groups], [g["betas"][1] for g in stand_in_groups])
+
+    def get_last_lr(self) -> list[list[float]]:
+        """Per param group, the N learning rates written by the last ``step()``."""
+        return [list(group["lr"]) for group in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict:
+        """Every member scheduler's state and its stand-in's hyperparameters (recursive schedules read them)."""
+        return {"schedulers": [scheduler.state_dict() for scheduler in self.schedulers],
+                "stand_ins": [[{k: v for k, v in g.items() if k != "params"} for g in stand_in.param_groups]
+                              for stand_in in self._stand_ins]}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restores a ``state_dict()`` (build the scheduler with the same ``make_scheduler`` first)."""
+        for scheduler, state in zip(self.schedulers, state_dict["schedulers"]):
+            scheduler.load_state_dict(state)
+        for stand_in, groups in zip(self._stand_ins, state_dict["stand_ins"]):
+            for group, values in zip(stand_in.param_groups, groups):
+                group.update(values)
+        self._write()

@@ -141,3 +141,95 @@ def test_errors():
         lr_scheduler.MultiStepLR(opt, milestones=[[1], [2]])
     with pytest.raises(TypeError, match="lr_lambda must be a function or a sequence of 3 functions"):
         lr_scheduler.LambdaLR(opt, [lambda e: 1.0])
+
+
+# PerMemberScheduler: (our optimizer class, its per-member keyword arguments, the torch optimizer of one member,
+# the scheduler factory, the per-member metric stream or None)
+MAX_LRS = [0.3, 0.1, 0.6]
+PER_MEMBER_CASES = {
+    "one_cycle_sgd_momentum": (
+        optim.SGD, dict(lr=BASE_LRS, momentum=[0.9, 0.8, 0.95]),
+        lambda i: torch.optim.SGD([torch.zeros(2, requires_grad=True)], lr=BASE_LRS[i], momentum=[0.9, 0.8, 0.95][i]),
+        lambda i, o: T.OneCycleLR(o, max_lr=MAX_LRS[i], total_steps=EPOCHS + 1, pct_start=[0.3, 0.2, 0.5][i]),
+        None),
+    "one_cycle_adamw_betas": (
+        optim.AdamW, dict(lr=BASE_LRS, betas=([0.9, 0.85, 0.95], 0.999)),
+        lambda i: torch.optim.AdamW([torch.zeros(2, requires_grad=True)], lr=BASE_LRS[i],
+                                    betas=([0.9, 0.85, 0.95][i], 0.999)),
+        lambda i, o: T.OneCycleLR(o, max_lr=MAX_LRS[i], total_steps=EPOCHS + 1, anneal_strategy="linear"),
+        None),
+    "warm_restarts": (
+        optim.SGD, dict(lr=BASE_LRS),
+        lambda i: torch.optim.SGD([torch.zeros(2, requires_grad=True)], lr=BASE_LRS[i]),
+        lambda i, o: T.CosineAnnealingWarmRestarts(o, T_0=[3, 5, 7][i], T_mult=[1, 2, 1][i]),
+        None),
+    "plateau_per_member_metrics": (
+        optim.SGD, dict(lr=BASE_LRS),
+        lambda i: torch.optim.SGD([torch.zeros(2, requires_grad=True)], lr=BASE_LRS[i]),
+        lambda i, o: T.ReduceLROnPlateau(o, factor=0.5, patience=[1, 2, 0][i]),
+        lambda epoch: [1.0 / (1 + epoch), 1.0, (epoch % 4) * 0.1]),
+}
+
+
+def _hyperparameters(group, member=None):
+    pick = (lambda v: v[member]) if member is not None else (lambda v: v)
+    values = {"lr": pick(group["lr"])}
+    if "momentum" in group:
+        values["momentum"] = pick(group["momentum"])
+    if "betas" in group:
+        values["beta1"] = pick(group["betas"][0])
+    return values
+
+
+@pytest.mark.parametrize("case", list(PER_MEMBER_CASES))
+def test_per_member_scheduler_runs_torchs_scheduler_for_each_member(case):
+    optimizer_cls, kwargs, torch_optimizer, make_scheduler, metrics = PER_MEMBER_CASES[case]
+    opt = optimizer_cls([torch.zeros(N, 2, requires_grad=True)], **kwargs)
+    scheduler = lr_scheduler.PerMemberScheduler(opt, make_scheduler)
+    ours = [[_hyperparameters(opt.param_groups[0], i) for i in range(N)]]
+    for epoch in range(EPOCHS):
+        opt.step()
+        scheduler.step(None if metrics is None else metrics(epoch))
+        ours.append([_hyperparameters(opt.param_groups[0], i) for i in range(N)])
+    for member in range(N):
+        theirs_opt = torch_optimizer(member)
+        theirs_scheduler = make_scheduler(member, theirs_opt)
+        theirs = [_hyperparameters(theirs_opt.param_groups[0])]
+        for epoch in range(EPOCHS):
+            theirs_opt.step()
+            if metrics is None:
+                theirs_scheduler.step()
+            else:
+                theirs_scheduler.step(metrics(epoch)[member])
+            theirs.append(_hyperparameters(theirs_opt.param_groups[0]))
+        assert [row[member] for row in ours] == theirs, f"member {member}"
+    for member in range(N if metrics is None else 0):
+        assert len({tuple(row[member].values()) for row in ours}) > 2, f"member {member}'s schedule never moved"
+    assert ours[-1][2]["lr"] < BASE_LRS[2]  # in every case, member 2's lr has come down (plateau: its metric stalls)
+
+
+def test_per_member_scheduler_drives_the_update_and_resumes():
+    p = torch.zeros(N, 2, requires_grad=True)
+    opt = optim.SGD([p], lr=BASE_LRS, momentum=0.9)
+
+    def make(member, optimizer):
+        return T.OneCycleLR(optimizer, max_lr=MAX_LRS[member], total_steps=10)
+
+    scheduler = lr_scheduler.PerMemberScheduler(opt, make)
+    for _ in range(3):
+        opt.step()
+        scheduler.step()
+    state = scheduler.state_dict()
+    lrs = scheduler.get_last_lr()
+    p.grad = torch.ones_like(p)
+    before = p.detach().clone()
+    opt.step()  # plain SGD's first step with momentum: p -= lr * grad, each member with its scheduled lr
+    torch.testing.assert_close(before[:, 0] - p.detach()[:, 0], torch.tensor(lrs[0]))
+    resumed_opt = optim.SGD([torch.zeros(N, 2, requires_grad=True)], lr=BASE_LRS, momentum=0.9)
+    resumed = lr_scheduler.PerMemberScheduler(resumed_opt, make)
+    resumed.load_state_dict(state)
+    assert resumed.get_last_lr() == lrs
+    scheduler.step()
+    resumed.step()
+    assert resumed.get_last_lr() == scheduler.get_last_lr()
+    assert resumed_opt.param_groups[0]["momentum"] == opt.param_groups[0]["momentum"]
