@@ -182,6 +182,7 @@ def _run_pre_hooks(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple,
 def _with_new_input(env: list, refs, args: tuple, kwargs: dict, path: str) -> list:
     """A copy of ``env`` in which the layer's one input (a graph value) is ``args[0]``, member-first."""
     ref_args, ref_kwargs = refs
+    # (a graph value is a graph_runner._Ref: it has the index of its slot)
     single_value = len(ref_args) == 1 and not ref_kwargs and hasattr(ref_args[0], "index")
     if not single_value or len(args) != 1 or kwargs:
         raise TypeError(f"a forward pre-hook on '{path}' changed its inputs: the fused network takes new inputs "
