@@ -84,7 +84,8 @@ def vmap_step(members):
 
     def step(x, y):
         opt.zero_grad(set_to_none=True)
-        torch.vmap(member_loss)(params, buffers, x, y).sum().backward()
+        # randomness="different": each member draws its own dropout masks, as the loop's and fused's members do
+        torch.vmap(member_loss, randomness="different")(params, buffers, x, y).sum().backward()
         opt.step()
     return step
 

@@ -114,6 +114,14 @@ def test_train_throughput_times_the_three_steps_in_turns(tmp_path, bench_scripts
         assert point["fused_vs_loop"] == pytest.approx(point["ms"]["loop"] / point["ms"]["fused"])
 
 
+def test_train_throughput_vmap_baseline_runs_members_with_dropout(bench_scripts):
+    # vmap's default randomness="error" refused the MLP's dropout: the baseline was missing for such models.
+    import train_throughput
+
+    point = train_throughput.measure(2, 4, "cpu", rounds=1, min_reps=1, model="mlp")
+    assert set(point["ms"]) == {"loop", "vmap", "fused"} and not point["unsupported"]
+
+
 @pytest.mark.slow
 def test_train_throughput_times_chosen_points_and_the_fused_step_variants(tmp_path, bench_scripts):
     import train_throughput
