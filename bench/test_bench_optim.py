@@ -88,20 +88,24 @@ def _bench(benchmark, group: str, implementation: str, call) -> None:
     benchmark.pedantic(timed, rounds=20, warmup_rounds=2)
 
 
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
-@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
-def test_bench_optimizer_step(benchmark, name, implementation):
+@pytest.fixture
+def enabled_benchmark(benchmark):
+    """pytest-benchmark's fixture, with these tests skipped unless --benchmark-enable and the CPU allocator settled
+    before anything is timed."""
     if benchmark.disabled:
         pytest.skip("benchmarks run with --benchmark-enable")
     settle_cpu_allocator(DEVICE)
-    _bench(benchmark, f"{name} step", implementation, _optimizer(name, implementation).step)
+    return benchmark
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_bench_optimizer_step(enabled_benchmark, name, implementation):
+    _bench(enabled_benchmark, f"{name} step", implementation, _optimizer(name, implementation).step)
 
 
 @pytest.mark.parametrize("implementation", ["fused_ensemble", "torch_per_member"])
-def test_bench_clip_grad_norm(benchmark, implementation):
-    if benchmark.disabled:
-        pytest.skip("benchmarks run with --benchmark-enable")
-    settle_cpu_allocator(DEVICE)
+def test_bench_clip_grad_norm(enabled_benchmark, implementation):
     member_params, stacked = _member_and_stacked_parameters()
     members = _members(member_params)
 
@@ -112,14 +116,11 @@ def test_bench_clip_grad_norm(benchmark, implementation):
             for params in members:
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
 
-    _bench(benchmark, "clip_grad_norm", implementation, clip)
+    _bench(enabled_benchmark, "clip_grad_norm", implementation, clip)
 
 
 @pytest.mark.parametrize("implementation", ["fused_ensemble", "torch_per_member"])
-def test_bench_unscale(benchmark, implementation):
-    if benchmark.disabled:
-        pytest.skip("benchmarks run with --benchmark-enable")
-    settle_cpu_allocator(DEVICE)
+def test_bench_unscale(enabled_benchmark, implementation):
     member_params, stacked = _member_and_stacked_parameters()
     if implementation == "fused_ensemble":
         pairs = [(MemberGradScaler(MEMBERS, DEVICE, init_scale=1.0), optim.SGD(stacked, lr=0.0))]
@@ -134,4 +135,4 @@ def test_bench_unscale(benchmark, implementation):
             scaler.unscale_(opt)
             scaler.update()
 
-    _bench(benchmark, "unscale", implementation, unscale)
+    _bench(enabled_benchmark, "unscale", implementation, unscale)
