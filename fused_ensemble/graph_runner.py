@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from fused_ensemble import attention, layer_hooks, module_rules, recurrent, transformer
-from fused_ensemble.layout import Layout, convert, to_member
+from fused_ensemble.layout import Layout, convert, to_member, to_member_tree
 
 ELEMENTWISE, CHANNELWISE, CONCATENATE, RANDOM = "elementwise", "channelwise", "concatenate", "random"
 # Layers called with several inputs and keywords, each run by a module with ``fusable(layer)`` and
@@ -168,8 +168,8 @@ class FusedGraph:
 
     def _compile_module(self, node: fx.Node, args, kwargs):
         """The layer's fused step, which runs the hooks registered on the layer around it (layer_hooks.py)."""
-        step = self._compile_layer(node, args, kwargs)
         module = self.stacked.get_submodule(node.target)
+        step = self._compile_layer(node.target, module, args, kwargs)
 
         def run(env):
             if layer_hooks.has_hooks(module):
@@ -178,9 +178,7 @@ class FusedGraph:
             return step(env)
         return run
 
-    def _compile_layer(self, node: fx.Node, args, kwargs):
-        path = node.target
-        module = self.stacked.get_submodule(path)
+    def _compile_layer(self, path: str, module: nn.Module, args, kwargs):
         reason = module_rules.unsupported_reason(module)
         if reason is not None:
             raise TypeError(f"cannot fuse layer '{path}' ({type(module).__name__}): {reason}")
@@ -363,11 +361,7 @@ class FusedGraph:
                 env[span.output] = layer_hooks.run_container_hooks(span, env, self.num_members)
             for released in release[slot]:
                 env[released] = None
-        values, layouts = self._resolve(env, self._output)
-        leaves, spec = tree_flatten(values)
-        leaf_layouts, _ = tree_flatten(layouts)
-        return tree_unflatten([convert(leaf, layout, Layout.MEMBER, self.num_members) if isinstance(layout, Layout)
-                               else leaf for leaf, layout in zip(leaves, leaf_layouts)], spec)
+        return to_member_tree(*self._resolve(env, self._output), self.num_members)
 
 
 def _release_schedule(last_user: dict[int, int], output_slot: int) -> list[tuple[int, ...]]:

@@ -27,9 +27,8 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from fused_ensemble.layout import Layout, to_member
+from fused_ensemble.layout import Layout, to_member_tree
 
 
 @dataclass(frozen=True)
@@ -83,7 +82,7 @@ def _span(path: str, module: nn.Module, inside: list[fx.Node], index: dict) -> C
 def run_container_pre_hooks(span: ContainerSpan, env: list, n: int) -> None:
     """``span``'s pre-hooks, before its first op: they observe its member-first input."""
     _refuse_backward_hooks(span.module, span.path)
-    _, _, changed = _run_pre_hooks(span.module, (_member_first(*env[span.input], n),), {})
+    _, _, changed = _run_pre_hooks(span.module, (to_member_tree(*env[span.input], n),), {})
     if changed:
         raise TypeError(f"a forward pre-hook on '{span.path}' ({type(span.module).__name__}) returned new inputs: "
                         f"torch.fx inlined this container, so its input is also what other ops read; register the "
@@ -92,8 +91,8 @@ def run_container_pre_hooks(span: ContainerSpan, env: list, n: int) -> None:
 
 def run_container_hooks(span: ContainerSpan, env: list, n: int) -> tuple[Any, Layout]:
     """``span``'s forward hooks, after its last op: the (value, layout) its output slot then holds."""
-    return _run_forward_hooks(span.module, (_member_first(*env[span.input], n),), {},
-                              _member_first(*env[span.output], n)), Layout.MEMBER
+    return _run_forward_hooks(span.module, (to_member_tree(*env[span.input], n),), {},
+                              to_member_tree(*env[span.output], n)), Layout.MEMBER
 
 
 def has_hooks(module: nn.Module) -> bool:
@@ -120,13 +119,13 @@ def run_hooked(module: nn.Module, path: str, step: Callable, env: list, refs, re
     """``step(env)`` (the layer's fused step, returning ``(value, layout)``) with ``module``'s hooks around it."""
     _refuse_backward_hooks(module, path)
     (values, keywords), layouts = resolve(env, refs)
-    args, kwargs = _member_first((values, keywords), layouts, n)
+    args, kwargs = to_member_tree((values, keywords), layouts, n)
     args, kwargs, changed = _run_pre_hooks(module, tuple(args), kwargs)
     if changed:
         env = _with_new_input(env, refs, args, kwargs, path)
     with _hooks_set_aside(module):  # a layer run as a module (the generic paths) must not fire them again
         value, layout = step(env)
-    return _run_forward_hooks(module, args, kwargs, _member_first(value, layout, n)), Layout.MEMBER
+    return _run_forward_hooks(module, args, kwargs, to_member_tree(value, layout, n)), Layout.MEMBER
 
 
 def _refuse_backward_hooks(module: nn.Module, path: str) -> None:
@@ -147,17 +146,6 @@ def _run_forward_hooks(module: nn.Module, args: tuple, kwargs: dict, output: Any
         if result is not None:
             output = result
     return output
-
-
-def _member_first(values: Any, layouts: Any, n: int) -> Any:
-    """``values`` with every tensor leaf (laid out as the matching leaf of ``layouts``, or all as ``layouts`` when
-    it is one Layout, as for a step's output) as ``[N, B, ...]``."""
-    if isinstance(layouts, Layout):
-        return tree_map(lambda v: to_member(v, layouts, n) if isinstance(v, torch.Tensor) else v, values)
-    leaves, spec = tree_flatten(values)
-    leaf_layouts, _ = tree_flatten(layouts)
-    return tree_unflatten([to_member(leaf, layout, n) if isinstance(layout, Layout) else leaf
-                           for leaf, layout in zip(leaves, leaf_layouts)], spec)
 
 
 def _run_pre_hooks(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict, bool]:

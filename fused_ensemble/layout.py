@@ -17,8 +17,10 @@ SHARED -> MEMBER is a zero-stride expand.
 from __future__ import annotations
 
 import enum
+from typing import Any
 
 import torch
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 
 class Layout(enum.Enum):
@@ -37,6 +39,17 @@ def to_member(x: torch.Tensor, layout: Layout, num_members: int) -> torch.Tensor
         raise ValueError(f"a channel-packed tensor needs a batch and a channel dim, got shape {tuple(x.shape)}")
     batch, packed = x.shape[0], x.shape[1]
     return x.view(batch, num_members, packed // num_members, *x.shape[2:]).movedim(1, 0)
+
+
+def to_member_tree(values: Any, layouts: Any, num_members: int) -> Any:
+    """``values`` (any nesting of tensors and other leaves) with every tensor as ``[N, B, ...]``: ``layouts`` is
+    either one Layout for all of them (a step's output) or a structure mirroring ``values`` leaf for leaf."""
+    if isinstance(layouts, Layout):
+        return tree_map(lambda v: to_member(v, layouts, num_members) if isinstance(v, torch.Tensor) else v, values)
+    leaves, spec = tree_flatten(values)
+    leaf_layouts, _ = tree_flatten(layouts)
+    return tree_unflatten([to_member(leaf, layout, num_members) if isinstance(layout, Layout) else leaf
+                           for leaf, layout in zip(leaves, leaf_layouts)], spec)
 
 
 def to_channel(x: torch.Tensor, layout: Layout, num_members: int) -> torch.Tensor:
