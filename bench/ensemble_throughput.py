@@ -25,11 +25,11 @@ import traceback
 
 import torch
 
-from fused_ensemble.bench_cli import _environment
-from fused_ensemble.benchmarking import (Workload, interleaved_times, median, relative_error, settle_cpu_allocator,
-                                         time_ms)
-from fused_ensemble.fused import FusedEnsemble
-from fused_ensemble.models import build_model, input_shape
+from fused_ensemble.cli.environment import environment_info
+from fused_ensemble.cli.workloads import Workload, relative_error, settle_cpu_allocator
+from fused_ensemble.inference.timing import interleaved_times, median, time_ms
+from fused_ensemble import FusedEnsemble
+from fused_ensemble.cli.models import build_model, input_shape
 
 # --compile-vmap compiles the same vmap lambda once per point: past dynamo's default of 8 recompiles per code object
 # it would silently run eagerly, and "vmap_compile" would time eager (the gpu-full preset has 120 points).
@@ -155,7 +155,7 @@ def main(argv=None) -> int:
     torch.backends.cudnn.benchmark = True
     settle_cpu_allocator(device)
     peak = matmul_tflops(device)
-    results = {"environment": _environment(device), "bf16_matmul_tflops": peak, "points": []}
+    results = {"environment": environment_info(device), "bf16_matmul_tflops": peak, "points": []}
     print(f"{'model':<15}{'dtype':<9}{'N':>3}{'B':>5} " + " ".join(f"{m:>10}" for m in
           ("loop", "loop_graph", "vmap", "vmap_comp", "fused", "optimized", "opt_comp", "single_NB")) +
           "  speedup  TFLOP/s  eff")

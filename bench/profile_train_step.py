@@ -21,9 +21,9 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from fused_ensemble.bench_cli import _environment
-from fused_ensemble.benchmarking import settle_cpu_allocator
-from fused_ensemble.models import MODELS
+from fused_ensemble.cli.environment import environment_info
+from fused_ensemble.cli.workloads import settle_cpu_allocator
+from fused_ensemble.cli.models import MODELS
 from train_steps import BUILDERS, build_members, member_batch, parse_implementations, training_call
 
 # Operator kinds, first match wins (aten and our ops' names, lower case).
@@ -102,7 +102,7 @@ def run(members: int, batch: int, steps: int, device: str, model: str, implement
     settle_cpu_allocator(device)
     torch.backends.cudnn.benchmark = True
     x, y = member_batch(members, batch, device, model, memory_format=memory_format)
-    result = {"environment": _environment(device), "model": model, "members": members, "batch": batch,
+    result = {"environment": environment_info(device), "model": model, "members": members, "batch": batch,
               "memory_format": str(memory_format).replace("torch.", ""),
               "precision": "bf16 autocast" if autocast else "float32", "steps": steps,
               "time": "device time of launched kernels" if device == "cuda" else "self CPU time",

@@ -14,9 +14,10 @@ import os
 
 import torch
 
-from fused_ensemble import backends
-from fused_ensemble.ensemble_reduce import ensemble_reduce, ensemble_stats
-from fused_ensemble.reference import REDUCTIONS, reduce_reference, stats_reference
+from fused_ensemble.ops import dispatch
+from fused_ensemble import ensemble_reduce, ensemble_stats
+from fused_ensemble import REDUCTIONS
+from fused_ensemble.ops.reference import reduce_reference, stats_reference
 
 # Every static compile of a reference (one per workload and shape) hangs off the same lambda's code object:
 # past dynamo's default of 8 recompiles it would silently run eager, and "compile" would time eager.
@@ -70,7 +71,7 @@ def implementation(name: str, workload: str, device: str, dynamic_compile: bool 
             return None, "the CUDA short-row kernel (mean_probs, softmax_of_mean, log_mean_probs, stats)"
         fn, problem = implementation("cpp", workload, device, dtype=dtype)
         return (None, problem) if fn is None else (_with_short_rows(fn), None)
-    problem = backends.unavailable_reason(name, device, dtype)
+    problem = dispatch.unavailable_reason(name, device, dtype)
     if problem is not None:
         return None, problem
     return kernel(workload, name), None

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from ensemble_throughput import PRESETS, flops_per_sample
-from fused_ensemble.benchmarking import Workload, relative_error
+from fused_ensemble.cli.workloads import Workload, relative_error
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # FUSED_ENSEMBLE_BENCH_PRESET picks another preset of bench/ensemble_throughput.py (e.g. gpu-full, smoke).

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from fused_ensemble import cpu_memory
-from fused_ensemble.benchmarking import settle_cpu_allocator
+from fused_ensemble.cli.workloads import settle_cpu_allocator
 import reduce_workloads as rw
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

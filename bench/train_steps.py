@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 
 from fused_ensemble import FusedEnsemble, optim
-from fused_ensemble.conv_backward import conv_backward
-from fused_ensemble.models import build_model, input_shape
-from fused_ensemble.train import member_cross_entropy
+from fused_ensemble import conv_backward
+from fused_ensemble.cli.models import build_model, input_shape
+from fused_ensemble import member_cross_entropy
 
 IMPLEMENTATIONS = ("loop", "vmap", "fused")
 SGD_ARGS = dict(lr=0.01, momentum=0.9, weight_decay=5e-4)

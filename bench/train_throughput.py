@@ -19,9 +19,10 @@ import sys
 
 import torch
 
-from fused_ensemble.bench_cli import _environment
-from fused_ensemble.benchmarking import interleaved_times, median, settle_cpu_allocator
-from fused_ensemble.models import MODELS
+from fused_ensemble.cli.environment import environment_info
+from fused_ensemble.cli.workloads import settle_cpu_allocator
+from fused_ensemble.inference.timing import interleaved_times, median
+from fused_ensemble.cli.models import MODELS
 from train_steps import BUILDERS, IMPLEMENTATIONS, build_members, member_batch, parse_implementations, training_call
 
 
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     settle_cpu_allocator(args.device)
     torch.backends.cudnn.benchmark = True
     batch = args.batch or (128 if args.device == "cuda" else 2)
-    result = {"environment": _environment(args.device), "model": args.model, "rounds": args.rounds,
+    result = {"environment": environment_info(args.device), "model": args.model, "rounds": args.rounds,
               "points": []}
     formats = ([FORMATS[name] for name in args.formats] if args.formats else
                [torch.contiguous_format] + ([torch.channels_last] if args.channels_last else []))

@@ -1,23 +1,20 @@
-"""A one-time glibc malloc setting for running stacked ensembles on the CPU (see ``retain_freed_cpu_memory``).
-
-On a 2-core VM it took the fused CIFAR ResNet-18 training step at N=4, batch 2, from 294 to 163 ms (the member loop:
-150 ms) and the fused inference forward at N=8, batch 1, from 138 to 58 ms (the member loop: 66 ms, and 57 ms with
-the same setting)."""
+"""A one-time glibc malloc setting for running stacked ensembles on the CPU (see ``retain_freed_cpu_memory``;
+what it does to the numbers: docs/performance.md, "The CPU allocator")."""
 
 from __future__ import annotations
 
 import ctypes
-import os
 import platform
 from collections.abc import Iterable
 
 import torch
 
+from fused_ensemble import config
+
 # glibc's mallopt parameters (malloc.h) and the values set for stacked ensembles; see retain_freed_cpu_memory.
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _RETAINED_BYTES = 1 << 30
 _GLIBC_MAX_MMAP_THRESHOLD = 32 << 20  # the cap of older glibc versions (HEAP_MAX_SIZE / 2 on 64-bit)
-_KEEP_CPU_MEMORY_VARIABLE = "FUSED_ENSEMBLE_KEEP_CPU_MEMORY"
 _cpu_memory_settled = False
 _outcome = "not set yet: no CPU forward of a fused ensemble in this process"
 
@@ -26,28 +23,17 @@ def _mallopt(parameter: int, value: int) -> bool:
     return bool(ctypes.CDLL(None).mallopt(ctypes.c_int(parameter), ctypes.c_int(value)))
 
 
-def _allocator_configured_by_user() -> bool:
-    environment = os.environ
-    if any(name in environment for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")):
-        return True
-    if "glibc.malloc" in environment.get("GLIBC_TUNABLES", ""):
-        return True
-    preload = environment.get("LD_PRELOAD", "")
-    return any(allocator in preload for allocator in ("jemalloc", "tcmalloc", "mimalloc"))
-
-
 def retain_freed_cpu_memory() -> None:
     """Once per process, before the first CPU forward of a fused ensemble: stops glibc malloc from handing freed
     memory back to the operating system between calls.
 
     A stacked weight, its gradient, oneDNN's reordered copy of a grouped convolution's weights and the optimizer's
-    temporaries are N times a member's tensor (37.7 MB for one ResNet-18 layer at N=4). glibc serves blocks above its
-    mmap threshold (adaptive, at most 32 MB) with a fresh mmap and frees them with munmap, and trims freed heap
-    above its trim threshold: every call then page-faults that memory back in (ResNet-18, N=4, B=2 training on a
-    2-core VM: 70k page faults, a third to half of the step; a grouped 3x3 convolution of 4 x 512 channels at batch
-    2: 14 ms instead of 4), which a member loop, whose tensors are N times smaller, mostly does not. Raising both
-    thresholds to 1 GiB keeps that memory in the process (as jemalloc or tcmalloc would): the resident size stays at
-    the peak of a call instead of dropping between calls, and nothing else changes (measured peak RSS: the same).
+    temporaries are N times a member's tensor. glibc serves blocks above its mmap threshold (adaptive, at most
+    32 MB) with a fresh mmap and frees them with munmap, and trims freed heap above its trim threshold: every call
+    then page-faults that memory back in, which a member loop, whose tensors are N times smaller, mostly does not.
+    Raising both thresholds to 1 GiB keeps that memory in the process (as jemalloc or tcmalloc would): the resident
+    size stays at the peak of a call instead of dropping between calls, and nothing else changes (the peak RSS
+    stays the same).
 
     Left alone: non-glibc platforms, an allocator set up by the user (``MALLOC_*_`` variables, ``GLIBC_TUNABLES``,
     a preloaded jemalloc/tcmalloc/mimalloc) and ``FUSED_ENSEMBLE_KEEP_CPU_MEMORY=0``. ``outcome()`` says which."""
@@ -55,9 +41,9 @@ def retain_freed_cpu_memory() -> None:
     if _cpu_memory_settled:
         return
     _cpu_memory_settled = True
-    if os.environ.get(_KEEP_CPU_MEMORY_VARIABLE, "1") == "0":
-        _outcome = f"left alone: {_KEEP_CPU_MEMORY_VARIABLE}=0"
-    elif _allocator_configured_by_user():
+    if not config.settings.keep_cpu_memory:
+        _outcome = "left alone: FUSED_ENSEMBLE_KEEP_CPU_MEMORY=0"
+    elif config.settings.allocator_configured_by_user:
         _outcome = "left alone: allocator configured by the user"
     elif platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         _outcome = "left alone: not glibc"

@@ -2,48 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
-import torch.fx as fx
 from torch import nn
 
-from fused_ensemble import cpu_memory
-from fused_ensemble.graph_runner import FusedGraph
-from fused_ensemble.layout import Layout
-from fused_ensemble.member_values import member_index
-from fused_ensemble.reference import check_reduction
-from fused_ensemble.stacking import (check_members, check_replacement, stack_members, unstack_member,
-                                    with_member_memory_format)
+from fused_ensemble import config, cpu_memory
+from fused_ensemble.fusion.graph_runner import FusedGraph
+from fused_ensemble.fusion.layout import Layout
+from fused_ensemble.fusion.rules import FusionContext
+from fused_ensemble.fusion.stacking import (check_members, check_replacement, member_index, stack_members,
+                                            unstack_member, with_member_memory_format)
+from fused_ensemble.fusion.tracing import trace_member
+from fused_ensemble.ops.ensemble_reduce import reduce_members
+from fused_ensemble.ops.reductions import check_reduction
 
-
-def _trace(stacked: nn.Module, training: bool) -> fx.Graph:
-    """Traces the member forward in one mode: code that reads ``self.training`` is specialized per mode."""
-    was_training = stacked.training
-    stacked.train(training)
-    try:
-        return fx.Tracer().trace(stacked)
-    except Exception as error:
-        raise TypeError(
-            f"cannot fuse {type(stacked).__qualname__}: torch.fx could not trace its forward "
-            f"({type(error).__name__}: {error}). FusedEnsemble needs a forward whose Python control flow does not "
-            f"depend on tensor values (if/for over tensors, .item(), data-dependent shapes).") from error
-    finally:
-        stacked.train(was_training)
-
-
-def apply_reduction(outputs, reduction: str):
-    """Combines member outputs ``[N, B, ...]`` (dim 0 = member) with ``reduction`` (see ``FusedEnsemble``)."""
-    if reduction == "none":
-        return outputs
-    if not isinstance(outputs, torch.Tensor):
-        raise TypeError(f"reduction={reduction!r} needs the members to return one tensor, got "
-                        f"{type(outputs).__name__}; use reduction='none'")
-    if reduction == "mean":
-        return outputs.mean(0)
-    from fused_ensemble.ensemble_reduce import ensemble_reduce
-
-    return ensemble_reduce(outputs, reduction, dim=0)
+if TYPE_CHECKING:
+    from fused_ensemble.inference.optimized import OptimizedEnsemble
 
 
 class FusedEnsemble(nn.Module):
@@ -53,15 +29,16 @@ class FusedEnsemble(nn.Module):
     grouped convolution over all members' channels (the first layer, fed the shared input, one dense convolution
     with N * C_out outputs), linear layers one batched matmul, BatchNorm/GroupNorm one normalization over N * C
     channels with per-member statistics, dropout draws independent masks per member, and every other op runs
-    once for all members (see graph_runner). There is no per-member Python loop in the forward pass.
+    once for all members (see ``fused_ensemble.fusion``). There is no per-member Python loop in the forward pass.
 
     Args:
         members: N ``nn.Module`` of the same class with parameters and buffers of equal names, shapes, dtypes and
             devices. They are copied: later changes to them do not reach the fused module.
         reduction: how the member outputs ``[N, B, ...]`` are combined: ``"none"`` (return them),
-            ``"mean"``, ``"mean_probs"`` (mean of member softmaxes, the deep-ensemble default),
-            ``"softmax_of_mean"`` or ``"log_mean_probs"``; the last three treat the last dim as classes and
-            return float32 (float64 for float64 models), see ``ensemble_reduce``.
+            ``"mean"`` (any output, regression too), ``"mean_probs"`` (mean of member softmaxes, the deep-ensemble
+            default), ``"softmax_of_mean"`` or ``"log_mean_probs"``; the last three treat the last dim as classes.
+            Every reduction is ``ensemble_reduce``'s: accumulated in float32 and returned as float32 (float64 for
+            float64 models), whatever the members' output dtype.
         member_inputs: if False every member sees the same input ``[B, ...]``; if True the input is
             ``[N, B, ...]`` and member i sees ``x[i]`` (bagging, members trained on different batches).
 
@@ -89,7 +66,8 @@ class FusedEnsemble(nn.Module):
 
     def _compile_graphs(self) -> dict[bool, FusedGraph]:
         """The fused forward of each mode (train/eval): closures over ``self.stacked``'s submodules."""
-        return {mode: FusedGraph(_trace(self.stacked, mode), self.stacked, self.num_members) for mode in (True, False)}
+        return {mode: FusedGraph(trace_member(self.stacked, mode), self.stacked, self.num_members)
+                for mode in (True, False)}
 
     # A copy (copy.deepcopy, AveragedModel's EMA copy, torch.save of the whole module) must compile graphs of its
     # own: deepcopy shares functions, so the copied graphs' closures would keep running the original's weights, and
@@ -131,8 +109,10 @@ class FusedEnsemble(nn.Module):
             # A process-wide malloc setting (ctypes) cannot be traced: a compiled forward relies on an eager CPU
             # forward, optimize(), or cpu_memory.retain_freed_cpu_memory() having made it.
             cpu_memory.retain_for([x for _, x in named])
+        context = FusionContext(self.num_members, config.conv_backward_mode())
         outputs = self._graphs[self.training].run([self._with_layout(x) for x in inputs],
-                                                  {name: self._with_layout(x) for name, x in keyword_inputs.items()})
+                                                  {name: self._with_layout(x) for name, x in keyword_inputs.items()},
+                                                  context)
         return self.reduce(outputs)
 
     def _with_layout(self, x) -> tuple:
@@ -142,18 +122,19 @@ class FusedEnsemble(nn.Module):
 
     def reduce(self, outputs: torch.Tensor) -> torch.Tensor:
         """Applies this ensemble's ``reduction`` to member outputs ``[N, B, ...]``."""
-        return apply_reduction(outputs, self.reduction)
+        return reduce_members(outputs, self.reduction)
 
     def optimize(self, example_input: torch.Tensor, dtype: torch.dtype | None = None,
-                 cuda_graph: bool | None = None, compile: bool = False) -> "OptimizedEnsemble":
+                 cuda_graph: bool | None = None, compile: bool = False) -> OptimizedEnsemble:
         """An inference module with this ensemble's outputs (within ``dtype``'s tolerance), tuned for the example
         input's device, dtype and sample shape: BatchNorm folded into convolutions, weights cast to ``dtype``
         (default: unchanged), each convolution run grouped or as N dense convolutions, whichever was faster on the
         example, the fastest of the fused graph, the member loop and vmap, in the faster memory format; with
         ``compile=True`` the chosen forward under ``torch.compile`` when that is faster (compiling takes seconds to
         minutes); on CUDA a CUDA graph when ``cuda_graph`` is True or, by default, when replaying one is faster.
-        Inputs of another device, dtype or sample shape raise a ValueError."""
-        from fused_ensemble.optimized import OptimizedEnsemble
+        Inputs of another device, dtype or sample shape raise a ValueError. Same as
+        ``fused_ensemble.OptimizedEnsemble(self, example_input, ...)``."""
+        from fused_ensemble.inference.optimized import OptimizedEnsemble
 
         return OptimizedEnsemble(self, example_input, dtype=dtype, cuda_graph=cuda_graph, compile=compile)
 

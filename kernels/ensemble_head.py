@@ -2,7 +2,7 @@
 
 Every launcher takes features ``x`` of shape ``[N, B, F]`` (member n reads ``x[n]``; a shared input is an
 ``expand()`` with member stride 0), weights ``[N, K, F]`` and an optional bias ``[N, K]``, all with arbitrary
-strides, and computes the reduction of ``fused_ensemble.reference`` over the member logits
+strides, and computes the reduction of ``fused_ensemble.ops.reference`` over the member logits
 ``z[n] = x[n] @ weight[n].T + bias[n]`` without ever storing the ``[N, B, K]`` logits.
 
 A program owns one ``[BLOCK_B, BLOCK_K]`` tile of the output and loops over the N members; for each member it
@@ -33,9 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .ensemble_reduce import _add_member, _member_mean
-
-REDUCTIONS = ("mean", "mean_probs", "softmax_of_mean", "log_mean_probs")
+from fused_ensemble.kernels.ensemble_reduce import add_member, member_mean
+from fused_ensemble.ops.reductions import check_reduction
 
 MAX_SOFTMAX_BLOCK_K = 256
 """Widest class block the heuristic uses to hold a whole row in one tile (for the in-kernel softmax/log-sum-exp);
@@ -181,12 +180,12 @@ def _head_member_probs_kernel(x_ptr, w_ptr, b_ptr, row_max_ptr, row_log_sum_ptr,
             log_sum = tl.load(row_log_sum_ptr + stats_offs, mask=row_ok, other=0.0)
             shifted = z - row_max[:, None]
         log_p = shifted - log_sum[:, None]
-        acc, top = _add_member(acc, top, log_p, tl.exp(log_p), LOG_OUTPUT)
+        acc, top = add_member(acc, top, log_p, tl.exp(log_p), LOG_OUTPUT)
         stats_offs += B
         x_n += stride_xn
         w_n += stride_wn
         b_n += stride_bn
-    result = _member_mean(acc, top, log_n, N, LOG_OUTPUT)
+    result = member_mean(acc, top, log_n, N, LOG_OUTPUT)
     tl.store(out_ptr + rows[:, None] * K + cols[None, :], result, mask=row_ok[:, None] & col_ok[None, :])
 
 
@@ -267,13 +266,12 @@ def head_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
     ``x`` is ``[N, B, F]`` (any strides; member stride 0 for a shared input), ``weight`` ``[N, K, F]``, ``bias``
     ``[N, K]`` or None, float32/float16/bfloat16 (x and weight of one dtype). Returns a contiguous float32
-    ``[B, K]`` tensor: the ``reduction`` of ``fused_ensemble.reference.reduce_reference`` over the logits.
+    ``[B, K]`` tensor: the ``reduction`` of ``fused_ensemble.ops.reference.reduce_reference`` over the logits.
     ``block_b`` / ``block_k`` / ``block_f`` / ``num_warps`` override the heuristic tile (powers of two >= 16;
     ``block_k < K`` forces the multi-block paths), for tests and tuning. ``input_precision`` is tl.dot's for
     float32 inputs: by default ``"tf32"`` if ``torch.backends.cuda.matmul.allow_tf32`` else ``"ieee"``.
     """
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"unknown reduction {reduction!r}; expected one of {', '.join(map(repr, REDUCTIONS))}")
+    check_reduction(reduction)
     _check_inputs(x, weight, bias)
     if input_precision is None:
         use_tf32 = x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32

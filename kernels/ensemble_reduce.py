@@ -3,7 +3,7 @@
 Every kernel sees logits ``x`` of shape ``[N, R, K]`` (N members, R rows, K classes) with arbitrary strides,
 zero strides from ``expand()`` included; x is never copied. Math runs in float32 whatever the input dtype
 (float32, float16, bfloat16). The contract (shapes, aux tensors, -inf behaviour) is the one of the C++ ops; the
-semantics are those of ``fused_ensemble.reference``.
+semantics are those of ``fused_ensemble.ops.reference``.
 
 Two regimes, chosen by the launchers from K:
 
@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-REDUCTIONS = ("mean", "mean_probs", "softmax_of_mean", "log_mean_probs")
+from fused_ensemble.ops.reductions import MEMBER_INDEPENDENT_GRAD, SAVES_MEMBER_LSE, check_reduction
 
 MAX_SHORT_ROW_BLOCK = 8192
 """Largest power-of-two row width that one tile holds; wider rows take the long-row (chunked) kernels."""
@@ -261,8 +261,8 @@ def _logsumexp_add(acc, top, log_p):
 
 
 @triton.jit
-def _add_member(acc, top, log_p, p, LOG_OUTPUT: tl.constexpr):
-    """Adds one member to the accumulators that ``_member_mean`` finishes: its probabilities ``p`` to acc, or
+def add_member(acc, top, log_p, p, LOG_OUTPUT: tl.constexpr):
+    """Adds one member to the accumulators that ``member_mean`` finishes: its probabilities ``p`` to acc, or
     (LOG_OUTPUT) its ``log_p`` to the online log-sum-exp of ``_logsumexp_add`` (the unused one of ``p`` and
     ``log_p`` is compiled away)."""
     if LOG_OUTPUT:
@@ -271,7 +271,7 @@ def _add_member(acc, top, log_p, p, LOG_OUTPUT: tl.constexpr):
 
 
 @triton.jit
-def _member_mean(acc, top, log_n, N, LOG_OUTPUT: tl.constexpr):
+def member_mean(acc, top, log_n, N, LOG_OUTPUT: tl.constexpr):
     """The mean over members from the accumulators: acc / N, or (LOG_OUTPUT) log of it from the online
     log-sum-exp kept by ``_logsumexp_add``."""
     if LOG_OUTPUT:
@@ -300,10 +300,10 @@ def _member_probs_short_kernel(x_ptr, out_ptr, lse_ptr, N, R, K, stride_n, strid
         s = tl.sum(e, axis=1)
         log_s = tl.log(s)
         tl.store(lse_n + rows, m + log_s, mask=row_ok)
-        acc, top = _add_member(acc, top, shifted - log_s[:, None], e * (1.0 / s)[:, None], LOG_OUTPUT)
+        acc, top = add_member(acc, top, shifted - log_s[:, None], e * (1.0 / s)[:, None], LOG_OUTPUT)
         x_n += stride_n
         lse_n += R
-    result = _member_mean(acc, top, log_n, N, LOG_OUTPUT)
+    result = member_mean(acc, top, log_n, N, LOG_OUTPUT)
     tl.store(out_ptr + rows[:, None] * K + cols[None, :], result, mask=mask)
 
 
@@ -411,9 +411,9 @@ def _member_probs_pass2(x_ptr, out_ptr, rows, N, R, K, stride_n, stride_r, strid
         x_n = x_ptr
         for n in range(N):
             log_p = _member_log_probs(x_n, offs, mask, row_max, row_log_sum, n, BLOCK_N)
-            acc, top = _add_member(acc, top, log_p, tl.exp(log_p), LOG_OUTPUT)
+            acc, top = add_member(acc, top, log_p, tl.exp(log_p), LOG_OUTPUT)
             x_n += stride_n
-        result = _member_mean(acc, top, log_n, N, LOG_OUTPUT)
+        result = member_mean(acc, top, log_n, N, LOG_OUTPUT)
         tl.store(out_ptr + rows[:, None] * K + cols[None, :], result, mask=mask)
 
 
@@ -785,27 +785,22 @@ def _check_logits(x: torch.Tensor) -> None:
         raise ValueError("x has no classes: x.shape[2] == 0")
 
 
-def _check_reduction(reduction: str) -> None:
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"unknown reduction {reduction!r}; expected one of {', '.join(map(repr, REDUCTIONS))}")
-
-
 def reduce_forward(x: torch.Tensor, reduction: str, *, block_r: int | None = None, block_k: int | None = None,
                    num_warps: int | None = None, splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Reduces logits ``x`` of shape ``[N, R, K]`` (any strides) over the member dim 0.
 
     Returns ``(out, aux)``: ``out`` is a contiguous float32 ``[R, K]`` tensor (the reduction of
-    ``fused_ensemble.reference.reduce_reference``); ``aux`` is the float32 ``[N, R]`` log-sum-exp of every
+    ``fused_ensemble.ops.reference.reduce_reference``); ``aux`` is the float32 ``[N, R]`` log-sum-exp of every
     member row for ``"mean_probs"`` and ``"log_mean_probs"`` (saved for backward) and an empty ``(0,)`` float32
     tensor otherwise. ``block_r`` / ``block_k`` / ``num_warps`` override the heuristic tile (powers of two;
     ``block_k < K`` selects the long-row kernels) and ``splits`` the long rows' split-K count, for tests and
     tuning.
     """
-    _check_reduction(reduction)
+    check_reduction(reduction)
     _check_logits(x)
     N, R, K = x.shape
     out = torch.empty((R, K), dtype=torch.float32, device=x.device)
-    keeps_lse = reduction in ("mean_probs", "log_mean_probs")
+    keeps_lse = reduction in SAVES_MEMBER_LSE
     aux = torch.empty((N, R) if keeps_lse else (0,), dtype=torch.float32, device=x.device)
     if R == 0:
         return out, aux
@@ -875,14 +870,14 @@ def reduce_backward(grad_out: torch.Tensor, x: torch.Tensor, out: torch.Tensor, 
     ``"log_mean_probs"`` return a contiguous ``[N, R, K]`` gradient in x's dtype, computed from the saved
     ``aux`` (member log-sum-exps) and, for ``"log_mean_probs"``, ``out``.
     """
-    _check_reduction(reduction)
+    check_reduction(reduction)
     _check_logits(x)
     N, R, K = x.shape
     if grad_out.shape != (R, K) or out.shape != (R, K):
         raise ValueError(f"grad_out and out must have shape {(R, K)}, got {tuple(grad_out.shape)} and "
                          f"{tuple(out.shape)}")
     grad_out = grad_out.contiguous()
-    if reduction in ("mean", "softmax_of_mean"):
+    if reduction in MEMBER_INDEPENDENT_GRAD:
         grad = torch.empty((R, K), dtype=torch.float32, device=x.device)
     else:
         if aux.shape != (N, R):
@@ -912,7 +907,7 @@ def stats_forward(x: torch.Tensor, *, block_r: int | None = None, block_k: int |
 
     Returns ``(probs [R, K], entropy [R], expected_entropy [R], mutual_info [R], confidence [R],
     prediction [R] int64, disagreement [R])``, float32 except ``prediction``, with the meanings of
-    ``fused_ensemble.reference.stats_reference``. The member softmaxes are never materialized. Keyword
+    ``fused_ensemble.ops.reference.stats_reference``. The member softmaxes are never materialized. Keyword
     overrides as in ``reduce_forward``.
     """
     _check_logits(x)

@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from fused_ensemble.benchmarking import randomize_state as randomize_
+from fused_ensemble.cli.workloads import randomize_state as randomize_
 
 REL_TOL = 1e-5
 """Relative error allowed between the fused network and the member loop in fp32: ``|out - ref| / |ref|``."""

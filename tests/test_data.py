@@ -1,4 +1,4 @@
-"""Datasets (digits, a tiny CIFAR-10 folder) and per-member batch streams."""
+"""Datasets: digits and a tiny CIFAR-10 folder."""
 
 import pickle
 
@@ -21,48 +21,6 @@ def test_digits_split_shapes_and_normalization():
     assert (train_share - test_share).abs().max() < 0.01
     again = data.load_digits()
     assert torch.equal(digits.test_x, again.test_x) and torch.equal(digits.train_y, again.train_y)
-
-
-@pytest.mark.parametrize("sampling", data.SAMPLINGS)
-def test_member_batches_shapes_and_determinism(sampling):
-    x = torch.arange(50, dtype=torch.float32).view(50, 1, 1, 1).expand(50, 1, 2, 2)
-    y = torch.arange(50)
-
-    def epoch(seed):
-        return list(data.member_batches(x, y, num_members=3, batch_size=16, sampling=sampling,
-                                        generator=torch.Generator().manual_seed(seed)))
-
-    batches = epoch(7)
-    assert len(batches) == 3  # 50 // 16, last partial batch dropped
-    for xb, yb in batches:
-        assert xb.shape == (3, 16, 1, 2, 2) and yb.shape == (3, 16)
-        assert torch.equal(xb[:, :, 0, 0, 0].long(), yb)  # images travel with their labels
-    again = epoch(7)
-    assert all(torch.equal(a[1], b[1]) for a, b in zip(batches, again))
-    other = epoch(8)
-    assert not all(torch.equal(a[1], b[1]) for a, b in zip(batches, other))
-    labels = torch.cat([yb for _, yb in batches], dim=1)  # [3, 48]
-    assert not torch.equal(labels[0], labels[1])  # members draw their own orders
-    if sampling == "shuffle":
-        for member in labels:
-            assert len(set(member.tolist())) == 48  # no repeats within an epoch
-
-
-def test_bootstrap_repeats_examples_and_full_epochs_cover_everything_when_shuffled():
-    gen = torch.Generator().manual_seed(0)
-    boot = torch.cat(list(data.member_index_batches(1000, 2, 1000, "bootstrap", gen)), dim=1)
-    # about 1 - 1/e = 63% distinct examples in a bootstrap sample
-    for member in boot:
-        assert 0.58 < len(set(member.tolist())) / 1000 < 0.68
-    full = torch.cat(list(data.member_index_batches(10, 2, 4, "shuffle", gen, drop_last=False)), dim=1)
-    assert [sorted(m.tolist()) for m in full] == [list(range(10))] * 2
-
-
-def test_member_batches_errors():
-    with pytest.raises(ValueError, match="unknown sampling 'bagging'"):
-        next(data.member_index_batches(10, 2, 4, "bagging"))
-    with pytest.raises(ValueError, match="batch_size=16 is larger than the 10 examples"):
-        next(data.member_index_batches(10, 2, 16))
 
 
 def write_tiny_cifar10(root, per_batch=4, test=6):

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from fused_ensemble import FusedEnsemble
-from fused_ensemble.models import LeNet5, build_model, input_shape
-from fused_ensemble.reference import reduce_reference
+from fused_ensemble.cli.models import LeNet5, build_model, input_shape
+from fused_ensemble.ops.reference import reduce_reference
 from member_factories import assert_matches, assert_state_equal, clone_state, make_members, member_loop
 
 REDUCTIONS = ("mean", "mean_probs", "softmax_of_mean", "log_mean_probs")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fused_ensemble import metrics
-from fused_ensemble.reference import stats_reference
+from fused_ensemble.ops.reference import stats_reference
 
 # Four examples, three classes; confidences 0.7, 0.55, 0.38, 0.5 (none on a bin edge); predictions 0, 1, 2, 1.
 PROBS = torch.tensor([[0.7, 0.2, 0.1],

@@ -1,0 +1,70 @@
+"""Pure-PyTorch ensemble reductions: the CPU fallback, the test oracle and the benchmark baseline.
+
+Written once: the ``"torch"`` backend of ``ensemble_reduce``, ``ensemble_stats`` and ``ensemble_linear_reduce``
+runs these functions, the tests compare every kernel with them (in float64), and the benchmarks time them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fused_ensemble.ops.reductions import EnsembleStats, check_reduction, compute_dtype, normalize_member_dim
+
+
+def reduce_reference(logits: torch.Tensor, reduction: str = "mean_probs", dim: int = 0) -> torch.Tensor:
+    """Reference for ``ensemble_reduce``: reduces the member dim ``dim`` of ``logits`` (class dim last)."""
+    check_reduction(reduction)
+    dim = normalize_member_dim(logits, dim)
+    x = logits.to(compute_dtype(logits.dtype))
+    if reduction == "mean":
+        return x.mean(dim)
+    if reduction == "mean_probs":
+        return torch.softmax(x, -1).mean(dim)
+    if reduction == "softmax_of_mean":
+        return torch.softmax(x.mean(dim), -1)
+    return torch.logsumexp(torch.log_softmax(x, -1), dim) - math.log(x.shape[dim])
+
+
+def stats_reference(logits: torch.Tensor, dim: int = 0) -> EnsembleStats:
+    """Reference for ``ensemble_stats`` (materializes the member softmaxes; the kernels do not)."""
+    dim = normalize_member_dim(logits, dim)
+    x = logits.to(compute_dtype(logits.dtype))
+    member_log_probs = torch.log_softmax(x, -1)
+    member_probs = member_log_probs.exp()
+    # 0 * log 0 = 0 for classes with -inf logits.
+    plogp = torch.where(member_probs > 0, member_probs * member_log_probs, torch.zeros_like(member_probs))
+    expected_entropy = -plogp.sum(-1).mean(dim)
+    probs = member_probs.mean(dim)
+    entropy = -torch.special.xlogy(probs, probs).sum(-1)
+    confidence, prediction = probs.max(-1)
+    member_prediction = x.argmax(-1)
+    disagreement = (member_prediction != prediction.unsqueeze(dim)).to(x.dtype).mean(dim)
+    return EnsembleStats(probs, entropy, expected_entropy, entropy - expected_entropy, confidence,
+                         prediction, disagreement)
+
+
+def member_logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+    """The members' Linear outputs for ``ensemble_linear_reduce`` and their member dim: ``x [B, F]`` (shared) gives
+    ``[B, N, K]`` from one dense GEMM (member dim 1), ``x [N, B, F]`` gives ``[N, B, K]`` from a batched one (member
+    dim 0). Computed in float32 (float64 stays float64), so that fp16/bf16 logits are not rounded before the
+    softmax."""
+    compute = compute_dtype(weight.dtype)
+    x, weight = x.to(compute), weight.to(compute)
+    bias = None if bias is None else bias.to(compute)
+    members, classes, features = weight.shape
+    if x.dim() == 2:
+        flat_weight = weight.reshape(members * classes, features).t()
+        logits = x @ flat_weight if bias is None else torch.addmm(bias.reshape(members * classes), x, flat_weight)
+        return logits.view(x.shape[0], members, classes), 1
+    weight_t = weight.transpose(1, 2)
+    logits = torch.bmm(x, weight_t) if bias is None else torch.baddbmm(bias.unsqueeze(1), x, weight_t)
+    return logits, 0
+
+
+def linear_reduce_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                            reduction: str = "mean_probs") -> torch.Tensor:
+    """Reference for ``ensemble_linear_reduce``: the member logits (one GEMM), then ``reduce_reference``."""
+    logits, member_dim = member_logits(x, weight, bias)
+    return reduce_reference(logits, reduction, dim=member_dim)

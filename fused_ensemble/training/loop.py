@@ -1,0 +1,111 @@
+"""The loop helpers of fused training: N members trained at once as one ``FusedEnsemble``, and their evaluation.
+
+Each member gets its own batch (``member_inputs=True``, ``x`` of shape ``[N, B, ...]``), the loss is the sum
+of the members' mean cross-entropies (so member i's gradient is exactly its own loss's gradient), and a
+``fused_ensemble.optim`` optimizer applies per-member hyperparameters: this is N independent trainings, run
+as one network.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from fused_ensemble import metrics
+from fused_ensemble.training.amp import MemberGradScaler
+from fused_ensemble.training.batches import member_batches
+from fused_ensemble.training.clip_grad import clip_grad_norm_
+from fused_ensemble.training.member_values import MemberValue
+
+if TYPE_CHECKING:
+    from fused_ensemble.fused import FusedEnsemble
+
+__all__ = ["member_cross_entropy", "train_epoch", "member_probabilities", "evaluate"]
+
+
+def member_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+    """Each member's mean cross-entropy, summed over members (``reduction="sum"``: the loss whose backward is N
+    independent trainings) or one per member (``"none"``: ``[N]``, what ``amp.MemberGradScaler.scale`` takes);
+    ``logits [N, B, K]``, ``targets [N, B]``."""
+    if reduction not in ("sum", "none"):
+        raise ValueError(f"reduction must be 'sum' or 'none', got {reduction!r}")
+    per_example = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
+    per_member = per_example.view(targets.shape).mean(1)
+    return per_member.sum() if reduction == "sum" else per_member
+
+
+def train_epoch(fused: FusedEnsemble, optimizer, x: torch.Tensor, y: torch.Tensor, batch_size: int,
+                sampling: str = "shuffle", generator: torch.Generator | None = None, progress=None,
+                clip_grad_norm: MemberValue | None = None, autocast_dtype: torch.dtype | None = None,
+                scaler: MemberGradScaler | None = None) -> int:
+    """One epoch: every member sees its own shuffle/bootstrap of ``(x, y)``; returns the steps taken.
+
+    ``fused`` must have ``reduction="none"`` and ``member_inputs=True``. ``progress``: an optional tqdm bar,
+    advanced once per step with the mean member loss as its postfix. ``clip_grad_norm``: clip each member's
+    gradient norm to this (a number, or one per member; ``fused_ensemble.clip_grad``). ``autocast_dtype``: run the
+    forward under ``torch.autocast`` in this dtype; ``scaler``: a ``MemberGradScaler`` (for float16), which then
+    unscales before clipping and steps the members whose gradients are finite.
+    """
+    if fused.reduction != "none" or not fused.member_inputs:
+        raise ValueError("train_epoch needs FusedEnsemble(..., reduction='none', member_inputs=True), got "
+                         f"reduction={fused.reduction!r}, member_inputs={fused.member_inputs}")
+    device = next(fused.parameters()).device
+    fused.train()
+    steps = 0
+    for xb, yb in member_batches(x, y, fused.num_members, batch_size, sampling, generator):
+        xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            logits = fused(xb)
+        losses = member_cross_entropy(logits.float(), yb, reduction="none")
+        (losses if scaler is None else scaler.scale(losses)).sum().backward()
+        if clip_grad_norm is not None:
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            clip_grad_norm_(fused.parameters(), clip_grad_norm)
+        if scaler is None:
+            optimizer.step()
+        else:
+            scaler.step(optimizer)
+            scaler.update()
+        steps += 1
+        if progress is not None:
+            progress.update(1)
+            if steps % 10 == 1:  # .item() waits for the device: not every step
+                progress.set_postfix(loss=f"{losses.sum().item() / fused.num_members:.3f}", refresh=False)
+    return steps
+
+
+@torch.no_grad()
+def member_probabilities(fused: FusedEnsemble, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """Member softmax probabilities ``[N, M, K]`` (float32, on the CPU) for inputs ``x [M, ...]``, eval mode."""
+    device = next(fused.parameters()).device
+    was_training = fused.training
+    fused.eval()
+    chunks = []
+    for start in range(0, x.shape[0], batch_size):
+        xb = x[start:start + batch_size].to(device)
+        logits = fused(xb.expand(fused.num_members, *xb.shape))  # every member sees the same examples
+        chunks.append(logits.float().softmax(-1).cpu())
+    fused.train(was_training)
+    return torch.cat(chunks, dim=1)
+
+
+def evaluate(fused: FusedEnsemble, x: torch.Tensor, y: torch.Tensor, n_bins: int = 15,
+             batch_size: int = 512) -> dict:
+    """Per-member and ensemble (mean of member probabilities) accuracy, NLL, Brier and ECE on ``(x, y)``."""
+    member_probs = member_probabilities(fused, x, batch_size)
+    ensemble_probs = member_probs.mean(0)
+    y = y.cpu()
+    result = {}
+    for name in ("accuracy", "nll", "brier", "ece"):
+        metric = getattr(metrics, name)
+        kwargs = {"n_bins": n_bins} if name == "ece" else {}
+        result[f"member_{name}"] = metric(member_probs, y, **kwargs).tolist()
+        result[f"ensemble_{name}"] = metric(ensemble_probs, y, **kwargs).item()
+        result[f"mean_member_{name}"] = sum(result[f"member_{name}"]) / fused.num_members
+    result["ensemble_mutual_info"] = metrics.mutual_information(member_probs).mean().item()
+    result["_ensemble_probs"] = ensemble_probs
+    return result
