@@ -1,0 +1,170 @@
+"""The benchmark results' layout and provenance, and the Markdown tables bench/report.py makes from them."""
+
+import importlib.util
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+MACHINES = {"h100", "cpu-2core"}
+ENVIRONMENT_KEYS = ("machine", "card", "torch", "commit", "command", "date")
+WORK_ORGANIZATION = re.compile(r"\bsessions?\d*\b|\blease\b|lent gpu|issue #\d|this machine today", re.IGNORECASE)
+SECTIONS = ("headline", "inference-h100", "reduction-h100", "training", "optimizer", "bench-cli-cpu")
+
+
+def _load_report():
+    spec = importlib.util.spec_from_file_location("bench_report", ROOT / "bench" / "report.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+report = _load_report()
+RESULT_FILES = sorted(RESULTS.rglob("*.json"))
+
+
+def _json(relative: str) -> dict:
+    with open(RESULTS / relative) as f:
+        return json.load(f)
+
+
+def _tables(markdown: str) -> dict[str, list[dict]]:
+    """Source file -> the rows (header -> cell) of the table after that file's "Source:" line."""
+    found, source, header = {}, None, None
+    for line in markdown.splitlines():
+        match = re.match(r"Source: `([^`]+)`", line)
+        if match:
+            source, header = match[1], None
+            found.setdefault(source, [])
+        elif line.startswith("|") and source is not None:
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if header is None:
+                header = cells
+            elif not set(line) <= set("|-"):
+                found[source].append(dict(zip(header, cells)))
+    return found
+
+
+def _row(rows: list[dict], **where) -> dict:
+    matching = [r for r in rows if all(r.get(k) == str(v) for k, v in where.items())]
+    assert len(matching) == 1, (where, matching)
+    return matching[0]
+
+
+def _assert_same(cell: str, value: float) -> None:
+    """A table cell shows ``value`` rounded to the cell's digits."""
+    number = re.match(r"[\d.]+", cell)[0]
+    decimals = len(number.split(".")[1]) if "." in number else 0
+    assert abs(float(number) - value) <= 0.5 * 10 ** -decimals + 1e-9, (cell, value)
+
+
+@pytest.mark.parametrize("path", RESULT_FILES, ids=lambda p: str(p.relative_to(RESULTS)))
+def test_result_file_names_its_machine_and_provenance(path):
+    relative = path.relative_to(RESULTS)
+    assert len(relative.parts) == 2 and relative.parts[0] in MACHINES, relative
+    match = re.fullmatch(r"[a-z0-9]+(?:-[a-z0-9]+)*-(\d{4}-\d{2}-\d{2})\.json", relative.parts[1])
+    assert match, relative
+    with open(path) as f:
+        environment = json.load(f)["environment"]
+    for key in ENVIRONMENT_KEYS:
+        assert key in environment, (relative, key)
+    assert environment["machine"] == relative.parts[0]
+    assert environment["date"] == match[1]
+    assert environment["command"] and environment["card"]
+
+
+def test_results_are_json_with_plots_beside_them():
+    files = [p for p in RESULTS.rglob("*") if p.is_file()]
+    assert RESULT_FILES
+    for path in files:
+        assert path.suffix in (".json", ".png"), path
+        if path.suffix == ".png":
+            assert path.with_suffix(".json").exists(), path
+
+
+def test_no_work_organization_words_in_results_or_notes():
+    for path in [p for p in RESULTS.rglob("*") if p.is_file()] + [ROOT / "bench" / "NOTES.md"]:
+        assert not WORK_ORGANIZATION.search(str(path.relative_to(ROOT))), path
+        text = path.read_bytes().decode("utf-8", errors="ignore")
+        match = WORK_ORGANIZATION.search(text)
+        assert match is None, (path, text[max(0, match.start() - 80):match.end() + 80] if match else None)
+
+
+def test_every_section_has_content():
+    built = report.sections()
+    assert set(SECTIONS) <= set(built)
+    for name, text in built.items():
+        assert text.strip(), name
+        assert "`bench/results/" in text, name  # every table names its files
+
+
+def test_inference_cells_equal_the_json():
+    tables = _tables(report.sections()["inference-h100"])
+    path = "h100/ensemble-activations-freed-2026-11-27.json"
+    point = next(p for p in _json(path)["points"] if p["members"] == 8 and p["batch"] == 1)
+    row = _row(tables[f"bench/results/{path}"], model="resnet18-cifar", dtype="bfloat16", N=8, B=1)
+    _assert_same(row["optimized (ms)"], point["ms"]["optimized"])
+    _assert_same(row["loop + graph (ms)"], point["ms"]["loop_graph"])
+    _assert_same(row["optimized vs best loop"], point["speedup_optimized_vs_best_loop"])
+
+
+def test_reduction_cells_equal_the_json():
+    tables = _tables(report.sections()["reduction-h100"])
+    path = "h100/reduce-cuda-vs-triton-2026-11-27.json"
+    result = next(r for r in _json(path)["results"]
+                  if (r["N"], r["B"], r["K"], r["workload"]) == (4, 132, 32000, "stats"))
+    row = _row(tables[f"bench/results/{path}"], N=4, B=132, K=32000, workload="stats")
+    cell = row["CUDA C++ GB/s (of copy)"]
+    _assert_same(cell, result["GB/s"]["cpp"])
+    _assert_same(re.search(r"\(([\d.]+)\)", cell)[1], result["copy_fraction"]["cpp"])
+
+
+def test_training_optimizer_and_bench_cli_cells_equal_the_json():
+    built = report.sections()
+    path = "cpu-2core/train-interleaved-2026-11-27.json"
+    point = next(p for p in _json(path)["points"] if p["members"] == 8)
+    row = _row(_tables(built["training"])[f"bench/results/{path}"], N=8)
+    _assert_same(row["fused (ms)"], point["ms"]["fused"])
+
+    path = "h100/optim-2026-11-27.json"
+    entry = next(b for b in _json(path)["benchmarks"]
+                 if b["name"] == "test_bench_optimizer_step[sgd-fused_ensemble_cuda_kernels]")
+    row = _row(_tables(built["optimizer"])[f"bench/results/{path}"], group=entry["group"])
+    _assert_same(row["fused_ensemble_cuda_kernels"], entry["stats"]["median"] * 1e3)
+
+    path = "cpu-2core/bench-cli-settled-allocator-2026-11-27.json"
+    row = _row(_tables(built["bench-cli-cpu"])[f"bench/results/{path}"], method="optimize(x)")
+    _assert_same(row["ms"], _json(path)["results"]["optimized"]["ms"])
+
+
+def test_headline_names_machine_date_and_source():
+    rows = [line for line in report.sections()["headline"].splitlines() if line.startswith("| ")][1:]
+    assert 3 <= len(rows) <= 6
+    for line in rows:
+        assert re.search(r"`(h100|cpu-2core)`", line) and re.search(r"\d{4}-\d{2}-\d{2}", line)
+        assert "`bench/results/" in line
+
+
+def test_missing_keys_show_as_dashes(tmp_path):
+    (tmp_path / "h100").mkdir()
+    point = {"model": "mlp", "dtype": "float32", "members": 2, "batch": 4, "ms": {"loop": 1.5, "optimized": 1.0}}
+    with open(tmp_path / "h100" / "ensemble-sparse-2026-01-02.json", "w") as f:
+        json.dump({"points": [point]}, f)
+    built = report.sections(tmp_path)
+    text = built["inference-h100"]
+    assert "commit `-`" in text
+    row = _tables(text)["bench/results/h100/ensemble-sparse-2026-01-02.json"][0]
+    assert row["loop (ms)"] == "1.50" and row["efficiency"] == "-" and row["chosen"] == "-"
+    assert built["training"] == ""
+
+
+def test_command_line_prints_one_section_or_all(capsys):
+    assert report.main(["--section", "optimizer"]) == 0
+    one = capsys.readouterr().out
+    assert one.strip() == report.sections()["optimizer"].strip()
+    assert report.main(["--all"]) == 0
+    every = capsys.readouterr().out
+    assert one.strip() in every and "## headline" in every
