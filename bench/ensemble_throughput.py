@@ -6,8 +6,8 @@ torch.compile of it; a point where it does not compile records why), FusedEnsemb
 efficiency" reference: an ensemble can at best be as fast as one member seeing all N * B images, in whichever
 memory format runs it faster; efficiency = t_single(N * B) / t_optimized).
 
-    python bench/ensemble_throughput.py --preset gpu --json bench/results/ensemble-h100.json   # on a GPU
-    python bench/ensemble_throughput.py --preset cpu --json bench/results/ensemble-cpu.json    # 2-core CPU
+    python bench/ensemble_throughput.py --preset gpu --json bench/results/h100/ensemble-<date>.json   # on a GPU
+    python bench/ensemble_throughput.py --preset cpu --json bench/results/cpu-2core/ensemble-<date>.json
 
 FLOPs are counted with torch.utils.flop_counter on one member at batch 1 (convolutions and matmuls, 2 per
 multiply-add) and reported as N * B * flops / time, next to the rate of a large bf16 matmul measured in the same run.
@@ -43,15 +43,15 @@ PRESETS = {
             ("resnet50", "bfloat16", 8, 64), ("resnet18-cifar", "bfloat16", 4, 64),
             ("resnet18-cifar", "bfloat16", 32, 64), ("resnet50", "bfloat16", 8, 1),
             ("lenet", "float32", 32, 512), ("mlp", "float32", 32, 512)],
-    # torch.compile of vmap (--compile-vmap) compiles for a minute or so per point: two points on a GPU lease.
+    # torch.compile of vmap (--compile-vmap) compiles for a minute or so per point: two points.
     "gpu-compile": [("resnet18-cifar", "bfloat16", 8, 1), ("resnet18-cifar", "bfloat16", 16, 64)],
     "cpu": [("resnet18-cifar", "float32", 8, 1), ("resnet18-cifar", "float32", 4, 8),
             ("resnet18-cifar", "float32", 4, 32), ("lenet", "float32", 4, 64), ("lenet", "float32", 16, 64),
             ("mlp", "float32", 4, 64), ("mlp", "float32", 16, 64)],
     "smoke": [("lenet", "float32", 2, 4), ("mlp", "float32", 3, 4)],
 }
-# The issue's whole matrix (4 models x N in {1, 4, 8, 16, 32} x B in {1, 64, 512} x fp32/bf16, 120 points): hours
-# on a GPU, for a long lease; "gpu" above is the subset that fits a short one.
+# The whole matrix (4 models x N in {1, 4, 8, 16, 32} x B in {1, 64, 512} x fp32/bf16, 120 points): hours on a
+# GPU; "gpu" above is the subset that fits a run of a few minutes.
 PRESETS["gpu-full"] = [(model, dtype, members, batch) for model in ("resnet18-cifar", "resnet50", "lenet", "mlp")
                        for dtype in ("bfloat16", "float32") for members in (1, 4, 8, 16, 32)
                        for batch in (1, 64, 512)]
@@ -145,7 +145,7 @@ def main(argv=None) -> int:
     parser.add_argument("--compile-vmap", action="store_true",
                         help="also time torch.compile of the vmap baseline (tens of seconds of compiling per point)")
     parser.add_argument("--budget-s", type=float, default=None,
-                        help="start no new point after this many seconds (the GPU lease is short)")
+                        help="start no new point after this many seconds (for runs with a time limit)")
     args = parser.parse_args(argv)
     started = time.monotonic()
     device = args.device

@@ -1,7 +1,8 @@
 """Plots throughput (images/s) against the number of members N, one panel per batch size, from a JSON written by
 bench/ensemble_throughput.py:
 
-    python bench/plot_throughput.py bench/results/ensemble-h100-2026-11-27.json bench/results/ensemble-h100-2026-11-27.png
+    python bench/plot_throughput.py bench/results/h100/ensemble-nchw-reference-2026-11-27.json \
+        bench/results/h100/ensemble-nchw-reference-2026-11-27.png
 """
 
 from __future__ import annotations

@@ -1,12 +1,12 @@
 """Where one training step's time goes, member loop against FusedEnsemble (and vmap): torch.profiler over a few
 steps of each (the steps of train_steps.py), operators grouped by kind, per step.
 
-For issue #5's GPU target (fused >= 2x the loop at N=8, B=128; 1.55x on an H100 so far): the table says which
-kinds of work the fused step does slower than N member steps (grouped convolutions forward or backward, BatchNorm
+For the training target (fused at least 2x the fastest member loop at N=8, B=128; see docs/performance.md): the
+table says which kinds of work the fused step does slower than N member steps (grouped convolutions forward or backward, BatchNorm
 over N*C channels, the optimizer, layout copies). On CUDA the times are the device time of the kernels each
 operator launched; on the CPU, operators' self CPU time.
 
-    python bench/profile_train_step.py --members 8 --batch 128 --steps 5 --json bench/results/profile-train.json
+    python bench/profile_train_step.py --members 8 --batch 128 --steps 5 --json bench/results/<machine>/profile-train-<date>.json
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""GPU benchmark of the ensemble reduction: eager, torch.compile, Triton and CUDA C++ on the issue's shape matrix.
+"""GPU benchmark of the ensemble reduction: eager, torch.compile, Triton and CUDA C++ on the benchmark's shape matrix.
 
-    python bench/reduce_gpu.py [--out bench/results/reduce-<card>-<dtype>.json] [--static-compile]
+    python bench/reduce_gpu.py [--out bench/results/<machine>/reduce-<date>.json] [--static-compile]
                                [--dtype {float32,bfloat16,float16}]
     python bench/reduce_gpu.py --smoke      # CPU, tiny shapes: checks the script end to end without a GPU
 
@@ -25,11 +25,12 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 
 import torch
+
+from fused_ensemble.cli.environment import environment_info
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import reduce_workloads as rw  # noqa: E402
@@ -37,16 +38,7 @@ import reduce_workloads as rw  # noqa: E402
 ROTATION_BYTES = 160 * 2**20   # > 3x the L2 of an H100: every timed call reads its input from HBM
 
 
-def _git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        # The GPU machine receives a copy of the working tree without .git: the caller passes the commit.
-        return os.environ.get("GIT_COMMIT", "unknown")
-
-
-def _timer(device: str, fast: bool):
+def make_timer(device: str, fast: bool):
     """A function (fn, inputs) -> median seconds per call of fn on one of the inputs."""
     if device == "cuda":
         import triton.testing
@@ -116,7 +108,7 @@ def run(out_json_path: str | None, smoke: bool = False, static_compile: bool = F
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("reduce_gpu.py needs a CUDA device (use --smoke to check it on the CPU)")
     torch.manual_seed(0)
-    time_fn = _timer(device, fast=True)
+    time_fn = make_timer(device, fast=True)
     itemsize = torch.empty(0, dtype=dtype).element_size()
     shapes = rw.SMOKE_SHAPES if smoke else rw.gpu_shapes(itemsize)
     copy_gbs = copy_bandwidth(device, time_fn)
@@ -136,8 +128,9 @@ def run(out_json_path: str | None, smoke: bool = False, static_compile: bool = F
     print("per-call latency on a [2, 4, 10] input (us): " + ", ".join(f"{k} {v:.0f}" for k, v in latency.items()))
     results = []
     report = {
+        "environment": environment_info(device),
         "card": card, "device": device, "torch": torch.__version__, "triton": triton.__version__,
-        "commit": _git_commit(), "threads": torch.get_num_threads(), "dtype": str(dtype).replace("torch.", ""),
+        "threads": torch.get_num_threads(), "dtype": str(dtype).replace("torch.", ""),
         "compile_mode": "static" if static_compile else "dynamic", "copy_GB/s": copy_gbs,
         "timing": "triton.testing.do_bench_cudagraph median over rotated inputs" if device == "cuda"
         else "perf_counter median", "latency_us_tiny_input": latency, "results": results,
@@ -211,8 +204,8 @@ def _print_row(row: dict) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", help="JSON results path (default: bench/results/reduce-<card>.json; "
-                                      "none with --smoke)")
+    parser.add_argument("--out", help="JSON results path (default: bench/results/<machine>/reduce-<dtype>-<date>.json;"
+                                      " none with --smoke)")
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny shapes: an end-to-end check")
     parser.add_argument("--static-compile", action="store_true",
                         help="compile the reference once per shape instead of once with dynamic shapes")
@@ -221,8 +214,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     out = args.out
     if out is None and not args.smoke:
-        card = torch.cuda.get_device_name().replace(" ", "-") if torch.cuda.is_available() else "cpu"
-        out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"reduce-{card}-{args.dtype}.json")
+        environment = environment_info("cuda" if torch.cuda.is_available() else "cpu")
+        out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", environment["machine"],
+                           f"reduce-{args.dtype}-{environment['date']}.json")
+        os.makedirs(os.path.dirname(out), exist_ok=True)
     run(out, smoke=args.smoke, static_compile=args.static_compile, dtype=DTYPES[args.dtype])
 
 

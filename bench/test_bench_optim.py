@@ -42,7 +42,7 @@ _parameters: dict[str, tuple[list, list]] = {}
 
 
 def _member_and_stacked_parameters():
-    """The members' parameters and their [N, ...] stacks, with random gradients (built once per session)."""
+    """The members' parameters and their [N, ...] stacks, with random gradients (built once per test run)."""
     if "resnet" not in _parameters:
         torch.manual_seed(0)
         members = [build_model("resnet18-cifar", 10).to(DEVICE) for _ in range(MEMBERS)]

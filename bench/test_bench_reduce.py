@@ -1,7 +1,7 @@
 """pytest-benchmark suites of the ensemble reduction: every reduction and ensemble_stats x implementation x shape.
 
 Run with ``pytest bench/test_bench_reduce.py --benchmark-enable`` (skipped otherwise: the default options carry
-``--benchmark-disable``). On a CUDA machine the shapes are the issue's GPU matrix (inputs >= 64 MB); on the CPU,
+``--benchmark-disable``). On a CUDA machine the shapes are the GPU matrix of reduce_workloads.gpu_shapes (inputs >= 64 MB); on the CPU,
 a few shapes a 2-core machine runs in reasonable time. Each group (one workload at one shape) holds the eager
 reference, torch.compile of the reference and our kernels, so ``--benchmark-group-by=group`` compares them in one
 table; ``extra_info`` records GB/s (logits read once + outputs written once) and the error against eager.

@@ -2,7 +2,7 @@
 
 Run with ``pytest bench/test_bench_train.py --benchmark-enable --benchmark-group-by=group`` (skipped otherwise:
 the default options carry ``--benchmark-disable``). Members: CIFAR ResNet-18, N in {4, 8, 16}; batch per member
-128 on CUDA (the issue's GPU target: fused >= 2x the loop at N=8), 2 on the CPU (a 2-core machine). Each group
+128 on CUDA (the GPU training target: fused at least 2x the loop at N=8), 2 on the CPU (a 2-core machine). Each group
 (one N) compares the three steps of ``train_steps.py`` (the member loop, torch.func vmap, FusedEnsemble) in one
 process on one device.
 

@@ -20,7 +20,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import reduce_workloads as rw  # noqa: E402
-from reduce_gpu import ROTATION_BYTES, _git_commit, _timer, copy_bandwidth  # noqa: E402
+from reduce_gpu import ROTATION_BYTES, copy_bandwidth, make_timer  # noqa: E402
+
+from fused_ensemble.cli.environment import environment_info  # noqa: E402
 
 from fused_ensemble.kernels import ensemble_reduce as er  # noqa: E402
 
@@ -43,7 +45,7 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
-    time_s = _timer("cuda", fast=True)
+    time_s = make_timer("cuda", fast=True)
     copy_gbs = copy_bandwidth("cuda", time_s)
     points = []
 
@@ -74,8 +76,9 @@ def main() -> None:
         for workload in WORKLOADS:
             for splits in SPLITS:
                 measure(shape, workload, {} if splits is None else {"splits": splits})
-    report = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": _git_commit(),
-              "copy_GB/s": copy_gbs, "timing": "triton.testing.do_bench median", "points": points}
+    report = {"environment": environment_info("cuda"), "card": torch.cuda.get_device_name(),
+              "torch": torch.__version__, "copy_GB/s": copy_gbs, "timing": "triton.testing.do_bench median",
+              "points": points}
     if args.out:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)
