@@ -1,4 +1,4 @@
-"""Test-session setup: Triton runs under its CPU interpreter when there is no GPU, TF32 is off, seeds fixed."""
+"""Test setup: Triton runs under its CPU interpreter when there is no GPU, TF32 is off, seeds fixed."""
 
 import os
 

@@ -35,7 +35,7 @@ SMALL_ARCHITECTURES = ["mlp", "lenet", "resnet18-cifar"]
 
 @functools.lru_cache(maxsize=None)
 def eval_members(name: str, n: int = 2) -> tuple[nn.Module, ...]:
-    """Randomized eval-mode members of one architecture, built once per session (the tests never change them:
+    """Randomized eval-mode members of one architecture, built once per test run (the tests never change them:
     FusedEnsemble copies its members)."""
     return tuple(make_members(lambda: build_model(name), n=n, seed=1))
 
