@@ -500,18 +500,34 @@ def sections(results_dir: Path | str | None = None) -> dict[str, str]:
     return {name: build(results) for name, build in SECTION_BUILDERS.items()}
 
 
+FILLED_BLOCK = re.compile(r"(<!-- report:(?P<name>[a-z0-9-]+) -->\n)(?P<body>.*?)(<!-- /report:(?P=name) -->)",
+                          re.DOTALL)
+"""A generated block of a Markdown file that is read as it is (README.md): the section NAME between the markers."""
+
+
+def fill(text: str, built: dict[str, str]) -> str:
+    """``text`` with every block between ``<!-- report:NAME -->`` and ``<!-- /report:NAME -->`` replaced by section
+    NAME of ``built``."""
+    return FILLED_BLOCK.sub(lambda m: m.group(1) + built[m.group("name")].strip() + "\n" + m.group(4), text)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--section", choices=sorted(SECTION_BUILDERS), help="print one section")
     what.add_argument("--all", action="store_true", help="print every section")
     what.add_argument("--list", action="store_true", help="print the section names")
+    what.add_argument("--fill", metavar="PATH", help="rewrite the generated blocks of a Markdown file (README.md)")
     parser.add_argument("--results", default=None, help="results folder (default: bench/results)")
     args = parser.parse_args(argv)
     if args.list:
         print("\n".join(SECTION_BUILDERS))
         return 0
     built = sections(args.results)
+    if args.fill:
+        path = Path(args.fill)
+        path.write_text(fill(path.read_text(), built))
+        return 0
     if args.section:
         print(built[args.section])
         return 0

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "bench" / "results"
 MACHINES = {"h100", "cpu-2core"}
 ENVIRONMENT_KEYS = ("machine", "card", "torch", "commit", "command", "date")
@@ -168,3 +168,9 @@ def test_command_line_prints_one_section_or_all(capsys):
     assert report.main(["--all"]) == 0
     every = capsys.readouterr().out
     assert one.strip() in every and "## headline" in every
+
+
+def test_the_readme_tables_are_the_generated_ones():
+    readme = (ROOT / "README.md").read_text()
+    assert report.FILLED_BLOCK.search(readme), "README.md has no generated block"
+    assert report.fill(readme, report.sections()) == readme, "run: python bench/report.py --fill README.md"
