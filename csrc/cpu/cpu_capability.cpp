@@ -10,10 +10,10 @@ Capability kernel_capability() {
   static const Capability capability = [] {
 #ifdef FUSED_ENSEMBLE_X86_KERNELS
     const std::string name = at::get_cpu_capability();
-    if (name == "AVX512") return Capability::Avx512;
-    if (name == "AVX2") return Capability::Avx2;
+    if (name == "AVX512") return Capability::kAvx512;
+    if (name == "AVX2") return Capability::kAvx2;
 #endif
-    return Capability::Default;
+    return Capability::kDefault;
   }();
   return capability;
 }

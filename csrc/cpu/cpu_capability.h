@@ -12,7 +12,7 @@
 
 namespace fused_ensemble::cpu {
 
-enum class Capability { Default, Avx2, Avx512 };
+enum class Capability { kDefault, kAvx2, kAvx512 };
 
 // The widest vectors both the CPU and this torch build use (torch honours ATEN_CPU_CAPABILITY, so do we).
 Capability kernel_capability();

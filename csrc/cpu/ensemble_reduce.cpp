@@ -27,9 +27,9 @@ namespace {
 const KernelTable& kernels() {
   switch (kernel_capability()) {
 #ifdef FUSED_ENSEMBLE_X86_KERNELS
-    case Capability::Avx512:
+    case Capability::kAvx512:
       return AVX512::kernel_table();
-    case Capability::Avx2:
+    case Capability::kAvx2:
       return AVX2::kernel_table();
 #endif
     default:
@@ -38,16 +38,16 @@ const KernelTable& kernels() {
 }
 
 Reduction parse_reduction(c10::string_view reduction) {
-  if (reduction == "mean") return Reduction::Mean;
-  if (reduction == "mean_probs") return Reduction::MeanProbs;
-  if (reduction == "softmax_of_mean") return Reduction::SoftmaxOfMean;
-  if (reduction == "log_mean_probs") return Reduction::LogMeanProbs;
+  if (reduction == "mean") return Reduction::kMean;
+  if (reduction == "mean_probs") return Reduction::kMeanProbs;
+  if (reduction == "softmax_of_mean") return Reduction::kSoftmaxOfMean;
+  if (reduction == "log_mean_probs") return Reduction::kLogMeanProbs;
   TORCH_CHECK(false, "fused_ensemble_ext: unknown reduction '", reduction,
               "'; expected one of 'mean', 'mean_probs', 'softmax_of_mean', 'log_mean_probs'");
 }
 
 bool saves_member_lse(Reduction reduction) {
-  return reduction == Reduction::MeanProbs || reduction == Reduction::LogMeanProbs;
+  return reduction == Reduction::kMeanProbs || reduction == Reduction::kLogMeanProbs;
 }
 
 LogitsView check_logits(const at::Tensor& x, const char* op) {
@@ -94,7 +94,7 @@ std::tuple<at::Tensor, at::Tensor> reduce_forward(const at::Tensor& x, c10::stri
                                                : at::empty({0}, options);
   const ForwardArgs args{view, reduction, out.data_ptr(), aux.data_ptr()};
   const KernelTable& table = kernels();
-  if (reduction == Reduction::Mean && view.stride_class == 1 && (view.rows == 1 || view.stride_row == view.classes)) {
+  if (reduction == Reduction::kMean && view.stride_class == 1 && (view.rows == 1 || view.stride_row == view.classes)) {
     // Each member's [R, K] block is one run of memory: average it flat, whatever K is (K = 10 rows one by one
     // ran at half of eager torch.mean's speed).
     at::parallel_for(0, view.rows * view.classes, row_grain(view.members, 1),

@@ -26,9 +26,9 @@ namespace {
 const OptimizerKernelTable& kernels() {
   switch (kernel_capability()) {
 #ifdef FUSED_ENSEMBLE_X86_KERNELS
-    case Capability::Avx512:
+    case Capability::kAvx512:
       return AVX512::optimizer_kernel_table();
-    case Capability::Avx2:
+    case Capability::kAvx2:
       return AVX2::optimizer_kernel_table();
 #endif
     default:
@@ -51,7 +51,7 @@ void check_list(const char* op, const char* name, at::TensorList list, at::Tenso
               " tensors for ", params.size(), " parameters");
   for (size_t j = 0; j < list.size(); ++j) {
     TORCH_CHECK(list[j].device().is_cpu() && list[j].scalar_type() == params[j].scalar_type() &&
-                    fused_ensemble::same_layout(list[j], params[j]),
+                    same_layout(list[j], params[j]),
                 "fused_ensemble_ext::", op, ": ", name, "[", j, "] must be a CPU tensor of the parameter's shape ",
                 params[j].sizes(), ", strides ", params[j].strides(), " and dtype ", params[j].scalar_type(), ", got ",
                 list[j].sizes(), ", ", list[j].strides(), " ", list[j].scalar_type());
@@ -70,7 +70,7 @@ std::vector<Task> plan(const char* op, at::TensorList params, const at::Tensor& 
   const int64_t count = static_cast<int64_t>(params.size());
   for (int64_t j = 0; j < count; ++j) {
     const at::Tensor& p = params[j];
-    TORCH_CHECK(p.device().is_cpu() && p.scalar_type() == dtype && fused_ensemble::member_major_dense(p) &&
+    TORCH_CHECK(p.device().is_cpu() && p.scalar_type() == dtype && member_major_dense(p) &&
                     p.size(0) == members,
                 "fused_ensemble_ext::", op, ": parameter ", j, " must be a dense CPU ", dtype, " tensor with ",
                 members, " members in dim 0, outermost in memory, got ", p.sizes(), ", strides ", p.strides(), " ",

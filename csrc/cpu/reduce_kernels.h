@@ -11,7 +11,7 @@
 
 namespace fused_ensemble::cpu {
 
-enum class Reduction { Mean, MeanProbs, SoftmaxOfMean, LogMeanProbs };
+enum class Reduction { kMean, kMeanProbs, kSoftmaxOfMean, kLogMeanProbs };
 
 // Logits [N, R, K] with arbitrary (possibly zero) strides, counted in elements.
 struct LogitsView {
@@ -26,7 +26,7 @@ struct ForwardArgs {
   LogitsView x;
   Reduction reduction;
   void* out;  // [R, K] acc
-  void* aux;  // [N, R] acc: member log-sum-exp, for MeanProbs and LogMeanProbs only
+  void* aux;  // [N, R] acc: member log-sum-exp, for kMeanProbs and kLogMeanProbs only
 };
 
 struct BackwardArgs {
@@ -34,8 +34,8 @@ struct BackwardArgs {
   Reduction reduction;
   const void* grad_out;  // [R, K] acc
   const void* out;       // [R, K] acc
-  const void* aux;       // [N, R] acc, for MeanProbs and LogMeanProbs
-  void* grad;            // [R, K] acc for Mean and SoftmaxOfMean; [N, R, K] in the logits' dtype otherwise
+  const void* aux;       // [N, R] acc, for kMeanProbs and kLogMeanProbs
+  void* grad;            // [R, K] acc for kMean and kSoftmaxOfMean; [N, R, K] in the logits' dtype otherwise
 };
 
 struct StatsArgs {

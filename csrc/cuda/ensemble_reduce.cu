@@ -13,7 +13,7 @@
 #include <tuple>
 #include <vector>
 
-namespace fused_ensemble_cuda {
+namespace fused_ensemble::cuda {
 namespace {
 
 Reduction parse_reduction(c10::string_view name) {
@@ -118,10 +118,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 }
 
 }  // namespace
-}  // namespace fused_ensemble_cuda
+}  // namespace fused_ensemble::cuda
 
 TORCH_LIBRARY_IMPL(fused_ensemble_ext, CUDA, m) {
-  m.impl("reduce_forward", &fused_ensemble_cuda::reduce_forward_cuda);
-  m.impl("reduce_backward", &fused_ensemble_cuda::reduce_backward_cuda);
-  m.impl("stats_forward", &fused_ensemble_cuda::stats_forward_cuda);
+  m.impl("reduce_forward", &fused_ensemble::cuda::reduce_forward_cuda);
+  m.impl("reduce_backward", &fused_ensemble::cuda::reduce_backward_cuda);
+  m.impl("stats_forward", &fused_ensemble::cuda::stats_forward_cuda);
 }

@@ -25,7 +25,7 @@
 #include <type_traits>
 #include <utility>
 
-namespace fused_ensemble_cuda {
+namespace fused_ensemble::cuda {
 namespace {
 
 enum class Mode { kMeanProbs, kSoftmaxOfMean, kLogMeanProbs, kStats };
@@ -461,4 +461,4 @@ void launch_stats_forward(const at::Tensor& x, StatsOutputs& o) {
   run_rows<Mode::kStats>(x, o.probs, [&](auto& p) { set_stats_outputs(p, o); });
 }
 
-}  // namespace fused_ensemble_cuda
+}  // namespace fused_ensemble::cuda

@@ -8,7 +8,7 @@
 #include <type_traits>
 #include <utility>
 
-namespace fused_ensemble_cuda {
+namespace fused_ensemble::cuda {
 
 enum class Reduction { kMean, kMeanProbs, kSoftmaxOfMean, kLogMeanProbs };
 
@@ -49,4 +49,4 @@ void launch_short_rows_stats(const at::Tensor& x, StatsOutputs& outputs);
 void launch_reduce_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& out,
                             Reduction reduction, at::Tensor& grad);
 
-}  // namespace fused_ensemble_cuda
+}  // namespace fused_ensemble::cuda

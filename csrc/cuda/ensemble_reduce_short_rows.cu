@@ -23,7 +23,7 @@
 #include <type_traits>
 #include <utility>
 
-namespace fused_ensemble_cuda {
+namespace fused_ensemble::cuda {
 namespace {
 
 constexpr int kMaxK = 16;
@@ -298,4 +298,4 @@ void launch_short_rows_stats(const at::Tensor& x, StatsOutputs& o) {
   run_short_rows<ShortMode::kStats>(x, o.probs, [&](auto& p) { set_stats_outputs(p, o); });
 }
 
-}  // namespace fused_ensemble_cuda
+}  // namespace fused_ensemble::cuda

@@ -18,25 +18,8 @@
 
 #include "../member_optimizer_factors.h"
 
-namespace fused_ensemble_cuda {
+namespace fused_ensemble::cuda {
 namespace {
-
-using fused_ensemble::kAdamActive;
-using fused_ensemble::kAdamBeta2;
-using fused_ensemble::kAdamBiasCorrection2Sqrt;
-using fused_ensemble::kAdamDecay;
-using fused_ensemble::kAdamEps;
-using fused_ensemble::kAdamFactors;
-using fused_ensemble::kAdamNegStepSize;
-using fused_ensemble::kAdamOneMinusBeta1;
-using fused_ensemble::kAdamOneMinusBeta2;
-using fused_ensemble::kSgdActive;
-using fused_ensemble::kSgdFactors;
-using fused_ensemble::kSgdFirstStep;
-using fused_ensemble::kSgdGradScale;
-using fused_ensemble::kSgdMomentum;
-using fused_ensemble::kSgdNegLr;
-using fused_ensemble::kSgdWeightDecay;
 
 constexpr int kThreads = 256;
 constexpr int kMaxBlocksPerMember = 1024;  // grid-stride beyond that
@@ -108,7 +91,7 @@ void check_list(const char* op, const char* name, at::TensorList list, at::Tenso
               " tensors for ", params.size(), " parameters");
   for (size_t j = 0; j < list.size(); ++j) {
     TORCH_CHECK(list[j].device() == params[j].device() && list[j].scalar_type() == params[j].scalar_type() &&
-                    fused_ensemble::same_layout(list[j], params[j]),
+                    same_layout(list[j], params[j]),
                 "fused_ensemble_ext::", op, " (CUDA): ", name, "[", j, "] must be a tensor of the parameter's ",
                 "device, shape, strides and dtype (", params[j].sizes(), ", ", params[j].strides(), ", ",
                 params[j].scalar_type(), ")");
@@ -129,7 +112,7 @@ at::Tensor check_and_copy_factors(const char* op, at::TensorList params, const a
   for (size_t j = 0; j < params.size(); ++j) {
     const at::Tensor& p = params[j];
     TORCH_CHECK(p.device() == first.device() && p.scalar_type() == first.scalar_type() &&
-                    fused_ensemble::member_major_dense(p) && p.size(0) == members,
+                    member_major_dense(p) && p.size(0) == members,
                 "fused_ensemble_ext::", op, " (CUDA): parameter ", j, " must be a dense ", first.scalar_type(),
                 " tensor on ", first.device(), " with ", members, " members in dim 0, outermost in memory, got ",
                 p.sizes(), ", strides ", p.strides(), " ", p.scalar_type(), " on ", p.device());
@@ -208,9 +191,9 @@ void member_adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
 }
 
 }  // namespace
-}  // namespace fused_ensemble_cuda
+}  // namespace fused_ensemble::cuda
 
 TORCH_LIBRARY_IMPL(fused_ensemble_ext, CUDA, m) {
-  m.impl("member_sgd_", &fused_ensemble_cuda::member_sgd_cuda);
-  m.impl("member_adamw_", &fused_ensemble_cuda::member_adamw_cuda);
+  m.impl("member_sgd_", &fused_ensemble::cuda::member_sgd_cuda);
+  m.impl("member_adamw_", &fused_ensemble::cuda::member_adamw_cuda);
 }
