@@ -37,31 +37,13 @@ const KernelTable& kernels() {
   }
 }
 
-Reduction parse_reduction(c10::string_view reduction) {
-  if (reduction == "mean") return Reduction::kMean;
-  if (reduction == "mean_probs") return Reduction::kMeanProbs;
-  if (reduction == "softmax_of_mean") return Reduction::kSoftmaxOfMean;
-  if (reduction == "log_mean_probs") return Reduction::kLogMeanProbs;
-  TORCH_CHECK(false, "fused_ensemble_ext: unknown reduction '", reduction,
-              "'; expected one of 'mean', 'mean_probs', 'softmax_of_mean', 'log_mean_probs'");
-}
-
-bool saves_member_lse(Reduction reduction) {
-  return reduction == Reduction::kMeanProbs || reduction == Reduction::kLogMeanProbs;
-}
-
-LogitsView check_logits(const at::Tensor& x, const char* op) {
+// CPU logits that meet the kernel contract (../ensemble_reduce.h), as the row kernels read them.
+LogitsView check_cpu_logits(const at::Tensor& x, const char* op) {
   TORCH_CHECK(x.device().is_cpu(), "fused_ensemble_ext::", op, ": logits must be a CPU tensor here, got ",
               x.device());
-  TORCH_CHECK(x.dim() == 3, "fused_ensemble_ext::", op,
-              ": logits must be [members, rows, classes] (3 dims), got shape ", x.sizes());
-  const auto dtype = x.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
-              "fused_ensemble_ext::", op, ": logits must be float16, bfloat16, float32 or float64, got ", dtype);
-  TORCH_CHECK(x.size(0) > 0, "fused_ensemble_ext::", op, ": the ensemble has no members (logits.shape[0] == 0)");
-  TORCH_CHECK(x.size(2) > 0, "fused_ensemble_ext::", op, ": logits have no classes (logits.shape[2] == 0)");
-  return LogitsView{x.data_ptr(), dtype,     x.size(0),   x.size(1),
-                    x.size(2),    x.stride(0), x.stride(1), x.stride(2)};
+  check_logits(x, op);
+  return LogitsView{x.data_ptr(), x.scalar_type(), x.size(0),   x.size(1),
+                    x.size(2),    x.stride(0),     x.stride(1), x.stride(2)};
 }
 
 at::ScalarType acc_dtype(const at::Tensor& x) {
@@ -86,8 +68,8 @@ at::Tensor check_saved(const at::Tensor& t, const char* name, at::IntArrayRef sh
 }
 
 std::tuple<at::Tensor, at::Tensor> reduce_forward(const at::Tensor& x, c10::string_view reduction_name) {
-  const Reduction reduction = parse_reduction(reduction_name);
-  const LogitsView view = check_logits(x, "reduce_forward");
+  const Reduction reduction = parse_reduction(reduction_name, "reduce_forward");
+  const LogitsView view = check_cpu_logits(x, "reduce_forward");
   const auto options = x.options().dtype(acc_dtype(x));
   at::Tensor out = at::empty({view.rows, view.classes}, options);
   at::Tensor aux = saves_member_lse(reduction) ? at::empty({view.members, view.rows}, options)
@@ -108,8 +90,8 @@ std::tuple<at::Tensor, at::Tensor> reduce_forward(const at::Tensor& x, c10::stri
 
 at::Tensor reduce_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& out,
                            const at::Tensor& aux, c10::string_view reduction_name) {
-  const Reduction reduction = parse_reduction(reduction_name);
-  const LogitsView view = check_logits(x, "reduce_backward");
+  const Reduction reduction = parse_reduction(reduction_name, "reduce_backward");
+  const LogitsView view = check_cpu_logits(x, "reduce_backward");
   const at::ScalarType acc = acc_dtype(x);
   const at::Tensor grad_out_c = check_saved(grad_out, "grad_out", {view.rows, view.classes}, acc);
   const at::Tensor out_c = check_saved(out, "out", {view.rows, view.classes}, acc);
@@ -131,7 +113,7 @@ at::Tensor reduce_backward(const at::Tensor& grad_out, const at::Tensor& x, cons
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> stats_forward(
     const at::Tensor& x) {
-  const LogitsView view = check_logits(x, "stats_forward");
+  const LogitsView view = check_cpu_logits(x, "stats_forward");
   const auto options = x.options().dtype(acc_dtype(x));
   const int64_t R = view.rows;
   at::Tensor probs = at::empty({R, view.classes}, options);

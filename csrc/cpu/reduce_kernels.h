@@ -7,11 +7,10 @@
 
 #include <cstdint>
 
+#include "../ensemble_reduce.h"
 #include "cpu_capability.h"
 
 namespace fused_ensemble::cpu {
-
-enum class Reduction { kMean, kMeanProbs, kSoftmaxOfMean, kLogMeanProbs };
 
 // Logits [N, R, K] with arbitrary (possibly zero) strides, counted in elements.
 struct LogitsView {

@@ -8,9 +8,9 @@
 #include <type_traits>
 #include <utility>
 
-namespace fused_ensemble::cuda {
+#include "../ensemble_reduce.h"
 
-enum class Reduction { kMean, kMeanProbs, kSoftmaxOfMean, kLogMeanProbs };
+namespace fused_ensemble::cuda {
 
 // out [R, K]; lse [N, R] for kMeanProbs / kLogMeanProbs (undefined tensor otherwise).
 void launch_reduce_forward(const at::Tensor& x, Reduction reduction, at::Tensor& out, at::Tensor& lse);
