@@ -4,6 +4,8 @@
 
 #include <string>
 
+#include "kernel_table.h"
+
 namespace fused_ensemble::cpu {
 
 Capability kernel_capability() {
@@ -16,6 +18,19 @@ Capability kernel_capability() {
     return Capability::kDefault;
   }();
   return capability;
+}
+
+const KernelTable& kernels() {
+  switch (kernel_capability()) {
+#ifdef FUSED_ENSEMBLE_X86_KERNELS
+    case Capability::kAvx512:
+      return AVX512::kernel_table();
+    case Capability::kAvx2:
+      return AVX2::kernel_table();
+#endif
+    default:
+      return DEFAULT::kernel_table();
+  }
 }
 
 }  // namespace fused_ensemble::cpu

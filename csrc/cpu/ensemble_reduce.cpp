@@ -12,7 +12,7 @@
 #include <string>
 #include <tuple>
 
-#include "reduce_kernels.h"
+#include "kernel_table.h"
 
 // Importing fused_ensemble._C loads this library, and with it the TORCH_LIBRARY registrations below; the module
 // itself is empty (the pytorch/extension-cpp pattern, which keeps the build on the limited Python API).
@@ -23,19 +23,6 @@ extern "C" PyMODINIT_FUNC PyInit__C(void) {
 
 namespace fused_ensemble::cpu {
 namespace {
-
-const KernelTable& kernels() {
-  switch (kernel_capability()) {
-#ifdef FUSED_ENSEMBLE_X86_KERNELS
-    case Capability::kAvx512:
-      return AVX512::kernel_table();
-    case Capability::kAvx2:
-      return AVX2::kernel_table();
-#endif
-    default:
-      return DEFAULT::kernel_table();
-  }
-}
 
 // CPU logits that meet the kernel contract (../ensemble_reduce.h), as the row kernels read them.
 LogitsView check_cpu_logits(const at::Tensor& x, const char* op) {

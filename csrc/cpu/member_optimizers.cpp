@@ -18,23 +18,10 @@
 #include <vector>
 
 #include "../member_optimizer_factors.h"
-#include "member_optimizers.h"
+#include "kernel_table.h"
 
 namespace fused_ensemble::cpu {
 namespace {
-
-const OptimizerKernelTable& kernels() {
-  switch (kernel_capability()) {
-#ifdef FUSED_ENSEMBLE_X86_KERNELS
-    case Capability::kAvx512:
-      return AVX512::optimizer_kernel_table();
-    case Capability::kAvx2:
-      return AVX2::optimizer_kernel_table();
-#endif
-    default:
-      return DEFAULT::optimizer_kernel_table();
-  }
-}
 
 // Elements of one member slice per task: enough to outweigh the scheduling, few enough (64 KB of fp32 per
 // tensor) that the update's tensors of a task stay in L2 and that a handful of large parameters still spread
@@ -138,7 +125,7 @@ void member_sgd_(at::TensorList params, at::TensorList grads, at::TensorList mom
                   "fused_ensemble_ext::member_sgd_: a member has momentum but no momentum buffers were given");
     }
   }
-  const OptimizerKernelTable& table = kernels();
+  const KernelTable& table = kernels();
   if (params[0].scalar_type() == at::kDouble) {
     sgd_chunks<double>(tasks, params, grads, momentum_buffers, f, nesterov, table.sgd_double);
   } else {
@@ -174,7 +161,7 @@ void member_adamw_(at::TensorList params, at::TensorList grads, at::TensorList e
   check_list("member_adamw_", "exp_avg_sqs", exp_avg_sqs, params, false);
   check_list("member_adamw_", "max_exp_avg_sqs", max_exp_avg_sqs, params, true);
   const double* f = factors.data_ptr<double>();
-  const OptimizerKernelTable& table = kernels();
+  const KernelTable& table = kernels();
   if (params[0].scalar_type() == at::kDouble) {
     adamw_chunks<double>(tasks, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, f, table.adamw_double);
   } else {

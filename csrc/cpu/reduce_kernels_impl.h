@@ -1,6 +1,7 @@
 // Row kernels of the ensemble reduction, written once with at::vec::Vectorized and compiled once per CPU
-// capability. Include only from a kernels_<capability>.cpp, which defines CPU_CAPABILITY (and
-// CPU_CAPABILITY_AVX2 / CPU_CAPABILITY_AVX512 with the matching `#pragma GCC target`) before any include.
+// capability. Include only through kernel_table_impl.h from a kernels_<capability>.cpp, which defines CPU_CAPABILITY
+// (and CPU_CAPABILITY_AVX2 / CPU_CAPABILITY_AVX512 with the matching `#pragma GCC target`) before at::vec is
+// included.
 //
 // Every function works on one row r at a time: the N member rows x[n, r, :] are turned into contiguous "acc"
 // rows (float, or double for double logits) -- used in place when they already are, converted into a per-thread
@@ -812,10 +813,4 @@ void stats_forward(const StatsArgs& a, int64_t row_begin, int64_t row_end) {
 #undef FUSED_ENSEMBLE_DISPATCH_DTYPE
 
 }  // namespace
-
-const KernelTable& kernel_table() {
-  static const KernelTable table{reduce_forward, mean_flat, reduce_backward, stats_forward};
-  return table;
-}
-
 }  // namespace fused_ensemble::cpu::CPU_CAPABILITY
