@@ -1,25 +1,14 @@
-// The fused_ensemble_ext operator library: schemas, and their CPU implementations (input checks, output
-// allocation, threading over rows). The row kernels live in reduce_kernels_impl.h; the CUDA implementations of
-// the same schemas are registered from csrc/cuda.
-//
-// Contract (shared with the Triton and CUDA kernels): logits x are [N, R, K] with arbitrary strides (zero strides
-// included; never made contiguous here). Outputs are float32, or float64 for float64 logits.
+// CPU implementations of the ensemble-reduction ops (schemas and contract in csrc/ops.cpp): input checks, output
+// allocation, threading over rows. The row kernels live in reduce_kernels_impl.h; the CUDA implementations of the
+// same schemas are registered from csrc/cuda.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <Python.h>
 #include <torch/library.h>
 
 #include <string>
 #include <tuple>
 
 #include "kernel_table.h"
-
-// Importing fused_ensemble._C loads this library, and with it the TORCH_LIBRARY registrations below; the module
-// itself is empty (the pytorch/extension-cpp pattern, which keeps the build on the limited Python API).
-extern "C" PyMODINIT_FUNC PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
-}
 
 namespace fused_ensemble::cpu {
 namespace {
@@ -125,12 +114,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 }
 
 }  // namespace
-
-TORCH_LIBRARY(fused_ensemble_ext, m) {
-  m.def("reduce_forward(Tensor logits, str reduction) -> (Tensor, Tensor)");
-  m.def("reduce_backward(Tensor grad_out, Tensor logits, Tensor out, Tensor aux, str reduction) -> Tensor");
-  m.def("stats_forward(Tensor logits) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-}
 
 TORCH_LIBRARY_IMPL(fused_ensemble_ext, CPU, m) {
   m.impl("reduce_forward", &reduce_forward);

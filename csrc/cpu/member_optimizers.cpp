@@ -171,13 +171,6 @@ void member_adamw_(at::TensorList params, at::TensorList grads, at::TensorList e
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(fused_ensemble_ext, m) {
-  m.def("member_sgd_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor factors, "
-        "bool nesterov) -> ()");
-  m.def("member_adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
-        "Tensor(d!)[] max_exp_avg_sqs, Tensor factors) -> ()");
-}
-
 TORCH_LIBRARY_IMPL(fused_ensemble_ext, CPU, m) {
   m.impl("member_sgd_", &member_sgd_);
   m.impl("member_adamw_", &member_adamw_);

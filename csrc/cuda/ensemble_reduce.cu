@@ -1,4 +1,4 @@
-// CUDA implementations of the fused_ensemble_ext ops (schemas in csrc/cpu/ensemble_reduce.cpp):
+// CUDA implementations of the ensemble-reduction ops (schemas in csrc/ops.cpp):
 // argument checks, output allocation, device guard; the kernels are in ensemble_reduce_forward.cu and
 // ensemble_reduce_backward.cu. Every kernel runs on the current stream of the input's device.
 #include "../ensemble_reduce.h"

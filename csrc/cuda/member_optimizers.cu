@@ -1,11 +1,11 @@
-// CUDA implementations of the per-member optimizer ops (schemas and CPU kernels in csrc/cpu/member_optimizers.cpp;
-// factor layout in csrc/member_optimizer_factors.h). One launch per parameter [N, ...]: grid.y is the member, so a
-// block reads its member's factors once and a frozen member's blocks return at once; grid.x strides over the
-// member's slice. The element arithmetic is the CPU kernels' (torch.optim's single-tensor path) but in float64,
-// rounded to the parameter dtype once per stored value: the extension's CUDA sources build with --use_fast_math
-// (approximate float division and sqrt, denormals flushed), which would otherwise drift from torch.optim, and
-// float64 arithmetic costs nothing in an update bound by memory. The factors arrive as a CPU float64 tensor and
-// are copied to the device once per call.
+// CUDA implementations of the per-member optimizer ops (schemas in csrc/ops.cpp, CPU kernels in
+// csrc/cpu/member_optimizers.cpp, factor layout in csrc/member_optimizer_factors.h). One launch per parameter [N, ...]:
+// grid.y is the member, so a block reads its member's factors once and a frozen member's blocks return at once; grid.x
+// strides over the member's slice. The element arithmetic is the CPU kernels' (torch.optim's single-tensor path) but in
+// float64, rounded to the parameter dtype once per stored value: the extension's CUDA sources build with
+// --use_fast_math (approximate float division and sqrt, denormals flushed), which would otherwise drift from
+// torch.optim, and float64 arithmetic costs nothing in an update bound by memory. The factors arrive as a CPU float64
+// tensor and are copied to the device once per call.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
