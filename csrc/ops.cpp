@@ -15,10 +15,16 @@ extern "C" PyMODINIT_FUNC PyInit__C(void) {
   return PyModule_Create(&module_def);
 }
 
+// short_rows asks the CUDA implementations for the short-row kernel (csrc/cuda/ensemble_reduce_short_rows.cu: rows of
+// at most 16 classes stored row after row) wherever it applies. It is opt-in until it has passed the GPU tests and
+// been timed against the row kernel on a GPU; an argument rather than an environment variable read by the launcher,
+// so that each call states its choice. The CPU implementations accept it and ignore it: their short-row paths are
+// always on.
 TORCH_LIBRARY(fused_ensemble_ext, m) {
-  m.def("reduce_forward(Tensor logits, str reduction) -> (Tensor, Tensor)");
+  m.def("reduce_forward(Tensor logits, str reduction, bool short_rows=False) -> (Tensor, Tensor)");
   m.def("reduce_backward(Tensor grad_out, Tensor logits, Tensor out, Tensor aux, str reduction) -> Tensor");
-  m.def("stats_forward(Tensor logits) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("stats_forward(Tensor logits, bool short_rows=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
+        "Tensor)");
   m.def("member_sgd_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor factors, "
         "bool nesterov) -> ()");
   m.def("member_adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "

@@ -43,7 +43,9 @@ at::Tensor check_saved(const at::Tensor& t, const char* name, at::IntArrayRef sh
   return t.contiguous();
 }
 
-std::tuple<at::Tensor, at::Tensor> reduce_forward(const at::Tensor& x, c10::string_view reduction_name) {
+// short_rows chooses a CUDA kernel (see csrc/ops.cpp); the row kernels here take their short-row paths by themselves.
+std::tuple<at::Tensor, at::Tensor> reduce_forward(const at::Tensor& x, c10::string_view reduction_name,
+                                                  bool /*short_rows*/) {
   const Reduction reduction = parse_reduction(reduction_name, "reduce_forward");
   const LogitsView view = check_cpu_logits(x, "reduce_forward");
   const auto options = x.options().dtype(acc_dtype(x));
@@ -88,7 +90,7 @@ at::Tensor reduce_backward(const at::Tensor& grad_out, const at::Tensor& x, cons
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> stats_forward(
-    const at::Tensor& x) {
+    const at::Tensor& x, bool /*short_rows*/) {
   const LogitsView view = check_cpu_logits(x, "stats_forward");
   const auto options = x.options().dtype(acc_dtype(x));
   const int64_t R = view.rows;

@@ -35,7 +35,8 @@ void check_same_device(const at::Tensor& t, const at::Tensor& x, const char* nam
               t.device(), " but logits are on ", x.device());
 }
 
-std::tuple<at::Tensor, at::Tensor> reduce_forward_cuda(const at::Tensor& logits, c10::string_view reduction) {
+std::tuple<at::Tensor, at::Tensor> reduce_forward_cuda(const at::Tensor& logits, c10::string_view reduction,
+                                                       bool short_rows) {
   check_cuda_logits(logits, "reduce_forward");
   const Reduction red = parse_reduction(reduction, "reduce_forward");
   const c10::cuda::CUDAGuard device_guard(logits.device());
@@ -43,7 +44,7 @@ std::tuple<at::Tensor, at::Tensor> reduce_forward_cuda(const at::Tensor& logits,
   const auto opts = logits.options().dtype(accumulate_dtype(logits.scalar_type()));
   at::Tensor out = at::empty({R, K}, opts);
   at::Tensor aux = saves_member_lse(red) ? at::empty({N, R}, opts) : at::empty({0}, opts);
-  launch_reduce_forward(logits, red, out, aux);
+  launch_reduce_forward(logits, red, out, aux, short_rows);
   return {out, aux};
 }
 
@@ -86,7 +87,7 @@ at::Tensor reduce_backward_cuda(const at::Tensor& grad_out, const at::Tensor& lo
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> stats_forward_cuda(
-    const at::Tensor& logits) {
+    const at::Tensor& logits, bool short_rows) {
   check_cuda_logits(logits, "stats_forward");
   const c10::cuda::CUDAGuard device_guard(logits.device());
   const int64_t R = logits.size(1), K = logits.size(2);
@@ -99,7 +100,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   o.confidence = at::empty({R}, opts);
   o.prediction = at::empty({R}, opts.dtype(at::kLong));
   o.disagreement = at::empty({R}, opts);
-  launch_stats_forward(logits, o);
+  launch_stats_forward(logits, o, short_rows);
   return {o.probs, o.entropy, o.expected_entropy, o.mutual_info, o.confidence, o.prediction, o.disagreement};
 }
 
