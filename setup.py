@@ -1,9 +1,9 @@
 """Builds the optional C++/CUDA extension ``fused_ensemble._C``.
 
-The CPU kernels (csrc/cpu) are always compiled. The CUDA kernels (csrc/cuda) are compiled whenever a CUDA
-toolkit and a CUDA build of torch are present, GPU or not, so that a machine without a GPU still checks that
-they compile. ``FUSED_ENSEMBLE_NO_EXT=1`` skips the extension entirely (the package then uses its Triton and
-PyTorch paths). ``FUSED_ENSEMBLE_NO_CUDA=1`` skips only the CUDA sources.
+The schemas (csrc/ops.cpp) and the CPU kernels (csrc/cpu) are always compiled. The CUDA kernels (csrc/cuda) are
+compiled whenever a CUDA toolkit and a CUDA build of torch are present, GPU or not, so that a machine without a GPU
+still checks that they compile. ``FUSED_ENSEMBLE_NO_EXT=1`` skips the extension entirely (the package then uses its
+Triton and PyTorch paths). ``FUSED_ENSEMBLE_NO_CUDA=1`` skips only the CUDA sources.
 """
 
 import glob
@@ -33,24 +33,25 @@ def _nvidia_wheel_includes():
     return found
 
 
-def _set_cuda_home():
+def _build_helpers():
+    # Loaded by path: the package itself is not importable before it is installed.
     spec = importlib.util.spec_from_file_location("_cuda_toolkit", os.path.join(ROOT, "fused_ensemble",
                                                                                 "_cuda_toolkit.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    module.set_cuda_home()
+    return module
 
 
 def _extensions():
     if _flag("FUSED_ENSEMBLE_NO_EXT"):
         return [], {}
-    _set_cuda_home()
+    helpers = _build_helpers()
+    helpers.set_cuda_home()
     import torch
     from torch.utils import cpp_extension
 
-    cpu_sources = sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
-    cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
-    if not cpu_sources:
+    cxx_sources, cuda_sources = helpers.extension_sources("csrc")
+    if not cxx_sources:
         return [], {}
     # -fno-math-errno: sqrt and friends may then be vectorized (the optimizer kernels' plain loops); errno is
     # never read here, and no result changes.
@@ -67,7 +68,7 @@ def _extensions():
             os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
         ext = cpp_extension.CUDAExtension(
             "fused_ensemble._C",
-            cpu_sources + cuda_sources,
+            cxx_sources + cuda_sources,
             include_dirs=_nvidia_wheel_includes(),
             extra_compile_args={"cxx": cxx_flags + ["-DFUSED_ENSEMBLE_WITH_CUDA"],
                                 "nvcc": ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo"]},
@@ -77,7 +78,7 @@ def _extensions():
     else:
         ext = cpp_extension.CppExtension(
             "fused_ensemble._C",
-            cpu_sources,
+            cxx_sources,
             extra_compile_args={"cxx": cxx_flags},
             extra_link_args=["-fopenmp"],
             py_limited_api=True,

@@ -10,13 +10,11 @@ Bandwidth counts the logits read once and the outputs written once: what a one-p
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
+from fused_ensemble import REDUCTIONS, EnsembleStats, ensemble_reduce, ensemble_stats
 from fused_ensemble.ops import dispatch
-from fused_ensemble import ensemble_reduce, ensemble_stats
-from fused_ensemble import REDUCTIONS
 from fused_ensemble.ops.reference import reduce_reference, stats_reference
 
 # Every static compile of a reference (one per workload and shape) hangs off the same lambda's code object:
@@ -26,18 +24,17 @@ torch._dynamo.config.accumulated_cache_size_limit = 1024
 
 WORKLOADS = REDUCTIONS + ("stats",)
 IMPLEMENTATIONS = ("eager", "compile", "triton", "cpp", "cpp_short_rows")
-SHORT_ROWS_FLAG = "FUSED_ENSEMBLE_CUDA_SHORT_ROWS"
-"""``cpp_short_rows``: the CUDA C++ ops with the opt-in short-row kernel (K <= 16) switched on around each call
-(the kernel choice is made on the host, so a CUDA graph captured inside the call keeps it)."""
+"""``cpp_short_rows``: the CUDA C++ ops called with ``short_rows=True``, which asks for the opt-in short-row kernel
+(K <= 16)."""
 
-# Small enough for the 2-core CPU; the first two are the issue's CPU targets.
+# Small enough for a 2-core CPU; the first two are the CPU shapes the reduction targets were set on.
 CPU_SHAPES = [(8, 4096, 1000), (4, 64, 32000), (16, 1024, 10), (4, 16, 128256)]
 SMOKE_SHAPES = [(4, 64, 10), (2, 8, 1000)]
 GPU_INPUT_BYTES = 64 * 2**20   # every GPU input is at least this big (more than the H100's 50 MB of L2)
 
 
 def gpu_shapes(itemsize: int = 4) -> list[tuple[int, int, int]]:
-    """The issue's matrix: N in {4, 8, 16} x K in {10, 1000, 32000, 128256}, B making the input (``itemsize``
+    """The GPU matrix: N in {4, 8, 16} x K in {10, 1000, 32000, 128256}, B making the input (``itemsize``
     bytes per logit) >= 64 MB, plus N=16, B=65536, K=10 (where torch.compile of the reference is known to be
     slow)."""
     shapes = [(n, math.ceil(GPU_INPUT_BYTES / (n * k * itemsize)), k)
@@ -70,7 +67,7 @@ def implementation(name: str, workload: str, device: str, dynamic_compile: bool 
         if device != "cuda" or workload == "mean":
             return None, "the CUDA short-row kernel (mean_probs, softmax_of_mean, log_mean_probs, stats)"
         fn, problem = implementation("cpp", workload, device, dtype=dtype)
-        return (None, problem) if fn is None else (_with_short_rows(fn), None)
+        return (None, problem) if fn is None else (_short_rows_op(workload), None)
     problem = dispatch.unavailable_reason(name, device, dtype)
     if problem is not None:
         return None, problem
@@ -84,18 +81,14 @@ def shape_problem(name: str, shape: tuple[int, int, int]) -> str | None:
     return None
 
 
-def _with_short_rows(fn):
-    def call(x):
-        previous = os.environ.get(SHORT_ROWS_FLAG)
-        os.environ[SHORT_ROWS_FLAG] = "1"
-        try:
-            return fn(x)
-        finally:
-            if previous is None:
-                del os.environ[SHORT_ROWS_FLAG]
-            else:
-                os.environ[SHORT_ROWS_FLAG] = previous
-    return call
+def _short_rows_op(workload: str):
+    # The extension's ops directly: the public API asks for the short-row kernel only in a process started with
+    # FUSED_ENSEMBLE_CUDA_SHORT_ROWS=1. On [N, B, K] logits the "cpp" column runs the same ops, plus the public
+    # API's host-side checks (a few microseconds a call).
+    ops = torch.ops.fused_ensemble_ext
+    if workload == "stats":
+        return lambda x: EnsembleStats(*ops.stats_forward(x, short_rows=True))
+    return lambda x: ops.reduce_forward(x, workload, short_rows=True)[0]
 
 
 def bytes_moved(workload: str, shape: tuple[int, int, int], itemsize: int = 4) -> int:

@@ -1,4 +1,5 @@
-"""Finds the CUDA toolkit for building the extension (used by setup.py and by _extension.build_jit).
+"""What building the extension needs, for setup.py and _extension.build_jit alike: its source files and the CUDA
+toolkit.
 
 torch guesses CUDA_HOME from the folder above ``nvcc`` on PATH; where nvcc is a copy or wrapper in /usr/local/bin
 (as on our machines) that guess is /usr/local, which has no libcudart, and linking fails. This module imports
@@ -7,10 +8,18 @@ nothing from the package, so setup.py can load it before the package is installe
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 
 _RUNTIME = ("lib64/libcudart.so", "lib/libcudart.so", "targets/x86_64-linux/lib/libcudart.so")
+
+
+def extension_sources(csrc: str) -> tuple[list[str], list[str]]:
+    """The C++ sources under the folder ``csrc`` (the schemas, csrc/*.cpp, and the CPU kernels, csrc/cpu/*.cpp) and
+    the CUDA sources (csrc/cuda/*.cu), each list sorted; the paths start with ``csrc`` as given."""
+    cxx = sorted(glob.glob(os.path.join(csrc, "*.cpp"))) + sorted(glob.glob(os.path.join(csrc, "cpu", "*.cpp")))
+    return cxx, sorted(glob.glob(os.path.join(csrc, "cuda", "*.cu")))
 
 
 def _has_runtime(root: str) -> bool:

@@ -102,16 +102,15 @@ def build_jit(verbose: bool = False) -> bool:
     if _ops_registered():
         _loaded, _failure_reason = True, ""
         return True
-    from fused_ensemble._cuda_toolkit import set_cuda_home
+    from fused_ensemble._cuda_toolkit import extension_sources, set_cuda_home
 
     set_cuda_home()  # before cpp_extension reads CUDA_HOME
     from torch.utils import cpp_extension
 
-    sources = sorted(glob.glob(os.path.join(_CSRC, "cpu", "*.cpp")))
+    sources, cuda_sources = extension_sources(_CSRC)
     if not sources:
         _loaded, _failure_reason = False, f"not built, and no C++ sources to build under {_CSRC}"
         return False
-    cuda_sources = sorted(glob.glob(os.path.join(_CSRC, "cuda", "*.cu")))
     with_cuda = bool(cuda_sources) and torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
     cxx_flags = ["-O3", "-std=c++20", "-fopenmp", "-fno-math-errno"]  # as setup.py
     if with_cuda:

@@ -1,67 +1,25 @@
-// The fused_ensemble_ext operator library: schemas, and their CPU implementations (input checks, output
-// allocation, threading over rows). The row kernels live in reduce_kernels_impl.h; the CUDA implementations of
-// the same schemas are registered from csrc/cuda.
-//
-// Contract (shared with the Triton and CUDA kernels): logits x are [N, R, K] with arbitrary strides (zero strides
-// included; never made contiguous here). Outputs are float32, or float64 for float64 logits.
+// CPU implementations of the ensemble-reduction ops (schemas and contract in csrc/ops.cpp): input checks, output
+// allocation, threading over rows. The row kernels live in reduce_kernels_impl.h; the CUDA implementations of the
+// same schemas are registered from csrc/cuda.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <Python.h>
 #include <torch/library.h>
 
 #include <string>
 #include <tuple>
 
-#include "reduce_kernels.h"
-
-// Importing fused_ensemble._C loads this library, and with it the TORCH_LIBRARY registrations below; the module
-// itself is empty (the pytorch/extension-cpp pattern, which keeps the build on the limited Python API).
-extern "C" PyMODINIT_FUNC PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
-}
+#include "kernel_table.h"
 
 namespace fused_ensemble::cpu {
 namespace {
 
-const KernelTable& kernels() {
-  switch (kernel_capability()) {
-#ifdef FUSED_ENSEMBLE_X86_KERNELS
-    case Capability::Avx512:
-      return AVX512::kernel_table();
-    case Capability::Avx2:
-      return AVX2::kernel_table();
-#endif
-    default:
-      return DEFAULT::kernel_table();
-  }
-}
-
-Reduction parse_reduction(c10::string_view reduction) {
-  if (reduction == "mean") return Reduction::Mean;
-  if (reduction == "mean_probs") return Reduction::MeanProbs;
-  if (reduction == "softmax_of_mean") return Reduction::SoftmaxOfMean;
-  if (reduction == "log_mean_probs") return Reduction::LogMeanProbs;
-  TORCH_CHECK(false, "fused_ensemble_ext: unknown reduction '", reduction,
-              "'; expected one of 'mean', 'mean_probs', 'softmax_of_mean', 'log_mean_probs'");
-}
-
-bool saves_member_lse(Reduction reduction) {
-  return reduction == Reduction::MeanProbs || reduction == Reduction::LogMeanProbs;
-}
-
-LogitsView check_logits(const at::Tensor& x, const char* op) {
+// CPU logits that meet the kernel contract (../ensemble_reduce.h), as the row kernels read them.
+LogitsView check_cpu_logits(const at::Tensor& x, const char* op) {
   TORCH_CHECK(x.device().is_cpu(), "fused_ensemble_ext::", op, ": logits must be a CPU tensor here, got ",
               x.device());
-  TORCH_CHECK(x.dim() == 3, "fused_ensemble_ext::", op,
-              ": logits must be [members, rows, classes] (3 dims), got shape ", x.sizes());
-  const auto dtype = x.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
-              "fused_ensemble_ext::", op, ": logits must be float16, bfloat16, float32 or float64, got ", dtype);
-  TORCH_CHECK(x.size(0) > 0, "fused_ensemble_ext::", op, ": the ensemble has no members (logits.shape[0] == 0)");
-  TORCH_CHECK(x.size(2) > 0, "fused_ensemble_ext::", op, ": logits have no classes (logits.shape[2] == 0)");
-  return LogitsView{x.data_ptr(), dtype,     x.size(0),   x.size(1),
-                    x.size(2),    x.stride(0), x.stride(1), x.stride(2)};
+  check_logits(x, op);
+  return LogitsView{x.data_ptr(), x.scalar_type(), x.size(0),   x.size(1),
+                    x.size(2),    x.stride(0),     x.stride(1), x.stride(2)};
 }
 
 at::ScalarType acc_dtype(const at::Tensor& x) {
@@ -85,16 +43,18 @@ at::Tensor check_saved(const at::Tensor& t, const char* name, at::IntArrayRef sh
   return t.contiguous();
 }
 
-std::tuple<at::Tensor, at::Tensor> reduce_forward(const at::Tensor& x, c10::string_view reduction_name) {
-  const Reduction reduction = parse_reduction(reduction_name);
-  const LogitsView view = check_logits(x, "reduce_forward");
+// short_rows chooses a CUDA kernel (see csrc/ops.cpp); the row kernels here take their short-row paths by themselves.
+std::tuple<at::Tensor, at::Tensor> reduce_forward(const at::Tensor& x, c10::string_view reduction_name,
+                                                  bool /*short_rows*/) {
+  const Reduction reduction = parse_reduction(reduction_name, "reduce_forward");
+  const LogitsView view = check_cpu_logits(x, "reduce_forward");
   const auto options = x.options().dtype(acc_dtype(x));
   at::Tensor out = at::empty({view.rows, view.classes}, options);
   at::Tensor aux = saves_member_lse(reduction) ? at::empty({view.members, view.rows}, options)
                                                : at::empty({0}, options);
   const ForwardArgs args{view, reduction, out.data_ptr(), aux.data_ptr()};
   const KernelTable& table = kernels();
-  if (reduction == Reduction::Mean && view.stride_class == 1 && (view.rows == 1 || view.stride_row == view.classes)) {
+  if (reduction == Reduction::kMean && view.stride_class == 1 && (view.rows == 1 || view.stride_row == view.classes)) {
     // Each member's [R, K] block is one run of memory: average it flat, whatever K is (K = 10 rows one by one
     // ran at half of eager torch.mean's speed).
     at::parallel_for(0, view.rows * view.classes, row_grain(view.members, 1),
@@ -108,8 +68,8 @@ std::tuple<at::Tensor, at::Tensor> reduce_forward(const at::Tensor& x, c10::stri
 
 at::Tensor reduce_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& out,
                            const at::Tensor& aux, c10::string_view reduction_name) {
-  const Reduction reduction = parse_reduction(reduction_name);
-  const LogitsView view = check_logits(x, "reduce_backward");
+  const Reduction reduction = parse_reduction(reduction_name, "reduce_backward");
+  const LogitsView view = check_cpu_logits(x, "reduce_backward");
   const at::ScalarType acc = acc_dtype(x);
   const at::Tensor grad_out_c = check_saved(grad_out, "grad_out", {view.rows, view.classes}, acc);
   const at::Tensor out_c = check_saved(out, "out", {view.rows, view.classes}, acc);
@@ -130,8 +90,8 @@ at::Tensor reduce_backward(const at::Tensor& grad_out, const at::Tensor& x, cons
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> stats_forward(
-    const at::Tensor& x) {
-  const LogitsView view = check_logits(x, "stats_forward");
+    const at::Tensor& x, bool /*short_rows*/) {
+  const LogitsView view = check_cpu_logits(x, "stats_forward");
   const auto options = x.options().dtype(acc_dtype(x));
   const int64_t R = view.rows;
   at::Tensor probs = at::empty({R, view.classes}, options);
@@ -156,12 +116,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 }
 
 }  // namespace
-
-TORCH_LIBRARY(fused_ensemble_ext, m) {
-  m.def("reduce_forward(Tensor logits, str reduction) -> (Tensor, Tensor)");
-  m.def("reduce_backward(Tensor grad_out, Tensor logits, Tensor out, Tensor aux, str reduction) -> Tensor");
-  m.def("stats_forward(Tensor logits) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-}
 
 TORCH_LIBRARY_IMPL(fused_ensemble_ext, CPU, m) {
   m.impl("reduce_forward", &reduce_forward);

@@ -1,5 +1,4 @@
 // The CPU kernels (reduction rows, optimizer updates) for CPUs without AVX2 (and for every non-x86 CPU): at::vec
 // picks its portable vectors, and the compiler vectorizes the optimizer loops for the baseline instruction set.
 #define CPU_CAPABILITY DEFAULT
-#include "member_optimizers_impl.h"
-#include "reduce_kernels_impl.h"
+#include "kernel_table_impl.h"

@@ -18,23 +18,10 @@
 #include <vector>
 
 #include "../member_optimizer_factors.h"
-#include "member_optimizers.h"
+#include "kernel_table.h"
 
 namespace fused_ensemble::cpu {
 namespace {
-
-const OptimizerKernelTable& kernels() {
-  switch (kernel_capability()) {
-#ifdef FUSED_ENSEMBLE_X86_KERNELS
-    case Capability::Avx512:
-      return AVX512::optimizer_kernel_table();
-    case Capability::Avx2:
-      return AVX2::optimizer_kernel_table();
-#endif
-    default:
-      return DEFAULT::optimizer_kernel_table();
-  }
-}
 
 // Elements of one member slice per task: enough to outweigh the scheduling, few enough (64 KB of fp32 per
 // tensor) that the update's tensors of a task stay in L2 and that a handful of large parameters still spread
@@ -51,7 +38,7 @@ void check_list(const char* op, const char* name, at::TensorList list, at::Tenso
               " tensors for ", params.size(), " parameters");
   for (size_t j = 0; j < list.size(); ++j) {
     TORCH_CHECK(list[j].device().is_cpu() && list[j].scalar_type() == params[j].scalar_type() &&
-                    fused_ensemble::same_layout(list[j], params[j]),
+                    same_layout(list[j], params[j]),
                 "fused_ensemble_ext::", op, ": ", name, "[", j, "] must be a CPU tensor of the parameter's shape ",
                 params[j].sizes(), ", strides ", params[j].strides(), " and dtype ", params[j].scalar_type(), ", got ",
                 list[j].sizes(), ", ", list[j].strides(), " ", list[j].scalar_type());
@@ -70,7 +57,7 @@ std::vector<Task> plan(const char* op, at::TensorList params, const at::Tensor& 
   const int64_t count = static_cast<int64_t>(params.size());
   for (int64_t j = 0; j < count; ++j) {
     const at::Tensor& p = params[j];
-    TORCH_CHECK(p.device().is_cpu() && p.scalar_type() == dtype && fused_ensemble::member_major_dense(p) &&
+    TORCH_CHECK(p.device().is_cpu() && p.scalar_type() == dtype && member_major_dense(p) &&
                     p.size(0) == members,
                 "fused_ensemble_ext::", op, ": parameter ", j, " must be a dense CPU ", dtype, " tensor with ",
                 members, " members in dim 0, outermost in memory, got ", p.sizes(), ", strides ", p.strides(), " ",
@@ -138,7 +125,7 @@ void member_sgd_(at::TensorList params, at::TensorList grads, at::TensorList mom
                   "fused_ensemble_ext::member_sgd_: a member has momentum but no momentum buffers were given");
     }
   }
-  const OptimizerKernelTable& table = kernels();
+  const KernelTable& table = kernels();
   if (params[0].scalar_type() == at::kDouble) {
     sgd_chunks<double>(tasks, params, grads, momentum_buffers, f, nesterov, table.sgd_double);
   } else {
@@ -174,7 +161,7 @@ void member_adamw_(at::TensorList params, at::TensorList grads, at::TensorList e
   check_list("member_adamw_", "exp_avg_sqs", exp_avg_sqs, params, false);
   check_list("member_adamw_", "max_exp_avg_sqs", max_exp_avg_sqs, params, true);
   const double* f = factors.data_ptr<double>();
-  const OptimizerKernelTable& table = kernels();
+  const KernelTable& table = kernels();
   if (params[0].scalar_type() == at::kDouble) {
     adamw_chunks<double>(tasks, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, f, table.adamw_double);
   } else {
@@ -183,13 +170,6 @@ void member_adamw_(at::TensorList params, at::TensorList grads, at::TensorList e
 }
 
 }  // namespace
-
-TORCH_LIBRARY_FRAGMENT(fused_ensemble_ext, m) {
-  m.def("member_sgd_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor factors, "
-        "bool nesterov) -> ()");
-  m.def("member_adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
-        "Tensor(d!)[] max_exp_avg_sqs, Tensor factors) -> ()");
-}
 
 TORCH_LIBRARY_IMPL(fused_ensemble_ext, CPU, m) {
   m.impl("member_sgd_", &member_sgd_);

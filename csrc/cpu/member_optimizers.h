@@ -1,10 +1,9 @@
 // Interface between the optimizer ops (member_optimizers.cpp: checks, factors, threading over chunks) and the
-// element loops (member_optimizers_impl.h), compiled once per CPU capability (see cpu_capability.h).
+// element loops (member_optimizers_impl.h), compiled once per CPU capability (see cpu_capability.h) and reached
+// through the capability's table (kernel_table.h).
 #pragma once
 
 #include <cstdint>
-
-#include "cpu_capability.h"
 
 namespace fused_ensemble::cpu {
 
@@ -30,24 +29,5 @@ struct AdamWChunk {
   int64_t size;
   T decay, one_minus_beta1, beta2, one_minus_beta2, bias_correction2_sqrt, eps, neg_step_size;
 };
-
-struct OptimizerKernelTable {
-  void (*sgd_float)(const SgdChunk<float>&);
-  void (*sgd_double)(const SgdChunk<double>&);
-  void (*adamw_float)(const AdamWChunk<float>&);
-  void (*adamw_double)(const AdamWChunk<double>&);
-};
-
-namespace DEFAULT {
-const OptimizerKernelTable& optimizer_kernel_table();
-}
-#ifdef FUSED_ENSEMBLE_X86_KERNELS
-namespace AVX2 {
-const OptimizerKernelTable& optimizer_kernel_table();
-}
-namespace AVX512 {
-const OptimizerKernelTable& optimizer_kernel_table();
-}
-#endif
 
 }  // namespace fused_ensemble::cpu

@@ -1,7 +1,7 @@
-// The element loops of the per-member optimizer updates, compiled once per CPU capability: include only from a
-// kernels_<capability>.cpp, which defines CPU_CAPABILITY (with the matching `#pragma GCC target`) first. Plain
-// loops with loop-invariant branches hoisted, which the compiler vectorizes for the capability's vector width
-// (the extension builds with -fno-math-errno, so sqrt vectorizes too).
+// The element loops of the per-member optimizer updates, compiled once per CPU capability: include only through
+// kernel_table_impl.h from a kernels_<capability>.cpp, which defines CPU_CAPABILITY (with the matching
+// `#pragma GCC target`) first. Plain loops with loop-invariant branches hoisted, which the compiler vectorizes for
+// the capability's vector width (the extension builds with -fno-math-errno, so sqrt vectorizes too).
 //
 // The arithmetic follows torch.optim's single-tensor path operation by operation (see member_optimizers.cpp);
 // where the capability has FMA, the compiler may fuse a multiply and an add, as ATen's own vectorized kernels do.
@@ -113,11 +113,4 @@ void member_adamw_chunk(const AdamWChunk<T>& c) {
 }
 
 }  // namespace
-
-const OptimizerKernelTable& optimizer_kernel_table() {
-  static const OptimizerKernelTable table{member_sgd_chunk<float>, member_sgd_chunk<double>,
-                                          member_adamw_chunk<float>, member_adamw_chunk<double>};
-  return table;
-}
-
 }  // namespace fused_ensemble::cpu::CPU_CAPABILITY

@@ -1,17 +1,16 @@
 // Interface between the op layer (ensemble_reduce.cpp: checks, allocation, threading) and the row kernels
 // (reduce_kernels_impl.h), which are compiled once per CPU capability (DEFAULT, AVX2, AVX512) so that one build
-// runs on any x86-64 CPU and still uses the widest vectors the CPU has, as ATen does for its own kernels.
+// runs on any x86-64 CPU and still uses the widest vectors the CPU has, as ATen does for its own kernels. The op
+// layer reaches the kernels through the capability's table (kernel_table.h).
 #pragma once
 
 #include <c10/core/ScalarType.h>
 
 #include <cstdint>
 
-#include "cpu_capability.h"
+#include "../ensemble_reduce.h"
 
 namespace fused_ensemble::cpu {
-
-enum class Reduction { Mean, MeanProbs, SoftmaxOfMean, LogMeanProbs };
 
 // Logits [N, R, K] with arbitrary (possibly zero) strides, counted in elements.
 struct LogitsView {
@@ -26,7 +25,7 @@ struct ForwardArgs {
   LogitsView x;
   Reduction reduction;
   void* out;  // [R, K] acc
-  void* aux;  // [N, R] acc: member log-sum-exp, for MeanProbs and LogMeanProbs only
+  void* aux;  // [N, R] acc: member log-sum-exp, for kMeanProbs and kLogMeanProbs only
 };
 
 struct BackwardArgs {
@@ -34,8 +33,8 @@ struct BackwardArgs {
   Reduction reduction;
   const void* grad_out;  // [R, K] acc
   const void* out;       // [R, K] acc
-  const void* aux;       // [N, R] acc, for MeanProbs and LogMeanProbs
-  void* grad;            // [R, K] acc for Mean and SoftmaxOfMean; [N, R, K] in the logits' dtype otherwise
+  const void* aux;       // [N, R] acc, for kMeanProbs and kLogMeanProbs
+  void* grad;            // [R, K] acc for kMean and kSoftmaxOfMean; [N, R, K] in the logits' dtype otherwise
 };
 
 struct StatsArgs {
@@ -48,27 +47,5 @@ struct StatsArgs {
   int64_t* prediction;
   void* disagreement;  // the per-row outputs above are [R] acc
 };
-
-// Each kernel handles rows [row_begin, row_end); the caller splits rows over threads. mean_flat is the "mean"
-// forward for logits whose [R, K] block is contiguous within each member (stride_class 1, stride_row K): it
-// handles flat elements [begin, end) of that block, so short rows (K = 10) vectorize as well as long ones.
-struct KernelTable {
-  void (*reduce_forward)(const ForwardArgs&, int64_t row_begin, int64_t row_end);
-  void (*mean_flat)(const ForwardArgs&, int64_t begin, int64_t end);
-  void (*reduce_backward)(const BackwardArgs&, int64_t row_begin, int64_t row_end);
-  void (*stats_forward)(const StatsArgs&, int64_t row_begin, int64_t row_end);
-};
-
-namespace DEFAULT {
-const KernelTable& kernel_table();
-}
-#ifdef FUSED_ENSEMBLE_X86_KERNELS
-namespace AVX2 {
-const KernelTable& kernel_table();
-}
-namespace AVX512 {
-const KernelTable& kernel_table();
-}
-#endif
 
 }  // namespace fused_ensemble::cpu

@@ -1,6 +1,7 @@
 // Row kernels of the ensemble reduction, written once with at::vec::Vectorized and compiled once per CPU
-// capability. Include only from a kernels_<capability>.cpp, which defines CPU_CAPABILITY (and
-// CPU_CAPABILITY_AVX2 / CPU_CAPABILITY_AVX512 with the matching `#pragma GCC target`) before any include.
+// capability. Include only through kernel_table_impl.h from a kernels_<capability>.cpp, which defines CPU_CAPABILITY
+// (and CPU_CAPABILITY_AVX2 / CPU_CAPABILITY_AVX512 with the matching `#pragma GCC target`) before at::vec is
+// included.
 //
 // Every function works on one row r at a time: the N member rows x[n, r, :] are turned into contiguous "acc"
 // rows (float, or double for double logits) -- used in place when they already are, converted into a per-thread
@@ -465,36 +466,36 @@ void softmax_of_mean_short_rows(const ForwardArgs& a, int64_t row_begin, int64_t
 
 template <typename scalar_t, typename acc_t>
 void reduce_forward_rows(const ForwardArgs& a, int64_t row_begin, int64_t row_end) {
-  if (a.reduction == Reduction::SoftmaxOfMean && a.x.classes <= kShortRowClasses) {
+  if (a.reduction == Reduction::kSoftmaxOfMean && a.x.classes <= kShortRowClasses) {
     return softmax_of_mean_short_rows<scalar_t, acc_t>(a, row_begin, row_end);
   }
-  if (a.reduction == Reduction::MeanProbs && a.x.classes <= kShortRowClasses) {
+  if (a.reduction == Reduction::kMeanProbs && a.x.classes <= kShortRowClasses) {
     return mean_probs_short_rows<scalar_t, acc_t>(a, row_begin, row_end);
   }
-  if (a.reduction == Reduction::LogMeanProbs && a.x.classes <= kShortRowClasses) {
+  if (a.reduction == Reduction::kLogMeanProbs && a.x.classes <= kShortRowClasses) {
     return log_mean_probs_short_rows<scalar_t, acc_t>(a, row_begin, row_end);
   }
   const int64_t N = a.x.members, R = a.x.rows, K = a.x.classes;
   acc_t* out = static_cast<acc_t*>(a.out);
   acc_t* aux = static_cast<acc_t*>(a.aux);
-  const bool all_rows_at_once = a.reduction == Reduction::Mean || a.reduction == Reduction::SoftmaxOfMean ||
-                                a.reduction == Reduction::LogMeanProbs;
+  const bool all_rows_at_once = a.reduction == Reduction::kMean || a.reduction == Reduction::kSoftmaxOfMean ||
+                                a.reduction == Reduction::kLogMeanProbs;
   MemberRows<scalar_t, acc_t> members(a.x, all_rows_at_once ? N : 1);
   std::unique_ptr<const acc_t*[]> rows(new const acc_t*[N]);
-  std::unique_ptr<acc_t[]> shift(new acc_t[2 * N]);  // LogMeanProbs: member max, then member log-sum-exp - max
-  std::unique_ptr<acc_t[]> exps(a.reduction == Reduction::MeanProbs ? new acc_t[K] : nullptr);
+  std::unique_ptr<acc_t[]> shift(new acc_t[2 * N]);  // kLogMeanProbs: member max, then member log-sum-exp - max
+  std::unique_ptr<acc_t[]> exps(a.reduction == Reduction::kMeanProbs ? new acc_t[K] : nullptr);
   const acc_t log_n = std::log(static_cast<acc_t>(N));
 
   for (int64_t r = row_begin; r < row_end; ++r) {
     acc_t* o = out + r * K;
     switch (a.reduction) {
-      case Reduction::Mean:
-      case Reduction::SoftmaxOfMean:
+      case Reduction::kMean:
+      case Reduction::kSoftmaxOfMean:
         for (int64_t n = 0; n < N; ++n) rows[n] = members.get(n, r, n);
         mean_of_rows(rows.get(), N, K, o);
-        if (a.reduction == Reduction::SoftmaxOfMean) softmax_in_place(o, K);
+        if (a.reduction == Reduction::kSoftmaxOfMean) softmax_in_place(o, K);
         break;
-      case Reduction::MeanProbs:
+      case Reduction::kMeanProbs:
         for (int64_t n = 0; n < N; ++n) {
           const acc_t* p = members.get(n, r, 0);
           const acc_t m = row_max(p, K);
@@ -503,7 +504,7 @@ void reduce_forward_rows(const ForwardArgs& a, int64_t row_begin, int64_t row_en
           scale_add(exps.get(), acc_t(1) / (static_cast<acc_t>(N) * sum), o, K, /*accumulate=*/n > 0);
         }
         break;
-      case Reduction::LogMeanProbs: {
+      case Reduction::kLogMeanProbs: {
         acc_t* max = shift.get();
         acc_t* log_sum = shift.get() + N;
         for (int64_t n = 0; n < N; ++n) {
@@ -543,7 +544,7 @@ void member_softmax_backward_short_rows(const BackwardArgs& a, int64_t row_begin
   const int64_t N = a.x.members, R = a.x.rows, K = a.x.classes;
   const acc_t* aux = static_cast<const acc_t*>(a.aux);
   scalar_t* grad = static_cast<scalar_t*>(a.grad);
-  const bool log_output = a.reduction == Reduction::LogMeanProbs;
+  const bool log_output = a.reduction == Reduction::kLogMeanProbs;
   const V neg_inf(-kInf<acc_t>), zero(0), n_members(static_cast<acc_t>(N)), log_n(std::log(static_cast<acc_t>(N)));
   alignas(64) acc_t x_tile[kShortRowClasses * W], g_tile[kShortRowClasses * W], o_tile[kShortRowClasses * W];
   alignas(64) acc_t lanes[W];
@@ -596,13 +597,13 @@ void reduce_backward_rows(const BackwardArgs& a, int64_t row_begin, int64_t row_
   const acc_t* aux = static_cast<const acc_t*>(a.aux);
   const V vcount(static_cast<acc_t>(N));
 
-  if (a.reduction == Reduction::Mean || a.reduction == Reduction::SoftmaxOfMean) {
+  if (a.reduction == Reduction::kMean || a.reduction == Reduction::kSoftmaxOfMean) {
     acc_t* grad = static_cast<acc_t*>(a.grad);
     for (int64_t r = row_begin; r < row_end; ++r) {
       const acc_t* g = grad_out + r * K;
       const acc_t* o = out + r * K;
       acc_t* d = grad + r * K;
-      if (a.reduction == Reduction::Mean) {
+      if (a.reduction == Reduction::kMean) {
         for (int64_t k = 0; k < K; k += W) {
           const int64_t count = std::min<int64_t>(W, K - k);
           (V::loadu(g + k, count) / vcount).store(d + k, count);
@@ -635,7 +636,7 @@ void reduce_backward_rows(const BackwardArgs& a, int64_t row_begin, int64_t row_
       const acc_t lse = aux[n * R + r];
       scalar_t* dst = grad + (n * R + r) * K;
       acc_t* result = std::is_same_v<scalar_t, acc_t> ? reinterpret_cast<acc_t*>(dst) : work;
-      if (a.reduction == Reduction::MeanProbs) {
+      if (a.reduction == Reduction::kMeanProbs) {
         // s (g - <g, s>) / N
         exp_store_sum(p, lse, probs, K);
         const V g_dot_s(dot(g, probs, K));
@@ -812,10 +813,4 @@ void stats_forward(const StatsArgs& a, int64_t row_begin, int64_t row_end) {
 #undef FUSED_ENSEMBLE_DISPATCH_DTYPE
 
 }  // namespace
-
-const KernelTable& kernel_table() {
-  static const KernelTable table{reduce_forward, mean_flat, reduce_backward, stats_forward};
-  return table;
-}
-
 }  // namespace fused_ensemble::cpu::CPU_CAPABILITY

@@ -1,6 +1,7 @@
-// CUDA implementations of the fused_ensemble_ext ops (schemas in csrc/cpu/ensemble_reduce.cpp):
+// CUDA implementations of the ensemble-reduction ops (schemas in csrc/ops.cpp):
 // argument checks, output allocation, device guard; the kernels are in ensemble_reduce_forward.cu and
 // ensemble_reduce_backward.cu. Every kernel runs on the current stream of the input's device.
+#include "../ensemble_reduce.h"
 #include "ensemble_reduce_launch.h"
 
 #include <ATen/ATen.h>
@@ -13,75 +14,61 @@
 #include <tuple>
 #include <vector>
 
-namespace fused_ensemble_cuda {
+namespace fused_ensemble::cuda {
 namespace {
-
-Reduction parse_reduction(c10::string_view name) {
-  if (name == "mean") return Reduction::kMean;
-  if (name == "mean_probs") return Reduction::kMeanProbs;
-  if (name == "softmax_of_mean") return Reduction::kSoftmaxOfMean;
-  if (name == "log_mean_probs") return Reduction::kLogMeanProbs;
-  TORCH_CHECK(false, "fused_ensemble_ext (CUDA): unknown reduction '", std::string(name.data(), name.size()),
-              "'; expected one of 'mean', 'mean_probs', 'softmax_of_mean', 'log_mean_probs'");
-}
 
 at::ScalarType accumulate_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
-void check_logits(const at::Tensor& x, const char* op) {
-  TORCH_CHECK(x.is_cuda(), "fused_ensemble_ext.", op, " (CUDA): logits must be a CUDA tensor, got device ",
+// CUDA logits that meet the kernel contract (../ensemble_reduce.h) and the index types of these kernels.
+void check_cuda_logits(const at::Tensor& x, const char* op) {
+  TORCH_CHECK(x.is_cuda(), "fused_ensemble_ext::", op, " (CUDA): logits must be a CUDA tensor, got device ",
               x.device());
-  TORCH_CHECK(x.dim() == 3, "fused_ensemble_ext.", op,
-              ": logits must have shape [N, R, K] (members, rows, classes), got ", x.sizes());
-  const auto t = x.scalar_type();
-  TORCH_CHECK(t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble, "fused_ensemble_ext.", op,
-              ": logits must be float32, float16, bfloat16 or float64, got ", t);
-  TORCH_CHECK(x.size(0) >= 1, "fused_ensemble_ext.", op, ": the ensemble has no members (logits.size(0) == 0)");
-  TORCH_CHECK(x.size(2) >= 1, "fused_ensemble_ext.", op, ": logits have no classes (logits.size(2) == 0)");
+  check_logits(x, op);
   // Columns index registers as int (argmax), with room for the padding of the last tile.
-  TORCH_CHECK(x.size(2) <= INT_MAX - (1 << 20), "fused_ensemble_ext.", op, ": too many classes: ", x.size(2));
-  TORCH_CHECK(x.size(1) <= INT_MAX, "fused_ensemble_ext.", op, ": too many rows: ",
-              x.size(1));
+  TORCH_CHECK(x.size(2) <= INT_MAX - (1 << 20), "fused_ensemble_ext::", op, " (CUDA): too many classes: ",
+              x.size(2));
+  TORCH_CHECK(x.size(1) <= INT_MAX, "fused_ensemble_ext::", op, " (CUDA): too many rows: ", x.size(1));
 }
 
 void check_same_device(const at::Tensor& t, const at::Tensor& x, const char* name) {
-  TORCH_CHECK(t.device() == x.device(), "fused_ensemble_ext.reduce_backward: ", name, " is on ", t.device(),
-              " but logits are on ", x.device());
+  TORCH_CHECK(t.device() == x.device(), "fused_ensemble_ext::reduce_backward (CUDA): ", name, " is on ",
+              t.device(), " but logits are on ", x.device());
 }
 
-std::tuple<at::Tensor, at::Tensor> reduce_forward_cuda(const at::Tensor& logits, c10::string_view reduction) {
-  check_logits(logits, "reduce_forward");
-  const Reduction red = parse_reduction(reduction);
+std::tuple<at::Tensor, at::Tensor> reduce_forward_cuda(const at::Tensor& logits, c10::string_view reduction,
+                                                       bool short_rows) {
+  check_cuda_logits(logits, "reduce_forward");
+  const Reduction red = parse_reduction(reduction, "reduce_forward");
   const c10::cuda::CUDAGuard device_guard(logits.device());
   const int64_t N = logits.size(0), R = logits.size(1), K = logits.size(2);
   const auto opts = logits.options().dtype(accumulate_dtype(logits.scalar_type()));
   at::Tensor out = at::empty({R, K}, opts);
-  const bool with_lse = red == Reduction::kMeanProbs || red == Reduction::kLogMeanProbs;
-  at::Tensor aux = with_lse ? at::empty({N, R}, opts) : at::empty({0}, opts);
-  launch_reduce_forward(logits, red, out, aux);
+  at::Tensor aux = saves_member_lse(red) ? at::empty({N, R}, opts) : at::empty({0}, opts);
+  launch_reduce_forward(logits, red, out, aux, short_rows);
   return {out, aux};
 }
 
 at::Tensor reduce_backward_cuda(const at::Tensor& grad_out, const at::Tensor& logits, const at::Tensor& out,
                                 const at::Tensor& aux, c10::string_view reduction) {
-  check_logits(logits, "reduce_backward");
-  const Reduction red = parse_reduction(reduction);
+  check_cuda_logits(logits, "reduce_backward");
+  const Reduction red = parse_reduction(reduction, "reduce_backward");
   const c10::cuda::CUDAGuard device_guard(logits.device());
   const int64_t N = logits.size(0), R = logits.size(1), K = logits.size(2);
   const auto acc = accumulate_dtype(logits.scalar_type());
   check_same_device(grad_out, logits, "grad_out");
   check_same_device(out, logits, "out");
   const std::vector<int64_t> rk{R, K};
-  TORCH_CHECK(grad_out.sizes() == rk, "fused_ensemble_ext.reduce_backward: grad_out must have shape ",
+  TORCH_CHECK(grad_out.sizes() == rk, "fused_ensemble_ext::reduce_backward (CUDA): grad_out must have shape ",
               c10::IntArrayRef(rk), " (rows, classes of the logits), got ", grad_out.sizes());
-  TORCH_CHECK(out.sizes() == rk, "fused_ensemble_ext.reduce_backward: out must have shape ", c10::IntArrayRef(rk),
-              ", got ", out.sizes());
-  TORCH_CHECK(grad_out.scalar_type() == acc && out.scalar_type() == acc, "fused_ensemble_ext.reduce_backward: ",
-              "grad_out and out must be ", acc, " for ", logits.scalar_type(), " logits, got ",
-              grad_out.scalar_type(), " and ", out.scalar_type());
-  if (red == Reduction::kMeanProbs || red == Reduction::kLogMeanProbs) {
+  TORCH_CHECK(out.sizes() == rk, "fused_ensemble_ext::reduce_backward (CUDA): out must have shape ",
+              c10::IntArrayRef(rk), ", got ", out.sizes());
+  TORCH_CHECK(grad_out.scalar_type() == acc && out.scalar_type() == acc,
+              "fused_ensemble_ext::reduce_backward (CUDA): grad_out and out must be ", acc, " for ",
+              logits.scalar_type(), " logits, got ", grad_out.scalar_type(), " and ", out.scalar_type());
+  if (saves_member_lse(red)) {
     // aux (the member lse) is only checked: the kernel recomputes it exactly from the logits it reads anyway.
     const std::vector<int64_t> nr{N, R};
-    TORCH_CHECK(aux.sizes() == nr, "fused_ensemble_ext.reduce_backward: aux (member lse) must have shape ",
+    TORCH_CHECK(aux.sizes() == nr, "fused_ensemble_ext::reduce_backward (CUDA): aux (member lse) must have shape ",
                 c10::IntArrayRef(nr), " for reduction '", std::string(reduction.data(), reduction.size()),
                 "', got ", aux.sizes());
   }
@@ -100,8 +87,8 @@ at::Tensor reduce_backward_cuda(const at::Tensor& grad_out, const at::Tensor& lo
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> stats_forward_cuda(
-    const at::Tensor& logits) {
-  check_logits(logits, "stats_forward");
+    const at::Tensor& logits, bool short_rows) {
+  check_cuda_logits(logits, "stats_forward");
   const c10::cuda::CUDAGuard device_guard(logits.device());
   const int64_t R = logits.size(1), K = logits.size(2);
   const auto opts = logits.options().dtype(accumulate_dtype(logits.scalar_type()));
@@ -113,15 +100,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   o.confidence = at::empty({R}, opts);
   o.prediction = at::empty({R}, opts.dtype(at::kLong));
   o.disagreement = at::empty({R}, opts);
-  launch_stats_forward(logits, o);
+  launch_stats_forward(logits, o, short_rows);
   return {o.probs, o.entropy, o.expected_entropy, o.mutual_info, o.confidence, o.prediction, o.disagreement};
 }
 
 }  // namespace
-}  // namespace fused_ensemble_cuda
+}  // namespace fused_ensemble::cuda
 
 TORCH_LIBRARY_IMPL(fused_ensemble_ext, CUDA, m) {
-  m.impl("reduce_forward", &fused_ensemble_cuda::reduce_forward_cuda);
-  m.impl("reduce_backward", &fused_ensemble_cuda::reduce_backward_cuda);
-  m.impl("stats_forward", &fused_ensemble_cuda::stats_forward_cuda);
+  m.impl("reduce_forward", &fused_ensemble::cuda::reduce_forward_cuda);
+  m.impl("reduce_backward", &fused_ensemble::cuda::reduce_backward_cuda);
+  m.impl("stats_forward", &fused_ensemble::cuda::stats_forward_cuda);
 }

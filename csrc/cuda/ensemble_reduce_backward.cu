@@ -17,7 +17,7 @@
 
 #include <cmath>
 
-namespace fused_ensemble_cuda {
+namespace fused_ensemble::cuda {
 namespace {
 
 enum class Mode { kMeanProbs, kLogMeanProbs, kSoftmaxOfMean };
@@ -242,4 +242,4 @@ void launch_reduce_backward(const at::Tensor& grad_out, const at::Tensor& x, con
   });
 }
 
-}  // namespace fused_ensemble_cuda
+}  // namespace fused_ensemble::cuda

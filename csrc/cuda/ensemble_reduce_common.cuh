@@ -9,7 +9,7 @@
 #include <climits>
 #include <cstdint>
 
-namespace fused_ensemble_cuda {
+namespace fused_ensemble::cuda {
 
 constexpr int kWarp = 32;
 constexpr unsigned kFullMask = 0xffffffffu;
@@ -257,4 +257,4 @@ __device__ __forceinline__ void store_row_stats(const P& p, int64_t r, const Pro
   p.disagreement[r] = differ * p.inv_n;
 }
 
-}  // namespace fused_ensemble_cuda
+}  // namespace fused_ensemble::cuda

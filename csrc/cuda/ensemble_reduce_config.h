@@ -7,7 +7,7 @@
 #include <algorithm>
 #include <cstdint>
 
-namespace fused_ensemble_cuda {
+namespace fused_ensemble::cuda {
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -72,4 +72,4 @@ inline bool shrink_to_fit(RowConfig& c, int64_t bytes_per_row, int64_t budget) {
   return true;
 }
 
-}  // namespace fused_ensemble_cuda
+}  // namespace fused_ensemble::cuda

@@ -25,7 +25,7 @@
 #include <type_traits>
 #include <utility>
 
-namespace fused_ensemble_cuda {
+namespace fused_ensemble::cuda {
 namespace {
 
 enum class Mode { kMeanProbs, kSoftmaxOfMean, kLogMeanProbs, kStats };
@@ -424,9 +424,10 @@ bool softmax_of_mean_in_two_steps(const at::Tensor& x) {
 
 }  // namespace
 
-void launch_reduce_forward(const at::Tensor& x, Reduction reduction, at::Tensor& out, at::Tensor& lse) {
+void launch_reduce_forward(const at::Tensor& x, Reduction reduction, at::Tensor& out, at::Tensor& lse,
+                           bool short_rows) {
   if (x.size(1) == 0) return;
-  if (reduction != Reduction::kMean && short_rows_kernel_applies(x)) {
+  if (short_rows && reduction != Reduction::kMean && short_rows_kernel_applies(x)) {
     launch_short_rows_forward(x, reduction, out, lse);
     return;
   }
@@ -452,13 +453,13 @@ void launch_reduce_forward(const at::Tensor& x, Reduction reduction, at::Tensor&
   }
 }
 
-void launch_stats_forward(const at::Tensor& x, StatsOutputs& o) {
+void launch_stats_forward(const at::Tensor& x, StatsOutputs& o, bool short_rows) {
   if (x.size(1) == 0) return;
-  if (short_rows_kernel_applies(x)) {
+  if (short_rows && short_rows_kernel_applies(x)) {
     launch_short_rows_stats(x, o);
     return;
   }
   run_rows<Mode::kStats>(x, o.probs, [&](auto& p) { set_stats_outputs(p, o); });
 }
 
-}  // namespace fused_ensemble_cuda
+}  // namespace fused_ensemble::cuda

@@ -8,18 +8,20 @@
 #include <type_traits>
 #include <utility>
 
-namespace fused_ensemble_cuda {
+#include "../ensemble_reduce.h"
 
-enum class Reduction { kMean, kMeanProbs, kSoftmaxOfMean, kLogMeanProbs };
+namespace fused_ensemble::cuda {
 
-// out [R, K]; lse [N, R] for kMeanProbs / kLogMeanProbs (undefined tensor otherwise).
-void launch_reduce_forward(const at::Tensor& x, Reduction reduction, at::Tensor& out, at::Tensor& lse);
+// out [R, K]; lse [N, R] for kMeanProbs / kLogMeanProbs (empty otherwise). short_rows: use the short-row kernel
+// where it applies (below).
+void launch_reduce_forward(const at::Tensor& x, Reduction reduction, at::Tensor& out, at::Tensor& lse,
+                           bool short_rows);
 
 // The seven outputs of stats_forward, allocated by the caller.
 struct StatsOutputs {
   at::Tensor probs, entropy, expected_entropy, mutual_info, confidence, prediction, disagreement;
 };
-void launch_stats_forward(const at::Tensor& x, StatsOutputs& outputs);
+void launch_stats_forward(const at::Tensor& x, StatsOutputs& outputs, bool short_rows);
 
 // The accumulation type of a kernel parameter struct P (the type its `out` points to), for the generic lambdas
 // that fill in output pointers.
@@ -39,8 +41,8 @@ void set_stats_outputs(Params& p, StatsOutputs& o) {
 }
 
 // Short rows (ensemble_reduce_short_rows.cu): K <= 16 classes, rows contiguous ([R, K] of each member dense).
-// launch_reduce_forward / launch_stats_forward use it wherever it applies (but for kMean); for now only with
-// FUSED_ENSEMBLE_CUDA_SHORT_ROWS=1 (see short_rows_kernel_applies).
+// launch_reduce_forward / launch_stats_forward use it wherever it applies (but for kMean) when their caller asks
+// for it: opt-in for now, through the ops' short_rows argument (see csrc/ops.cpp).
 bool short_rows_kernel_applies(const at::Tensor& x);
 void launch_short_rows_forward(const at::Tensor& x, Reduction reduction, at::Tensor& out, at::Tensor& lse);
 void launch_short_rows_stats(const at::Tensor& x, StatsOutputs& outputs);
@@ -49,4 +51,4 @@ void launch_short_rows_stats(const at::Tensor& x, StatsOutputs& outputs);
 void launch_reduce_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& out,
                             Reduction reduction, at::Tensor& grad);
 
-}  // namespace fused_ensemble_cuda
+}  // namespace fused_ensemble::cuda

@@ -19,11 +19,10 @@
 #include <c10/cuda/CUDAException.h>
 
 #include <cmath>
-#include <cstdlib>
 #include <type_traits>
 #include <utility>
 
-namespace fused_ensemble_cuda {
+namespace fused_ensemble::cuda {
 namespace {
 
 constexpr int kMaxK = 16;
@@ -269,10 +268,6 @@ void run_short_rows(const at::Tensor& x, at::Tensor& out, Fill fill_outputs) {
 }  // namespace
 
 bool short_rows_kernel_applies(const at::Tensor& x) {
-  // Opt-in (FUSED_ENSEMBLE_CUDA_SHORT_ROWS=1) until it has passed the GPU tests and been timed against the row
-  // kernel on a GPU: it was written and compiled on a machine without one.
-  const char* flag = std::getenv("FUSED_ENSEMBLE_CUDA_SHORT_ROWS");
-  if (flag == nullptr || flag[0] != '1') return false;
   const int64_t R = x.size(1), K = x.size(2);
   return K >= 1 && K <= kMaxK && R >= 1 && (K == 1 || x.stride(2) == 1) && (R == 1 || x.stride(1) == K);
 }
@@ -298,4 +293,4 @@ void launch_short_rows_stats(const at::Tensor& x, StatsOutputs& o) {
   run_short_rows<ShortMode::kStats>(x, o.probs, [&](auto& p) { set_stats_outputs(p, o); });
 }
 
-}  // namespace fused_ensemble_cuda
+}  // namespace fused_ensemble::cuda

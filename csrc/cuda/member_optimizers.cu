@@ -1,11 +1,11 @@
-// CUDA implementations of the per-member optimizer ops (schemas and CPU kernels in csrc/cpu/member_optimizers.cpp;
-// factor layout in csrc/member_optimizer_factors.h). One launch per parameter [N, ...]: grid.y is the member, so a
-// block reads its member's factors once and a frozen member's blocks return at once; grid.x strides over the
-// member's slice. The element arithmetic is the CPU kernels' (torch.optim's single-tensor path) but in float64,
-// rounded to the parameter dtype once per stored value: the extension's CUDA sources build with --use_fast_math
-// (approximate float division and sqrt, denormals flushed), which would otherwise drift from torch.optim, and
-// float64 arithmetic costs nothing in an update bound by memory. The factors arrive as a CPU float64 tensor and
-// are copied to the device once per call.
+// CUDA implementations of the per-member optimizer ops (schemas in csrc/ops.cpp, CPU kernels in
+// csrc/cpu/member_optimizers.cpp, factor layout in csrc/member_optimizer_factors.h). One launch per parameter [N, ...]:
+// grid.y is the member, so a block reads its member's factors once and a frozen member's blocks return at once; grid.x
+// strides over the member's slice. The element arithmetic is the CPU kernels' (torch.optim's single-tensor path) but in
+// float64, rounded to the parameter dtype once per stored value: the extension's CUDA sources build with
+// --use_fast_math (approximate float division and sqrt, denormals flushed), which would otherwise drift from
+// torch.optim, and float64 arithmetic costs nothing in an update bound by memory. The factors arrive as a CPU float64
+// tensor and are copied to the device once per call.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -18,25 +18,8 @@
 
 #include "../member_optimizer_factors.h"
 
-namespace fused_ensemble_cuda {
+namespace fused_ensemble::cuda {
 namespace {
-
-using fused_ensemble::kAdamActive;
-using fused_ensemble::kAdamBeta2;
-using fused_ensemble::kAdamBiasCorrection2Sqrt;
-using fused_ensemble::kAdamDecay;
-using fused_ensemble::kAdamEps;
-using fused_ensemble::kAdamFactors;
-using fused_ensemble::kAdamNegStepSize;
-using fused_ensemble::kAdamOneMinusBeta1;
-using fused_ensemble::kAdamOneMinusBeta2;
-using fused_ensemble::kSgdActive;
-using fused_ensemble::kSgdFactors;
-using fused_ensemble::kSgdFirstStep;
-using fused_ensemble::kSgdGradScale;
-using fused_ensemble::kSgdMomentum;
-using fused_ensemble::kSgdNegLr;
-using fused_ensemble::kSgdWeightDecay;
 
 constexpr int kThreads = 256;
 constexpr int kMaxBlocksPerMember = 1024;  // grid-stride beyond that
@@ -108,7 +91,7 @@ void check_list(const char* op, const char* name, at::TensorList list, at::Tenso
               " tensors for ", params.size(), " parameters");
   for (size_t j = 0; j < list.size(); ++j) {
     TORCH_CHECK(list[j].device() == params[j].device() && list[j].scalar_type() == params[j].scalar_type() &&
-                    fused_ensemble::same_layout(list[j], params[j]),
+                    same_layout(list[j], params[j]),
                 "fused_ensemble_ext::", op, " (CUDA): ", name, "[", j, "] must be a tensor of the parameter's ",
                 "device, shape, strides and dtype (", params[j].sizes(), ", ", params[j].strides(), ", ",
                 params[j].scalar_type(), ")");
@@ -129,7 +112,7 @@ at::Tensor check_and_copy_factors(const char* op, at::TensorList params, const a
   for (size_t j = 0; j < params.size(); ++j) {
     const at::Tensor& p = params[j];
     TORCH_CHECK(p.device() == first.device() && p.scalar_type() == first.scalar_type() &&
-                    fused_ensemble::member_major_dense(p) && p.size(0) == members,
+                    member_major_dense(p) && p.size(0) == members,
                 "fused_ensemble_ext::", op, " (CUDA): parameter ", j, " must be a dense ", first.scalar_type(),
                 " tensor on ", first.device(), " with ", members, " members in dim 0, outermost in memory, got ",
                 p.sizes(), ", strides ", p.strides(), " ", p.scalar_type(), " on ", p.device());
@@ -208,9 +191,9 @@ void member_adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
 }
 
 }  // namespace
-}  // namespace fused_ensemble_cuda
+}  // namespace fused_ensemble::cuda
 
 TORCH_LIBRARY_IMPL(fused_ensemble_ext, CUDA, m) {
-  m.impl("member_sgd_", &fused_ensemble_cuda::member_sgd_cuda);
-  m.impl("member_adamw_", &fused_ensemble_cuda::member_adamw_cuda);
+  m.impl("member_sgd_", &fused_ensemble::cuda::member_sgd_cuda);
+  m.impl("member_adamw_", &fused_ensemble::cuda::member_adamw_cuda);
 }

@@ -118,8 +118,8 @@ def _assert_matches(actual, expected, **tol):
     torch.testing.assert_close(actual, expected, equal_nan=True, **tol)
 
 
-def _check_forward(x, reduction):
-    out, aux = _ops().reduce_forward(x, reduction)
+def _check_forward(x, reduction, short_rows=False):
+    out, aux = _ops().reduce_forward(x, reduction, short_rows=short_rows)
     acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     n, r, k = x.shape
     assert out.shape == (r, k) and out.dtype == acc_dtype and out.is_contiguous()
@@ -142,8 +142,8 @@ def _check_forward(x, reduction):
     return out
 
 
-def _check_stats(x):
-    outs = _ops().stats_forward(x)
+def _check_stats(x, short_rows=False):
+    outs = _ops().stats_forward(x, short_rows=short_rows)
     ref = stats_reference(x.double(), dim=0)
     tol = _tol(x.dtype)
     scalar_tol = tol if x.dtype == torch.float64 else {"rtol": 1e-4, "atol": 5e-5}
@@ -276,7 +276,7 @@ def test_bad_inputs():
     x = torch.randn(2, 3, 4, device="cuda")
     with pytest.raises(RuntimeError, match="unknown reduction 'median'"):
         _ops().reduce_forward(x, "median")
-    with pytest.raises(RuntimeError, match="float32, float16, bfloat16 or float64"):
+    with pytest.raises(RuntimeError, match="float16, bfloat16, float32 or float64"):
         _ops().reduce_forward(x.to(torch.int32), "mean")
 
 
@@ -338,7 +338,7 @@ def test_stats_nan_member_argmax(k):
 
 
 # Rows of K <= 16 classes, each member's [R, K] dense, take the short-row kernel (ensemble_reduce_short_rows.cu;
-# opt-in through FUSED_ENSEMBLE_CUDA_SHORT_ROWS=1 until it has run on a GPU): several blocks of 256 rows with a
+# opt-in through the ops' short_rows argument until it has run on a GPU): several blocks of 256 rows with a
 # partial last one, slabs whose length is not a multiple of the vector width (7 * 1001 values), members whose slabs
 # are not 16-byte aligned (3 * 1001 * 10 floats apart: scalar loads).
 SHORT_ROW_SHAPES = [(3, 1001, 10), (16, 513, 16), (5, 1001, 7), (2, 257, 1), (4, 256, 3), (40, 300, 10)]
@@ -348,16 +348,14 @@ SHORT_ROW_SHAPES = [(3, 1001, 10), (16, 513, 16), (5, 1001, 7), (2, 257, 1), (4,
 @pytest.mark.parametrize("shape", SHORT_ROW_SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.gpu
 @needs_cuda_kernels
-def test_short_rows_kernel(shape, dtype, monkeypatch):
-    monkeypatch.setenv("FUSED_ENSEMBLE_CUDA_SHORT_ROWS", "1")
+def test_short_rows_kernel(shape, dtype):
     x = _logits(*shape, dtype)
     n, r, k = shape
     x[n - 1, r - 1, :] = -math.inf  # a member row with no finite logit, in the last (partial) block
     x[0, r // 2, k // 2] = -math.inf
-    _check_every_op(x, backward=False)
-    # The row kernel (the short-row kernel turned off) gives the same results, NaN rows included.
-    short = [_ops().reduce_forward(x, red)[0] for red in REDUCTIONS[1:]] + list(_ops().stats_forward(x))
-    monkeypatch.setenv("FUSED_ENSEMBLE_CUDA_SHORT_ROWS", "0")
+    _check_every_op(x, backward=False, short_rows=True)
+    # The row kernel (the short-row kernel not asked for) gives the same results, NaN rows included.
+    short = [_ops().reduce_forward(x, red, True)[0] for red in REDUCTIONS[1:]] + list(_ops().stats_forward(x, True))
     rows = [_ops().reduce_forward(x, red)[0] for red in REDUCTIONS[1:]] + list(_ops().stats_forward(x))
     for a, b in zip(short, rows):
         if a.dtype == torch.int64:
@@ -369,10 +367,9 @@ def test_short_rows_kernel(shape, dtype, monkeypatch):
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.gpu
 @needs_cuda_kernels
-def test_short_rows_kernel_layouts(layout, monkeypatch):
+def test_short_rows_kernel_layouts(layout):
     # Dense rows with other member strides take it (expanded members, misaligned data); the rest the row kernel.
-    monkeypatch.setenv("FUSED_ENSEMBLE_CUDA_SHORT_ROWS", "1")
-    _check_every_op(_logits(4, 600, 10, torch.float32, layout=layout), backward=False)
+    _check_every_op(_logits(4, 600, 10, torch.float32, layout=layout), backward=False, short_rows=True)
 
 
 @pytest.mark.gpu
@@ -416,13 +413,13 @@ def _reference_grad(x, grad_out, reduction):
     return x64.grad
 
 
-def _check_every_op(x, backward=True):
+def _check_every_op(x, backward=True, short_rows=False):
     """Every reduction forward (and backward), and the statistics, against the reference."""
     for reduction in REDUCTIONS:
-        _check_forward(x, reduction)
+        _check_forward(x, reduction, short_rows)
         if backward:
             _check_backward(x, reduction)
-    _check_stats(x)
+    _check_stats(x, short_rows)
 
 
 def _check_backward(x, reduction, grad_tol=None):
