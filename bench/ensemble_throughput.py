@@ -25,11 +25,11 @@ import traceback
 
 import torch
 
+from fused_ensemble import FusedEnsemble
 from fused_ensemble.cli.environment import environment_info
+from fused_ensemble.cli.models import build_model, input_shape
 from fused_ensemble.cli.workloads import Workload, relative_error, settle_cpu_allocator
 from fused_ensemble.inference.timing import interleaved_times, median, time_ms
-from fused_ensemble import FusedEnsemble
-from fused_ensemble.cli.models import build_model, input_shape
 
 # --compile-vmap compiles the same vmap lambda once per point: past dynamo's default of 8 recompiles per code object
 # it would silently run eagerly, and "vmap_compile" would time eager (the gpu-full preset has 120 points).

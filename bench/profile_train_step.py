@@ -1,12 +1,14 @@
 """Where one training step's time goes, member loop against FusedEnsemble (and vmap): torch.profiler over a few
 steps of each (the steps of train_steps.py), operators grouped by kind, per step.
 
-For the training target (fused at least 2x the fastest member loop at N=8, B=128; see docs/performance.md): the
-table says which kinds of work the fused step does slower than N member steps (grouped convolutions forward or backward, BatchNorm
-over N*C channels, the optimizer, layout copies). On CUDA the times are the device time of the kernels each
+For the training target (fused at least 2x the fastest member loop at N=8, B=128; see docs/performance.md): the table
+says which kinds of work the fused step does slower than N member steps (grouped convolutions forward or backward,
+BatchNorm over N*C channels, the optimizer, layout copies). On CUDA the times are the device time of the kernels each
 operator launched; on the CPU, operators' self CPU time.
 
-    python bench/profile_train_step.py --members 8 --batch 128 --steps 5 --json bench/results/<machine>/profile-train-<date>.json
+
+    python bench/profile_train_step.py --members 8 --batch 128 --steps 5 \
+        --json bench/results/<machine>/profile-train-<date>.json
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from fused_ensemble.cli.environment import environment_info
-from fused_ensemble.cli.workloads import settle_cpu_allocator
 from fused_ensemble.cli.models import MODELS
+from fused_ensemble.cli.workloads import settle_cpu_allocator
+
 from train_steps import BUILDERS, build_members, member_batch, parse_implementations, training_call
 
 # Operator kinds, first match wins (aten and our ops' names, lower case).

@@ -13,8 +13,8 @@ import os
 
 import pytest
 import torch
-
 from ensemble_throughput import PRESETS, flops_per_sample
+
 from fused_ensemble.cli.workloads import Workload, relative_error
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -25,10 +25,10 @@ import pytest
 import torch
 
 from fused_ensemble import optim
+from fused_ensemble.cli.models import build_model
+from fused_ensemble.cli.workloads import settle_cpu_allocator
 from fused_ensemble.training.amp import MemberGradScaler
 from fused_ensemble.training.clip_grad import clip_grad_norm_
-from fused_ensemble.cli.workloads import settle_cpu_allocator
-from fused_ensemble.cli.models import build_model
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 MEMBERS = 8 if DEVICE == "cuda" else 4

@@ -1,10 +1,10 @@
 """pytest-benchmark suites of the ensemble reduction: every reduction and ensemble_stats x implementation x shape.
 
 Run with ``pytest bench/test_bench_reduce.py --benchmark-enable`` (skipped otherwise: the default options carry
-``--benchmark-disable``). On a CUDA machine the shapes are the GPU matrix of reduce_workloads.gpu_shapes (inputs >= 64 MB); on the CPU,
-a few shapes a 2-core machine runs in reasonable time. Each group (one workload at one shape) holds the eager
-reference, torch.compile of the reference and our kernels, so ``--benchmark-group-by=group`` compares them in one
-table; ``extra_info`` records GB/s (logits read once + outputs written once) and the error against eager.
+``--benchmark-disable``). On a CUDA machine the shapes are the GPU matrix of reduce_workloads.gpu_shapes (inputs >= 64
+MB); on the CPU, a few shapes a 2-core machine runs in reasonable time. Each group (one workload at one shape) holds
+the eager reference, torch.compile of the reference and our kernels, so ``--benchmark-group-by=group`` compares them
+in one table; ``extra_info`` records GB/s (logits read once + outputs written once) and the error against eager.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import torch
 
 from fused_ensemble import cpu_memory
 from fused_ensemble.cli.workloads import settle_cpu_allocator
+
 import reduce_workloads as rw
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -16,6 +16,7 @@ import torch
 
 from fused_ensemble import cpu_memory
 from fused_ensemble.cli.workloads import settle_cpu_allocator
+
 from train_steps import BUILDERS, IMPLEMENTATIONS, build_members
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -24,10 +24,8 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from fused_ensemble import FusedEnsemble, optim
-from fused_ensemble import conv_backward
+from fused_ensemble import FusedEnsemble, conv_backward, member_cross_entropy, optim
 from fused_ensemble.cli.models import build_model, input_shape
-from fused_ensemble import member_cross_entropy
 
 IMPLEMENTATIONS = ("loop", "vmap", "fused")
 SGD_ARGS = dict(lr=0.01, momentum=0.9, weight_decay=5e-4)

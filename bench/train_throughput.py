@@ -20,11 +20,11 @@ import sys
 import torch
 
 from fused_ensemble.cli.environment import environment_info
+from fused_ensemble.cli.models import MODELS
 from fused_ensemble.cli.workloads import settle_cpu_allocator
 from fused_ensemble.inference.timing import interleaved_times, median
-from fused_ensemble.cli.models import MODELS
-from train_steps import BUILDERS, IMPLEMENTATIONS, build_members, member_batch, parse_implementations, training_call
 
+from train_steps import BUILDERS, IMPLEMENTATIONS, build_members, member_batch, parse_implementations, training_call
 
 FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 PRECISIONS = {"float32": False, "bf16": True}  # name -> under bf16 autocast

@@ -19,12 +19,11 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from fused_ensemble.cli.environment import environment_info  # noqa: E402
+from fused_ensemble.kernels import ensemble_reduce as er  # noqa: E402
+
 import reduce_workloads as rw  # noqa: E402
 from reduce_gpu import ROTATION_BYTES, copy_bandwidth, make_timer  # noqa: E402
-
-from fused_ensemble.cli.environment import environment_info  # noqa: E402
-
-from fused_ensemble.kernels import ensemble_reduce as er  # noqa: E402
 
 SHORT_SHAPES = [(16, 65536, 10)]
 SHORT_TILES = [(block_r, warps) for block_r in (32, 64, 128, 256, 512) for warps in (2, 4, 8)]
@@ -50,7 +49,8 @@ def main() -> None:
     points = []
 
     def measure(shape, workload, tile):
-        inputs = [torch.randn(shape, device="cuda") for _ in range(max(2, -(-ROTATION_BYTES // (4 * shape[0] * shape[1] * shape[2]))))]
+        copies = max(2, -(-ROTATION_BYTES // (4 * shape[0] * shape[1] * shape[2])))
+        inputs = [torch.randn(shape, device="cuda") for _ in range(copies)]
         fn = _kernel_call(workload, **tile)
         try:
             error = rw.check_against_eager(workload, fn(inputs[0]), rw.reference(workload)(inputs[0]))

@@ -9,12 +9,9 @@ package was installed without building them.
 
 from __future__ import annotations
 
-import glob
 import importlib
 import importlib.util
 import os
-import site
-import sys
 import warnings
 
 import torch
@@ -78,17 +75,6 @@ def has_cuda_kernels() -> bool:
     return load_extension() and _has_kernel("CUDA")
 
 
-def _nvidia_wheel_includes() -> list[str]:
-    # Same search as setup.py: CUDA builds of torch from PyPI keep cuSPARSE/cuBLAS headers in nvidia/*/include.
-    roots = site.getsitepackages() + [site.getusersitepackages()] + sys.path
-    found: list[str] = []
-    for root in roots:
-        for include in sorted(glob.glob(os.path.join(root, "nvidia", "*", "include"))):
-            if os.path.isdir(include) and include not in found:
-                found.append(include)
-    return found
-
-
 def build_jit(verbose: bool = False) -> bool:
     """Compiles csrc/ with ``torch.utils.cpp_extension.load`` (ninja) and loads the result; returns success.
 
@@ -102,28 +88,29 @@ def build_jit(verbose: bool = False) -> bool:
     if _ops_registered():
         _loaded, _failure_reason = True, ""
         return True
-    from fused_ensemble._cuda_toolkit import extension_sources, set_cuda_home
+    from fused_ensemble import build_support
 
-    set_cuda_home()  # before cpp_extension reads CUDA_HOME
+    build_support.set_cuda_home()  # before cpp_extension reads CUDA_HOME
     from torch.utils import cpp_extension
 
-    sources, cuda_sources = extension_sources(_CSRC)
+    sources, cuda_sources = build_support.extension_sources(_CSRC)
     if not sources:
         _loaded, _failure_reason = False, f"not built, and no C++ sources to build under {_CSRC}"
         return False
     with_cuda = bool(cuda_sources) and torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
-    cxx_flags = ["-O3", "-std=c++20", "-fopenmp", "-fno-math-errno"]  # as setup.py
+    cxx_flags = list(build_support.CXX_FLAGS)
     if with_cuda:
         sources += cuda_sources
-        cxx_flags.append("-DFUSED_ENSEMBLE_WITH_CUDA")
+        cxx_flags += build_support.CUDA_CXX_FLAGS
+        build_support.set_cuda_archs(torch.cuda.is_available())
     try:
         cpp_extension.load(
             name="fused_ensemble_C_jit",
             sources=sources,
             extra_cflags=cxx_flags,
-            extra_cuda_cflags=["-O3", "-std=c++20", "--use_fast_math", "-lineinfo"],
-            extra_ldflags=["-fopenmp"],
-            extra_include_paths=_nvidia_wheel_includes() if with_cuda else [],
+            extra_cuda_cflags=build_support.NVCC_FLAGS,
+            extra_ldflags=build_support.LINK_FLAGS,
+            extra_include_paths=build_support.nvidia_wheel_includes() if with_cuda else [],
             with_cuda=with_cuda,
             is_python_module=False,
             verbose=verbose,

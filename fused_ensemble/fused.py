@@ -12,8 +12,14 @@ from fused_ensemble import config, cpu_memory
 from fused_ensemble.fusion.graph_runner import FusedGraph
 from fused_ensemble.fusion.layout import Layout
 from fused_ensemble.fusion.rules import FusionContext
-from fused_ensemble.fusion.stacking import (check_members, check_replacement, member_index, stack_members,
-                                            unstack_member, with_member_memory_format)
+from fused_ensemble.fusion.stacking import (
+    check_members,
+    check_replacement,
+    member_index,
+    stack_members,
+    unstack_member,
+    with_member_memory_format,
+)
 from fused_ensemble.fusion.tracing import trace_member
 from fused_ensemble.ops.ensemble_reduce import reduce_members
 from fused_ensemble.ops.reductions import check_reduction

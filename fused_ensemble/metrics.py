@@ -81,7 +81,8 @@ def reliability_diagram(probs: torch.Tensor, targets: torch.Tensor, n_bins: int 
     # right=False: index b with edges[b] < c <= edges[b + 1]; a confidence of exactly 0 goes to bin 0.
     bins = torch.bucketize(confidence, edges[1:-1], right=False)
     shape = (*confidence.shape[:-1], n_bins)
-    count = torch.zeros(shape, dtype=torch.float64, device=probs.device).scatter_add_(-1, bins, torch.ones_like(correct))
+    ones = torch.ones_like(correct)
+    count = torch.zeros(shape, dtype=torch.float64, device=probs.device).scatter_add_(-1, bins, ones)
     conf_sum = torch.zeros(shape, dtype=torch.float64, device=probs.device).scatter_add_(-1, bins, confidence)
     correct_sum = torch.zeros(shape, dtype=torch.float64, device=probs.device).scatter_add_(-1, bins, correct)
     safe = count.clamp_min(1)

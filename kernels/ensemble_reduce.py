@@ -43,7 +43,7 @@ SHORT_TILE_ELEMENTS = 1024
 """Target tile size (rows x padded classes) of the short-row kernels (best on an H100 for K=10 and K=1000)."""
 
 LONG_ROW_BLOCK = 8192
-"""Chunk width of the long-row kernels (with 16 warps: 1.3x faster than 4096 on an H100 at K=128256)."""
+"""Chunk width of the long-row kernels (with 16 warps: faster than 4096 on an H100 at K=128256)."""
 
 MEAN_BLOCK_K = 2048
 """Widest column block of the "mean" kernel (its 2D grid needs no whole row per program)."""
@@ -61,7 +61,7 @@ def _launch(kernel, grid, x, *args, **meta):
 
     Under dispatcher-level tracing (make_fx, AOTAutograd inside torch.compile, a ``triton_op``'s fake/functional
     pass) the tensors are subclasses and the launch must go through ``wrap_triton`` to be recorded. On plain
-    tensors it launches directly: wrap_triton's eager path costs about 0.7 ms per launch on torch 2.11, and
+    tensors it launches directly: wrap_triton's eager path costs a large host overhead per launch, and
     Dynamo traces a direct launch itself. The interpreter's kernels (TRITON_INTERPRET=1) are never wrapped.
     """
     if _wrap_triton is not None and _COMPILED_KERNELS and type(x) is not torch.Tensor:

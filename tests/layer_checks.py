@@ -4,13 +4,14 @@ shared input and with member inputs: what the tests of every rule and generic pa
 from __future__ import annotations
 
 import copy
-from typing import Callable
+from collections.abc import Callable
 
 import torch
-from member_factories import assert_grads_match, assert_matches, make_members, member_loop
 from torch import nn
 
 from fused_ensemble import FusedEnsemble
+
+from member_factories import assert_grads_match, assert_matches, make_members, member_loop
 
 N, BATCH = 2, 3
 

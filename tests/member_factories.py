@@ -8,7 +8,7 @@ on those. ``randomize_`` replaces every constant tensor with random values, so s
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn

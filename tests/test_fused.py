@@ -14,6 +14,7 @@ from torch import nn
 from fused_ensemble import FusedEnsemble
 from fused_ensemble.cli.models import LeNet5, build_model, input_shape
 from fused_ensemble.ops.reference import reduce_reference
+
 from member_factories import assert_matches, assert_state_equal, clone_state, make_members, member_loop
 
 REDUCTIONS = ("mean", "mean_probs", "softmax_of_mean", "log_mean_probs")
@@ -33,7 +34,7 @@ ARCHITECTURES = [
 SMALL_ARCHITECTURES = ["mlp", "lenet", "resnet18-cifar"]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def eval_members(name: str, n: int = 2) -> tuple[nn.Module, ...]:
     """Randomized eval-mode members of one architecture, built once per test run (the tests never change them:
     FusedEnsemble copies its members)."""

@@ -72,7 +72,7 @@ class Workload:
 
     @classmethod
     def build(cls, model: str, num_members: int, batch: int, device: str, dtype: torch.dtype,
-              reduction: str = "mean_probs", seed: int = 0) -> "Workload":
+              reduction: str = "mean_probs", seed: int = 0) -> Workload:
         generator = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)
         members = [randomize_state(build_model(model), generator).eval().to(device, dtype)

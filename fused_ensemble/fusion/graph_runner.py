@@ -14,7 +14,8 @@ paths, none of which loops over members in Python (op_kinds.py says which ops ma
 from __future__ import annotations
 
 import builtins
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -23,8 +24,15 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from fused_ensemble.fusion import hooks
 from fused_ensemble.fusion.layout import Layout, convert, to_member, to_member_tree
-from fused_ensemble.fusion.op_kinds import (CHANNELWISE, CONCATENATE, ELEMENTWISE, RANDOM, RANDOM_FAST_PATH,
-                                            function_kind, module_kind)
+from fused_ensemble.fusion.op_kinds import (
+    CHANNELWISE,
+    CONCATENATE,
+    ELEMENTWISE,
+    RANDOM,
+    RANDOM_FAST_PATH,
+    function_kind,
+    module_kind,
+)
 from fused_ensemble.fusion.rules import FusionContext, LayerCall, rule_for, unsupported_reason
 
 try:

@@ -269,7 +269,7 @@ class OptimizedEnsemble(nn.Module):
                 timings[backend] = median(time_ms(lambda: self._eager(x), "cuda", _TUNING_REPS + 2))
             except Exception as error:  # a kernel that fails to build here must not break optimize()
                 warnings.warn(f"fused ensemble head kernel unavailable ({type(error).__name__}: {error}); "
-                              f"using GEMM + ensemble_reduce")
+                              f"using GEMM + ensemble_reduce", stacklevel=3)
         return min(timings, key=timings.get)
 
     def _tune_compiled(self, x: torch.Tensor) -> None:
@@ -296,12 +296,12 @@ class OptimizedEnsemble(nn.Module):
                 expected, actual = self._eager(x), compiled(x)  # the first compiled call compiles
         except Exception as error:
             warnings.warn(f"optimize(compile=True): torch.compile failed on the {self.execution} forward "
-                          f"({type(error).__name__}: {error}); keeping it eager")
+                          f"({type(error).__name__}: {error}); keeping it eager", stacklevel=4)
             return None
         tolerance = 1e-4 if self.compute_dtype == torch.float32 else 3e-2
         if not torch.allclose(actual, expected, rtol=tolerance, atol=tolerance * expected.abs().max().item()):
             warnings.warn(f"optimize(compile=True): the compiled {self.execution} forward differs from the eager one; "
-                          f"keeping it eager")
+                          f"keeping it eager", stacklevel=4)
             return None
         return compiled
 

@@ -1,8 +1,8 @@
 """An inference-only convolution of N members with its weights laid out once, and a choice of how to run it.
 
 Grouped convolutions are not always the fastest way to run N members' convolutions: oneDNN and cuDNN sometimes
-run N dense convolutions faster than one grouped one (pytorch#73764). ``PreparedConv`` can run either way; ``autotune`` times both on the real
-input once and keeps the faster.
+run N dense convolutions faster than one grouped one (pytorch#73764). ``PreparedConv`` can run either way;
+``autotune`` times both on the real input once and keeps the faster.
 """
 
 from __future__ import annotations

@@ -42,24 +42,21 @@ _TRITON_MODULES = {"reduce": "fused_ensemble.kernels.ensemble_reduce",
                    "linear_reduce": "fused_ensemble.kernels.ensemble_head"}
 
 CUDA_CPP_MAX_CLASSES = 64
-"""On CUDA, rows of at most this many classes go to the CUDA C++ kernels first for ``CUDA_CPP_FIRST``. Measured
-on an H100 in float32 (docs/performance.md, "Reduction kernels"): at K=10 they read 1.1-1.3x faster than Triton
-for mean_probs and log_mean_probs and 2.0-2.2x for ensemble_stats (several rows per warp against Triton's 2D
-tiles); Triton was as fast for mean and 1.15-1.25x faster for softmax_of_mean there, and mostly faster from K=1000
-up."""
+"""On CUDA, rows of at most this many classes go to the CUDA C++ kernels first for ``CUDA_CPP_FIRST``: on an H100
+they measured faster than Triton at K=10 for these (several rows per warp against Triton's 2D tiles), Triton as fast
+or faster for the other reductions there and mostly faster from K=1000 up (docs/performance.md, bench/NOTES.md)."""
 CUDA_CPP_FIRST = ("mean_probs", "log_mean_probs", "stats")
 CUDA_CPP_FIRST_ANY_K = ("mean",)
-"""Reductions that go to the CUDA C++ kernels first on CUDA whatever K is. ``mean`` on the same H100: CUDA C++
-read 0.90-0.96 of a device copy and 0.96-1.05x eager ``torch.mean`` at all 11 shapes, Triton 0.81-0.94 and
-0.89-1.03x; a mean has no per-member softmax to fuse, so a copy-speed kernel is all there is to gain."""
+"""Reductions that go to the CUDA C++ kernels first on CUDA whatever K is: for ``mean`` they read closer to a
+device copy's bandwidth than Triton at every shape measured on an H100; a mean has no per-member softmax to fuse,
+so a copy-speed kernel is all there is to gain."""
 CUDA_CPP_MANY_ROWS = ("mean_probs", "softmax_of_mean", "stats")
 CUDA_CPP_MANY_ROWS_CLASSES = (4096, 32768)
 """On CUDA, rows of more than 4096 and at most 32768 classes go to the CUDA C++ kernels first for
 ``CUDA_CPP_MANY_ROWS`` when there are at least as many rows as the GPU has multiprocessors: they run one block per
 row with its accumulators in shared memory, where the Triton ones split rows that long over several programs and
-read them twice. On an H100 (132 SMs) at 132 rows of K=32000, CUDA C++ was 1.4x faster for ``mean_probs``, 1.24x
-for ``softmax_of_mean`` and 2.0x for stats; at 66 rows the two tied, at 33 Triton won. ``log_mean_probs`` needs a
-second accumulator row and was slower through CUDA C++ at every such shape."""
+read them twice. On an H100 that won once every multiprocessor had a row, tied at half of them and lost below;
+``log_mean_probs`` needs a second accumulator row and was slower through CUDA C++ at every such shape."""
 
 # (backend, device type, op) triples whose kernels raised under "auto"; filled by note_auto_failure.
 _failed_under_auto: set[tuple[str, str, str]] = set()

@@ -9,11 +9,11 @@ Three custom ops over logits ``x`` of shape [N, R, K] (members, rows, classes; a
   prediction, disagreement)``
 
 ``backend`` is ``"triton"`` (fused_ensemble.kernels.ensemble_reduce) or ``"cpp"`` (the ``fused_ensemble_ext`` ops of
-the compiled extension, told ``config.settings.cuda_short_rows``). ``reduce`` and ``stats`` are what the public API calls: the custom ops, or, where the
-custom op would only call its kernel (see ``_plain_eager_call``), the kernel itself. Each op has a fake (meta)
-implementation, and ``reduce`` an autograd formula whose backward is the kernels' own backward, so
-``torch.compile(fullgraph=True)`` sees one opaque node per op and ``torch.library.opcheck`` passes. The shapes and
-dtypes follow the kernel contract (fused_ensemble.ops.reductions, and the kernel modules' docstrings):
+the compiled extension, told ``config.settings.cuda_short_rows``). ``reduce`` and ``stats`` are what the public API
+calls: the custom ops, or, where the custom op would only call its kernel (see ``_plain_eager_call``), the kernel
+itself. Each op has a fake (meta) implementation, and ``reduce`` an autograd formula whose backward is the kernels'
+own backward, so ``torch.compile(fullgraph=True)`` sees one opaque node per op and ``torch.library.opcheck`` passes.
+The shapes and dtypes follow the kernel contract (fused_ensemble.ops.reductions, and the kernel modules' docstrings):
 ``reduce_forward(x, reduction) -> (out [R, K], aux)``, ``reduce_backward(grad_out, x, out, aux, reduction) -> grad``
 and ``stats_forward(x) -> 7 tensors``.
 """

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Callable, Union
+from collections.abc import Callable, Sequence
 
 import torch
 
-MemberValue = Union[float, int, Sequence[float], torch.Tensor]
+MemberValue = float | int | Sequence[float] | torch.Tensor
 """A hyperparameter that is either shared by all members (a number) or given per member (length-N sequence)."""
 
 

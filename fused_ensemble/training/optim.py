@@ -15,11 +15,9 @@ On the CPU the update runs by default (``fused=None``) as one C++ kernel call pe
 (``torch.ops.fused_ensemble_ext.member_sgd_`` / ``member_adamw_``, csrc/cpu/member_optimizers.cpp): one pass over
 each parameter, gradient and state tensor, chunks of member slices spread over the threads, each member with its
 own factors, frozen members skipped; the element loops are compiled once per CPU capability (AVX2, AVX-512).
-The foreach ops stream each stacked tensor through memory once per update term. Over 4 ResNet-18 members on the
-2-core CPU (``bench/test_bench_optim.py``, medians): SGD with momentum and weight decay 13.5 ms, as fast as
-``torch.optim.SGD(fused=True)`` on the members' own tensors (13.9), against 27.1 for the foreach ops and 24.7 for
-torch.optim's default; AdamW 19.3 ms (torch fused 19.2, foreach 55.4, torch default 49.7). The kernels follow the
-single-tensor arithmetic of torch.optim operation by operation.
+The foreach ops stream each stacked tensor through memory once per update term; the kernels read and write each
+once, as fast as ``torch.optim``'s own fused kernels on the members' tensors (docs/performance.md). The kernels
+follow the single-tensor arithmetic of torch.optim operation by operation.
 
 ``fused=False``, and what the kernels do not take (float16/bfloat16; tensors other than N dense member slices one
 after another, such as strided views, though channels_last weights are taken; a build without the extension), use
@@ -27,9 +25,7 @@ the foreach ops; on the CPU over cache-sized chunks of member slices (``CPU_CHUN
 update term of one chunk before the next, which keeps the tensors in cache as a per-member optimizer would (the
 arithmetic, element by element, is the same chunked or not). On CUDA the default is CUDA kernels of the same one-pass
 update (csrc/cuda/member_optimizers.cu, one launch per parameter); the foreach ops run there on whole parameters
-(``fused=False``, or a build without CUDA kernels). Over 8 ResNet-18 members on an H100 (same benchmark): SGD
-1.25 ms (torch fused 1.33, foreach 3.65, torch default 3.09), AdamW 2.06 ms (torch fused 2.19, foreach 6.37,
-torch default 4.95).
+(``fused=False``, or a build without CUDA kernels).
 
 ``freeze(i)`` stops member i: its parameters stay bitwise unchanged and its optimizer state (moments, step
 count) does not advance, until ``unfreeze(i)``. Frozen members are saved in ``state_dict()``.
@@ -48,9 +44,8 @@ from fused_ensemble.training.member_values import MemberValue, check_range, per_
 __all__ = ["SGD", "AdamW", "MemberOptimizer"]
 
 CPU_CHUNK_ELEMENTS = 1 << 18
-"""Elements per chunk of the CPU update (1 MB of fp32 per tensor): every update term of a chunk runs while its
-parameter, gradient and state slices are in cache. SGD with momentum and weight decay over 4 ResNet-18 members on
-the 2-core CPU: 27.4 ms at 2^18, 28.5 at 2^20, 37.8 unchunked (torch.optim.SGD, member by member: 25.5 ms)."""
+"""Elements per chunk of the CPU foreach update (1 MB of fp32 per tensor): every update term of a chunk runs while
+its parameter, gradient and state slices are in cache (faster than larger chunks or none; bench/NOTES.md)."""
 
 
 def _first_tensor(params: list):

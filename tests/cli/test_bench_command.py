@@ -9,6 +9,7 @@ import torch
 
 from fused_ensemble.cli import main
 
+
 def test_bench_cli_writes_every_method(tmp_path, capsys):
     path = tmp_path / "bench.json"
     assert main(["bench", "--model", "lenet", "--members", "2", "--batch", "3", "--device", "cpu", "--reps", "2",

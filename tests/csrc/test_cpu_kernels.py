@@ -10,8 +10,7 @@ import math
 import pytest
 import torch
 
-from fused_ensemble import extension
-from fused_ensemble import REDUCTIONS
+from fused_ensemble import REDUCTIONS, extension
 from fused_ensemble.ops.reference import reduce_reference, stats_reference
 
 if not extension.load_extension():

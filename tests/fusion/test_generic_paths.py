@@ -7,11 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from layer_checks import check_layer
-from member_factories import assert_matches, make_members
 from torch import nn
 
 from fused_ensemble import FusedEnsemble
+
+from layer_checks import check_layer
+from member_factories import assert_matches, make_members
 
 # ---- pooling, activations ------------------------------------------------------------------------------------
 

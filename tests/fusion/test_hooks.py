@@ -6,11 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torchvision
-from fused_ensemble.cli.models import CifarResNet18
-from member_factories import assert_matches, make_members, member_loop
 from torch import nn
 
 from fused_ensemble import FusedEnsemble
+from fused_ensemble.cli.models import CifarResNet18
+
+from member_factories import assert_matches, make_members, member_loop
 
 
 def resnet_members(n: int = 2, seed: int = 0):

@@ -7,11 +7,12 @@ import re
 
 import pytest
 import torch
-from fused_ensemble.cli.models import MLP, LeNet5
-from member_factories import assert_state_equal, clone_state, make_members
 from torch import nn
 
 from fused_ensemble import FusedEnsemble
+from fused_ensemble.cli.models import MLP, LeNet5
+
+from member_factories import assert_state_equal, clone_state, make_members
 
 
 class Head(nn.Module):

@@ -4,10 +4,9 @@ import pytest
 import torch
 from torch import nn
 
-from fused_ensemble import FusedEnsemble
-from fused_ensemble.cli.workloads import randomize_state
+from fused_ensemble import FusedEnsemble, OptimizedEnsemble
 from fused_ensemble.cli.models import build_model, input_shape
-from fused_ensemble import OptimizedEnsemble
+from fused_ensemble.cli.workloads import randomize_state
 from fused_ensemble.inference.prepared_conv import PreparedConv
 
 BENCHMARK_MODELS = ["mlp", "lenet", "resnet18-cifar"]

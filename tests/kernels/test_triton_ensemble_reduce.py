@@ -9,6 +9,7 @@ import torch
 
 from fused_ensemble import REDUCTIONS
 from fused_ensemble.ops.reference import reduce_reference, stats_reference
+
 from interpreter_warnings import IGNORE_INTERPRETER_WARNINGS
 
 triton = pytest.importorskip("triton")

@@ -19,6 +19,7 @@ import torch
 from fused_ensemble import REDUCTIONS, config, ensemble_linear_reduce
 from fused_ensemble.ops import dispatch
 from fused_ensemble.ops.reference import reduce_reference
+
 from interpreter_warnings import IGNORE_INTERPRETER_WARNINGS
 
 triton = pytest.importorskip("triton")

@@ -14,10 +14,9 @@ import math
 import pytest
 import torch
 
+from fused_ensemble import REDUCTIONS, EnsembleStats, ensemble_reduce, ensemble_stats
 from fused_ensemble.ops import dispatch
-from fused_ensemble import ensemble_reduce, ensemble_stats
 from fused_ensemble.ops.ensemble_reduce import members_rows_classes
-from fused_ensemble import REDUCTIONS, EnsembleStats
 from fused_ensemble.ops.reference import reduce_reference, stats_reference
 
 # The Triton interpreter evaluates masked-off lanes too (numpy warns about exp(-inf - -inf) there).
@@ -403,7 +402,7 @@ def test_stats_kernels_refuse_inputs_that_need_grad():
     assert x.grad is not None and torch.isfinite(x.grad).all()
 
 
-@pytest.mark.skipif(not dispatch.unavailable_reason("cpp", "cpu", torch.float32) is None,
+@pytest.mark.skipif(dispatch.unavailable_reason("cpp", "cpu", torch.float32) is not None,
                     reason="needs the C++ extension")
 def test_plain_eager_calls_skip_the_custom_op_and_everything_else_goes_through_it(monkeypatch):
     from torch.utils._python_dispatch import TorchDispatchMode

@@ -11,8 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from fused_ensemble import FusedEnsemble, optim
-from fused_ensemble import member_cross_entropy
+from fused_ensemble import FusedEnsemble, member_cross_entropy, optim
 from fused_ensemble.cli.models import small_cnn
 
 WORLD = 2

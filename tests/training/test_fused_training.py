@@ -15,6 +15,7 @@ from torch import nn
 
 from fused_ensemble import FusedEnsemble
 from fused_ensemble.cli.models import MLP, CifarResNet18, LeNet5
+
 from member_factories import assert_grads_match, assert_matches, assert_state_equal, make_members, member_loop
 
 # Small members of the real architectures (narrow widths keep the CPU tests fast; the fusion is the same):

@@ -9,11 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fused_ensemble import FusedEnsemble, optim
+from fused_ensemble import FusedEnsemble, member_cross_entropy, optim, train_epoch
+from fused_ensemble.cli.train import add_train_arguments, run_train
 from fused_ensemble.training.amp import MemberGradScaler
 from fused_ensemble.training.clip_grad import clip_grad_norm_
-from fused_ensemble import member_cross_entropy, train_epoch
-from fused_ensemble.cli.train import add_train_arguments, run_train
 
 N, B, STEPS = 3, 6, 3
 LR_SGD, LR_ADAMW = [0.1, 0.03, 0.3], [1e-2, 3e-3, 3e-2]

@@ -1,8 +1,8 @@
 """Experimental: a grouped convolution whose backward runs as N dense convolution backwards, one per member.
 
 The fused training step runs each convolution as one grouped convolution over the N members' channels. cuDNN's
-grouped backward can be much slower than the dense backwards of the member loop (measured on an H100, NHWC bf16,
-8 CIFAR ResNet-18 members at batch 128: 14.0 ms per step against 7.9 ms; docs/performance.md). This keeps the
+grouped backward was measured much slower than the dense backwards of the member loop on an H100 (NHWC, bf16;
+bench/NOTES.md, "Training"). This keeps the
 grouped forward and computes the backward with ``aten.convolution_backward`` on each member's channel slices: the
 dense kernels, at the price of N launches and of copying strided slices. Whether that wins is a GPU measurement
 (``bench/train_throughput.py --implementations fused,fused_member_backward``); on a CPU oneDNN's grouped backward
@@ -50,7 +50,9 @@ class _PerMemberBackward(torch.autograd.Function):
         memory_format = _memory_format(x)
         grad_x = torch.empty_like(x, memory_format=memory_format) if need_input else None
         grad_w = torch.empty_like(weight) if need_weight else None
-        expand = (lambda v: list(v) if isinstance(v, (tuple, list)) else [v] * spatial)
+
+        def expand(v):
+            return list(v) if isinstance(v, (tuple, list)) else [v] * spatial
         for member in range(n):
             inputs = slice(member * c_in, (member + 1) * c_in)
             outputs = slice(member * c_out, (member + 1) * c_out)

@@ -5,8 +5,8 @@ for them, so this is the one layer family that runs as a loop over members: memb
 weight goes through ``torch.func.functional_call`` of the layer, with its own input and initial state. The rest of
 the network stays fused around it, and the results are each member's own (dropout between layers included,
 drawn per member). The stacked layer never packs its weights (``flatten_parameters`` would treat the ``[N, ...]``
-stacks as one layer's, see fused_ensemble.fusion.stacking); on CUDA each call then uses the weights as they are, which torch warns
-about once.
+stacks as one layer's, see fused_ensemble.fusion.stacking); on CUDA each call then uses the weights as they are,
+which torch warns about once.
 """
 
 from __future__ import annotations

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from layer_checks import check_layer, check_on_cuda, check_outputs_and_grads, draw_input
-from member_factories import make_members
 from torch import nn
 
 from fused_ensemble import FusedEnsemble
+
+from layer_checks import check_layer, check_on_cuda, check_outputs_and_grads, draw_input
+from member_factories import make_members
 
 
 class AttentionBlock(nn.Module):

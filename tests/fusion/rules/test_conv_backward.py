@@ -7,12 +7,12 @@ import copy
 
 import pytest
 import torch
-from fused_ensemble import conv_backward
-from fused_ensemble.cli.models import CifarResNet18
-from member_factories import assert_grads_match, assert_matches, make_members, member_loop
 from torch import nn
 
-from fused_ensemble import FusedEnsemble
+from fused_ensemble import FusedEnsemble, conv_backward
+from fused_ensemble.cli.models import CifarResNet18
+
+from member_factories import assert_grads_match, assert_matches, make_members, member_loop
 
 
 class Convolutions(nn.Module):
@@ -80,7 +80,7 @@ def test_training_steps_with_the_per_member_backward_track_the_loop():
     fused = FusedEnsemble(copy.deepcopy(members), reduction="none", member_inputs=True)
     fused_optimizer = torch.optim.SGD(fused.parameters(), lr=0.1, momentum=0.9)
     loop_optimizer = torch.optim.SGD([p for m in members for p in m.parameters()], lr=0.1, momentum=0.9)
-    for step in range(2):
+    for _ in range(2):
         x, y = torch.randn(2, 4, 3, 16, 16), torch.randint(0, 10, (2, 4))
         fused_optimizer.zero_grad(), loop_optimizer.zero_grad()
         with conv_backward("per_member"):

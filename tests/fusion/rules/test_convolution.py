@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from layer_checks import check_layer
 from torch import nn
+
+from layer_checks import check_layer
 
 # ---- convolutions --------------------------------------------------------------------------------------------
 

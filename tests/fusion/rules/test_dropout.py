@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from layer_checks import check_layer
-from member_factories import make_members, member_loop
 from torch import nn
 
 from fused_ensemble import FusedEnsemble
+
+from layer_checks import check_layer
+from member_factories import make_members, member_loop
 
 # ---- dropout -------------------------------------------------------------------------------------------------
 

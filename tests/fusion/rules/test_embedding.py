@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from layer_checks import BATCH, N, check_layer
-from member_factories import make_members
 from torch import nn
 
 from fused_ensemble import FusedEnsemble
+
+from layer_checks import BATCH, N, check_layer
+from member_factories import make_members
 
 # ---- embedding -----------------------------------------------------------------------------------------------
 

@@ -7,11 +7,12 @@ import copy
 
 import pytest
 import torch
-from layer_checks import check_layer, draw_input
-from member_factories import make_members, member_loop
 from torch import nn
 
 from fused_ensemble import FusedEnsemble
+
+from layer_checks import check_layer, draw_input
+from member_factories import make_members, member_loop
 
 # ---- normalization -------------------------------------------------------------------------------------------
 

@@ -6,11 +6,12 @@ import copy
 
 import pytest
 import torch
-from layer_checks import check_outputs_and_grads, draw_input
-from member_factories import assert_matches, make_members
 from torch import nn
 
 from fused_ensemble import FusedEnsemble
+
+from layer_checks import check_outputs_and_grads, draw_input
+from member_factories import assert_matches, make_members
 
 
 class Recurrent(nn.Module):

@@ -6,11 +6,12 @@ import copy
 
 import pytest
 import torch
-from layer_checks import check_layer, check_on_cuda, draw_input
-from member_factories import assert_matches, make_members, member_loop
 from torch import nn
 
 from fused_ensemble import FusedEnsemble
+
+from layer_checks import check_layer, check_on_cuda, draw_input
+from member_factories import assert_matches, make_members, member_loop
 
 
 class Encoder(nn.Module):
