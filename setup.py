@@ -6,11 +6,8 @@ still checks that they compile. ``FUSED_ENSEMBLE_NO_EXT=1`` skips the extension 
 Triton and PyTorch paths). ``FUSED_ENSEMBLE_NO_CUDA=1`` skips only the CUDA sources.
 """
 
-import glob
 import importlib.util
 import os
-import site
-import sys
 
 from setuptools import setup
 
@@ -21,22 +18,10 @@ def _flag(name):
     return os.environ.get(name, "0") not in ("", "0", "false", "False")
 
 
-def _nvidia_wheel_includes():
-    # CUDA builds of torch from PyPI ship cuSPARSE/cuBLAS headers in nvidia/*/include wheels rather than in
-    # the toolkit folder; torch's headers include them, so nvcc needs these folders.
-    roots = site.getsitepackages() + [site.getusersitepackages()] + sys.path
-    found = []
-    for root in roots:
-        for inc in sorted(glob.glob(os.path.join(root, "nvidia", "*", "include"))):
-            if os.path.isdir(inc) and inc not in found:
-                found.append(inc)
-    return found
-
-
 def _build_helpers():
     # Loaded by path: the package itself is not importable before it is installed.
-    spec = importlib.util.spec_from_file_location("_cuda_toolkit", os.path.join(ROOT, "fused_ensemble",
-                                                                                "_cuda_toolkit.py"))
+    spec = importlib.util.spec_from_file_location("build_support", os.path.join(ROOT, "fused_ensemble",
+                                                                                "build_support.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -53,9 +38,7 @@ def _extensions():
     cxx_sources, cuda_sources = helpers.extension_sources("csrc")
     if not cxx_sources:
         return [], {}
-    # -fno-math-errno: sqrt and friends may then be vectorized (the optimizer kernels' plain loops); errno is
-    # never read here, and no result changes.
-    cxx_flags = ["-O3", "-std=c++20", "-fopenmp", "-fno-math-errno", "-DPy_LIMITED_API=0x030A0000"]
+    cxx_flags = helpers.CXX_FLAGS + ["-DPy_LIMITED_API=0x030A0000"]
     use_cuda = (
         not _flag("FUSED_ENSEMBLE_NO_CUDA")
         and torch.version.cuda is not None
@@ -63,16 +46,13 @@ def _extensions():
         and bool(cuda_sources)
     )
     if use_cuda:
-        if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
-            # No GPU to ask: build for Ampere and Hopper (A100, H100/H200) instead of torch's long default list.
-            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+        helpers.set_cuda_archs(torch.cuda.is_available())
         ext = cpp_extension.CUDAExtension(
             "fused_ensemble._C",
             cxx_sources + cuda_sources,
-            include_dirs=_nvidia_wheel_includes(),
-            extra_compile_args={"cxx": cxx_flags + ["-DFUSED_ENSEMBLE_WITH_CUDA"],
-                                "nvcc": ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo"]},
-            extra_link_args=["-fopenmp"],
+            include_dirs=helpers.nvidia_wheel_includes(),
+            extra_compile_args={"cxx": cxx_flags + helpers.CUDA_CXX_FLAGS, "nvcc": helpers.NVCC_FLAGS},
+            extra_link_args=helpers.LINK_FLAGS,
             py_limited_api=True,
         )
     else:
@@ -80,7 +60,7 @@ def _extensions():
             "fused_ensemble._C",
             cxx_sources,
             extra_compile_args={"cxx": cxx_flags},
-            extra_link_args=["-fopenmp"],
+            extra_link_args=helpers.LINK_FLAGS,
             py_limited_api=True,
         )
     return [ext], {"build_ext": cpp_extension.BuildExtension}
