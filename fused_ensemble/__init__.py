@@ -10,6 +10,8 @@ network), ``inference`` (``optimize()``), ``ops`` (the ensemble ops and their ba
 (the commands and the benchmark model zoo).
 """
 
+import sys
+
 from fused_ensemble.config import conv_backward
 from fused_ensemble.fused import FusedEnsemble
 from fused_ensemble.inference.optimized import OptimizedEnsemble
@@ -44,3 +46,9 @@ __all__ = [
     "train_epoch",
 ]
 __version__ = "0.1.0"
+
+# The training modules keep the names they have always been imported by: `import fused_ensemble.optim` and
+# `from fused_ensemble.optim import SGD` work as `from fused_ensemble import optim` does.
+for _alias, _module in (("optim", optim), ("lr_scheduler", lr_scheduler), ("clip_grad", clip_grad), ("amp", amp)):
+    sys.modules[f"{__name__}.{_alias}"] = _module
+del _alias, _module

@@ -1,0 +1,33 @@
+"""What a user imports and runs: every exported name, the training modules under their old import names, and the
+command line's help."""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+
+import fused_ensemble
+
+
+def test_every_exported_name_exists():
+    for name in fused_ensemble.__all__:
+        assert getattr(fused_ensemble, name) is not None, name
+
+
+def test_training_modules_keep_their_import_names():
+    for name in ("optim", "lr_scheduler", "clip_grad", "amp"):
+        module = importlib.import_module(f"fused_ensemble.{name}")
+        assert module is getattr(fused_ensemble, name)
+        assert module.__name__ == f"fused_ensemble.training.{name}"
+    from fused_ensemble.optim import SGD, AdamW  # noqa: F401
+
+
+def test_help_lists_the_commands():
+    done = subprocess.run([sys.executable, "-m", "fused_ensemble", "--help"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "bench" in done.stdout and "train" in done.stdout
+    for command in ("bench", "train"):
+        done = subprocess.run([sys.executable, "-m", "fused_ensemble", command, "--help"], capture_output=True,
+                              text=True)
+        assert done.returncode == 0 and "--members" in done.stdout, done.stderr
