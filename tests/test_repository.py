@@ -124,7 +124,8 @@ def test_the_repository_speaks_of_the_project_only():
     offending = []
     for path in _tracked_files():
         relative = str(path.relative_to(ROOT))
-        if path.suffix in (".png", ".so") or relative == "tests/test_repository.py":
+        # The checks themselves name the words they look for.
+        if path.suffix in (".png", ".so") or relative in ("tests/test_repository.py", "tests/bench/test_report.py"):
             continue
         if WORK_ORGANIZATION.search(relative):
             offending.append(relative)

@@ -3,11 +3,5 @@
 ``ensemble_reduce``, ``ensemble_stats`` and ``ensemble_linear_reduce`` check their inputs, let one dispatch
 (``dispatch``) choose a backend (Triton, C++/CUDA C++, or the PyTorch reference in ``reference``), and run its
 kernels through the ``torch.library`` custom ops of ``library``. The reductions and their contract are written
-once, in ``reductions``.
+once, in ``reductions``. The public functions are exported by ``fused_ensemble`` itself.
 """
-
-from fused_ensemble.ops.ensemble_head import ensemble_linear_reduce
-from fused_ensemble.ops.ensemble_reduce import ensemble_reduce, ensemble_stats
-from fused_ensemble.ops.reductions import REDUCTIONS, EnsembleStats
-
-__all__ = ["REDUCTIONS", "EnsembleStats", "ensemble_linear_reduce", "ensemble_reduce", "ensemble_stats"]
