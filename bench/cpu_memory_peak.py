@@ -9,7 +9,8 @@ the package leaves glibc alone and the setting alone is measured. Rounds run eve
 order, so that a shared machine's drift spreads over all settings; the result takes medians over rounds.
 
     python bench/cpu_memory_peak.py --rounds 2 --json bench/results/cpu-2core/cpu-allocator-<date>.json
-    python bench/cpu_memory_peak.py --workloads small-cnn-64-train --settings default,thresholds-1g --rounds 1
+    python bench/cpu_memory_peak.py --workloads small-cnn-64-32x32-train --settings default,thresholds-1g \
+        --rounds 1 --append --json PATH    # adds these runs to the file's
 """
 
 from __future__ import annotations
@@ -204,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated names (default: all)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per child process")
-    parser.add_argument("--json", default=None, help="write the results here (after every round)")
+    parser.add_argument("--json", default=None, help="write the results here (after every run)")
     parser.add_argument("--append", action="store_true",
                         help="add to the runs already in --json (another selection of workloads or settings)")
     parser.add_argument("--child", nargs=2, metavar=("WORKLOAD", "SETTING"), help=argparse.SUPPRESS)
@@ -242,8 +243,8 @@ def main(argv: list[str] | None = None) -> int:
                          f"{result['minor_faults_per_step']:.0f} faults/step")
                 print(f"[{time.time() - started:6.0f} s] round {round_index} {workload:26s} {setting:22s} {shown}",
                       flush=True)
-        if args.json:
-            _write(args.json, environment, commands, runs)
+                if args.json:  # after every run: an interrupted measurement keeps what it measured
+                    _write(args.json, environment, commands, runs)
     print(json.dumps(summarize(runs), indent=1))
     return 0
 
