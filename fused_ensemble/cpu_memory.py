@@ -1,4 +1,4 @@
-"""An opt-in glibc malloc setting for running stacked ensembles on the CPU: faster CPU steps for a larger peak memory
+"""An opt-in glibc malloc setting for running stacked ensembles on the CPU: faster CPU steps, a larger peak memory
 (see ``retain_freed_cpu_memory``; the numbers: docs/performance.md, "The CPU allocator")."""
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def _mallopt(parameter: int, value: int) -> bool:
 
 def retain_freed_cpu_memory() -> None:
     """Once per process: stops glibc malloc from handing freed memory back to the operating system between calls,
-    which makes CPU forwards and training steps of fused ensembles faster and their peak memory larger.
+    which makes CPU forwards and training steps of fused ensembles faster and can make their peak memory larger.
 
     A stacked weight, its gradient, oneDNN's reordered copy of a grouped convolution's weights, the optimizer's
     temporaries and the activations are N times a member's tensor. glibc serves blocks above its mmap threshold
