@@ -20,7 +20,7 @@ from fused_ensemble.training.batches import SAMPLINGS
 from fused_ensemble.training.loop import evaluate, train_epoch
 from fused_ensemble.training.lr_scheduler import CosineAnnealingLR
 from fused_ensemble.training.member_values import MemberValue
-from fused_ensemble.training.optim import SGD, AdamW
+from fused_ensemble.training.optim import SGD, Adam, AdamW
 
 __all__ = ["add_train_arguments", "run_train", "format_table"]
 
@@ -44,10 +44,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                              "(cifar10 default: resnet18-cifar)")
     parser.add_argument("--epochs", type=int, default=None, help="default: 6 (digits), 1 (cifar10)")
     parser.add_argument("--batch-size", type=int, default=None, help="per member; default 64 (digits), 128 (cifar10)")
-    parser.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd",
-                        help="fused_ensemble.optim.SGD (Nesterov momentum) or AdamW (default sgd)")
+    parser.add_argument("--optimizer", choices=("sgd", "adam", "adamw"), default="sgd",
+                        help="fused_ensemble.optim.SGD (Nesterov momentum), Adam (L2 weight decay) or AdamW "
+                             "(decoupled weight decay); default sgd")
     parser.add_argument("--lr", type=float, nargs="+", default=None,
-                        help="learning rate: one value, or one per member (default 0.1 for SGD, 1e-3 for AdamW)")
+                        help="learning rate: one value, or one per member (default 0.1 for SGD, 1e-3 for Adam and "
+                             "AdamW)")
     parser.add_argument("--weight-decay", type=float, nargs="+", default=[5e-4],
                         help="one value, or one per member (default 5e-4)")
     parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
@@ -119,6 +121,8 @@ def run_train(args: argparse.Namespace) -> dict:
     per_member = dict(lr=_one_or_per_member(lr), weight_decay=_one_or_per_member(args.weight_decay))
     if args.optimizer == "adamw":
         optimizer = AdamW(fused.parameters(), **per_member)
+    elif args.optimizer == "adam":
+        optimizer = Adam(fused.parameters(), **per_member)
     else:
         optimizer = SGD(fused.parameters(), momentum=args.momentum, nesterov=args.momentum > 0, **per_member)
     scheduler = CosineAnnealingLR(optimizer, T_max=epochs)

@@ -49,6 +49,8 @@ OPTIMIZERS = {
     "adamw": (lambda params: optim.AdamW(params, lr=LR_ADAMW, weight_decay=WEIGHT_DECAY, betas=([0.9, 0.8, 0.5], 0.99)),
               lambda params, i: torch.optim.AdamW(params, lr=LR_ADAMW[i], weight_decay=WEIGHT_DECAY[i],
                                                   betas=([0.9, 0.8, 0.5][i], 0.99))),
+    "adam": (lambda params: optim.Adam(params, lr=LR_ADAMW, weight_decay=WEIGHT_DECAY, amsgrad=True),
+             lambda params, i: torch.optim.Adam(params, lr=LR_ADAMW[i], weight_decay=WEIGHT_DECAY[i], amsgrad=True)),
 }
 
 
