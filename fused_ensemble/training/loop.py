@@ -27,12 +27,24 @@ __all__ = ["member_cross_entropy", "train_epoch", "member_probabilities", "evalu
 
 def member_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
     """Each member's mean cross-entropy, summed over members (``reduction="sum"``: the loss whose backward is N
-    independent trainings) or one per member (``"none"``: ``[N]``, what ``amp.MemberGradScaler.scale`` takes);
-    ``logits [N, B, K]``, ``targets [N, B]``."""
+    independent trainings) or one per member (``"none"``: ``[N]``, what ``amp.MemberGradScaler.scale`` takes).
+
+    ``logits [N, B, K]``; ``targets [N, B]`` (each member's own labels, as ``member_batches`` gives them) or ``[B]``
+    (the same labels for every member, when all members see the same batch). Other shapes raise a ``ValueError``.
+    """
     if reduction not in ("sum", "none"):
         raise ValueError(f"reduction must be 'sum' or 'none', got {reduction!r}")
+    if logits.dim() != 3:
+        raise ValueError(f"logits must be [N, B, K] (members, examples, classes), got shape {tuple(logits.shape)}")
+    n, b = logits.shape[:2]
+    if targets.shape == (b,):
+        targets = targets.expand(n, b)
+    elif targets.shape != (n, b):
+        raise ValueError(f"targets must be [B] = [{b}] (the same labels for every member) or [N, B] = [{n}, {b}] "
+                         f"(each member's own labels) for logits of shape {tuple(logits.shape)}, got shape "
+                         f"{tuple(targets.shape)}")
     per_example = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
-    per_member = per_example.view(targets.shape).mean(1)
+    per_member = per_example.view(n, b).mean(1)
     return per_member.sum() if reduction == "sum" else per_member
 
 

@@ -153,6 +153,30 @@ def test_frozen_member_stays_bitwise_through_fused_training():
     assert not torch.equal(after[0][0].weight, members[0][0].weight)
 
 
+def test_member_cross_entropy_takes_shared_or_per_member_targets():
+    logits = torch.randn(N, B, 5, requires_grad=True)
+    shared, own = torch.randint(0, 5, (B,)), torch.randint(0, 5, (N, B))
+    for targets, member_targets in ((shared, [shared] * N), (own, list(own))):
+        per_member = member_cross_entropy(logits, targets, reduction="none")
+        expected = torch.stack([F.cross_entropy(logits[i], member_targets[i]) for i in range(N)])
+        torch.testing.assert_close(per_member, expected, rtol=1.3e-6, atol=1e-7)
+        torch.testing.assert_close(member_cross_entropy(logits, targets), expected.sum(), rtol=1.3e-6, atol=1e-6)
+    # [B] labels are [N, B] labels repeated for every member: the same loss and the same gradients
+    shared_grad, = torch.autograd.grad(member_cross_entropy(logits, shared), logits)
+    repeated_grad, = torch.autograd.grad(member_cross_entropy(logits, shared.expand(N, B).clone()), logits)
+    assert torch.equal(shared_grad, repeated_grad)
+
+
+@pytest.mark.parametrize("shape", [(B + 1,), (N + 1, B), (N, B, 1), (), (B, N)])
+def test_member_cross_entropy_names_both_target_shapes(shape):
+    logits = torch.randn(N, B, 5)
+    with pytest.raises(ValueError, match=rf"targets must be \[B\] = \[{B}\] \(the same labels for every member\) "
+                                         rf"or \[N, B\] = \[{N}, {B}\] \(each member's own labels\)"):
+        member_cross_entropy(logits, torch.zeros(shape, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"logits must be \[N, B, K\]"):
+        member_cross_entropy(logits[0], torch.zeros(B, dtype=torch.long))
+
+
 def test_train_epoch_needs_per_member_outputs():
     fused = FusedEnsemble(make_members(cnn_with_batchnorm), reduction="mean_probs", member_inputs=True)
     with pytest.raises(ValueError, match="reduction='none', member_inputs=True"):
