@@ -107,7 +107,8 @@ def member_probabilities(fused: FusedEnsemble, x: torch.Tensor, batch_size: int 
 
 def evaluate(fused: FusedEnsemble, x: torch.Tensor, y: torch.Tensor, n_bins: int = 15,
              batch_size: int = 512) -> dict:
-    """Per-member and ensemble (mean of member probabilities) accuracy, NLL, Brier and ECE on ``(x, y)``."""
+    """Per-member and ensemble (mean of member probabilities) accuracy, NLL, Brier and ECE on ``(x, y)``, and the
+    mean over the examples of the ensemble's mutual information and of its members' pairwise disagreement."""
     member_probs = member_probabilities(fused, x, batch_size)
     ensemble_probs = member_probs.mean(0)
     y = y.cpu()
@@ -119,5 +120,6 @@ def evaluate(fused: FusedEnsemble, x: torch.Tensor, y: torch.Tensor, n_bins: int
         result[f"ensemble_{name}"] = metric(ensemble_probs, y, **kwargs).item()
         result[f"mean_member_{name}"] = sum(result[f"member_{name}"]) / fused.num_members
     result["ensemble_mutual_info"] = metrics.mutual_information(member_probs).mean().item()
+    result["ensemble_pairwise_disagreement"] = metrics.pairwise_disagreement(member_probs).mean().item()
     result["_ensemble_probs"] = ensemble_probs
     return result

@@ -198,7 +198,8 @@ def test_train_command_on_digits_end_to_end(tmp_path, capsys):
     written = json.loads(json_path.read_text())
     for key in ("member_accuracy", "member_nll", "member_brier", "member_ece"):
         assert len(written[key]) == 3
-    for key in ("ensemble_accuracy", "ensemble_nll", "ensemble_ece", "ensemble_brier", "train_member_images_per_s"):
+    for key in ("ensemble_accuracy", "ensemble_nll", "ensemble_ece", "ensemble_brier", "train_member_images_per_s",
+                "ensemble_pairwise_disagreement"):
         assert isinstance(written[key], float)
     assert written["lr"] == [0.1, 0.05, 0.2]
     assert written["train_steps"] == 640 // 32
