@@ -117,7 +117,7 @@ def test_cifar10_batch_that_would_run_code_is_refused(tmp_path, verify_md5, monk
     if verify_md5:  # even a file with the official md5 is read with the restricted unpickler
         official = dict(data.CIFAR10_TRAIN_FILES + data.CIFAR10_TEST_FILES + (data.CIFAR10_META_FILE,))
         monkeypatch.setattr(data, "_md5", lambda path: official[path.rsplit("/", 1)[-1]])
-    with pytest.raises(pickle.UnpicklingError, match=r"data_batch_3: refused to load posix\.system"):
+    with pytest.raises(pickle.UnpicklingError, match=r"data_batch_3: refused to load \w+\.system"):
         data.load_cifar10(str(tmp_path), verify_md5=verify_md5)
     assert not marker.exists()
 
