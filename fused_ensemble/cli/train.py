@@ -132,6 +132,8 @@ def _run_config(args) -> dict:
             raise _exit(f"{option} takes one value or one per member ({config['members']}), got {len(values)}")
         if values is not None and any(v < 0 for v in values):
             raise _exit(f"{option} values must not be negative, got {values}")
+    if args.momentum < 0:
+        raise _exit(f"--momentum must not be negative, got {args.momentum}")
     if config["model"] != "small-cnn" and config["model"] not in MODELS:
         raise _exit(f"unknown --model {config['model']!r}; expected small-cnn or one of {', '.join(MODELS)}")
     return config

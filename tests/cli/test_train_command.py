@@ -50,6 +50,8 @@ def _exits(argv) -> str:
     (["--max-test", "-1"], "--max-test must be at least 1"),
     (["--lr", "0.1", "0.2", "0.3"], r"--lr takes one value or one per member \(2\), got 3"),
     (["--model", "no-such-model"], "unknown --model 'no-such-model'"),
+    (["--weight-decay", "-1"], r"--weight-decay values must not be negative, got \[-1.0\]"),
+    (["--momentum", "-0.5"], "--momentum must not be negative"),
     (["--json", "{tmp}/missing/summary.json"], r"--json .*summary.json: the folder .*missing does not exist"),
     (["--plot", "{tmp}"], "--plot .* is a folder"),
     (["--checkpoint-dir", "{tmp}/a-file"], "--checkpoint-dir .*a-file is a file, not a folder"),
