@@ -3,7 +3,8 @@
 ``FusedEnsemble`` rewrites N members into one network (grouped convolutions, batched matmuls, stacked
 normalization); ``optimize()`` tunes it for inference (``OptimizedEnsemble``); ``ensemble_reduce``,
 ``ensemble_stats`` and ``ensemble_linear_reduce`` reduce the member outputs in one fused pass; ``optim``,
-``lr_scheduler``, ``clip_grad`` and ``amp`` train every member with its own hyperparameters.
+``lr_scheduler``, ``clip_grad`` and ``amp`` train every member with its own hyperparameters; ``ood``
+(``uncertainty_scores``) scores the ensemble's uncertainty.
 
 Every name a user needs is exported here; the subpackages hold the parts: ``fusion`` (how members become one
 network), ``inference`` (``optimize()``), ``ops`` (the ensemble ops and their backends), ``training``, and ``cli``
@@ -12,9 +13,11 @@ network), ``inference`` (``optimize()``), ``ops`` (the ensemble ops and their ba
 
 import sys
 
+from fused_ensemble import ood
 from fused_ensemble.config import conv_backward
 from fused_ensemble.fused import FusedEnsemble
 from fused_ensemble.inference.optimized import OptimizedEnsemble
+from fused_ensemble.ood import uncertainty_scores
 from fused_ensemble.ops.ensemble_head import ensemble_linear_reduce
 from fused_ensemble.ops.ensemble_reduce import ensemble_reduce, ensemble_stats
 from fused_ensemble.ops.reductions import REDUCTIONS, EnsembleStats
@@ -22,7 +25,12 @@ from fused_ensemble.training import amp, clip_grad, lr_scheduler, optim
 from fused_ensemble.training.amp import MemberGradScaler
 from fused_ensemble.training.batches import member_batches
 from fused_ensemble.training.clip_grad import clip_grad_norm_
-from fused_ensemble.training.loop import evaluate, member_cross_entropy, member_probabilities, train_epoch
+from fused_ensemble.training.loop import (
+    evaluate,
+    member_cross_entropy,
+    member_probabilities,
+    train_epoch,
+)
 
 __all__ = [
     "REDUCTIONS",
@@ -42,8 +50,10 @@ __all__ = [
     "member_batches",
     "member_cross_entropy",
     "member_probabilities",
+    "ood",
     "optim",
     "train_epoch",
+    "uncertainty_scores",
 ]
 __version__ = "0.1.0"
 
