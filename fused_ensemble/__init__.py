@@ -3,8 +3,8 @@
 ``FusedEnsemble`` rewrites N members into one network (grouped convolutions, batched matmuls, stacked
 normalization); ``optimize()`` tunes it for inference (``OptimizedEnsemble``); ``ensemble_reduce``,
 ``ensemble_stats`` and ``ensemble_linear_reduce`` reduce the member outputs in one fused pass; ``optim``,
-``lr_scheduler``, ``clip_grad`` and ``amp`` train every member with its own hyperparameters; ``ood``
-(``uncertainty_scores``) scores the ensemble's uncertainty.
+``lr_scheduler``, ``clip_grad`` and ``amp`` train every member with its own hyperparameters; ``calibration``
+(``TemperatureScaling``) and ``ood`` (``uncertainty_scores``) act on the ensemble's uncertainty.
 
 Every name a user needs is exported here; the subpackages hold the parts: ``fusion`` (how members become one
 network), ``inference`` (``optimize()``), ``ops`` (the ensemble ops and their backends), ``training``, and ``cli``
@@ -13,7 +13,8 @@ network), ``inference`` (``optimize()``), ``ops`` (the ensemble ops and their ba
 
 import sys
 
-from fused_ensemble import ood
+from fused_ensemble import calibration, ood
+from fused_ensemble.calibration import TemperatureScaling
 from fused_ensemble.config import conv_backward
 from fused_ensemble.fused import FusedEnsemble
 from fused_ensemble.inference.optimized import OptimizedEnsemble
@@ -28,6 +29,7 @@ from fused_ensemble.training.clip_grad import clip_grad_norm_
 from fused_ensemble.training.loop import (
     evaluate,
     member_cross_entropy,
+    member_logits,
     member_probabilities,
     train_epoch,
 )
@@ -38,7 +40,9 @@ __all__ = [
     "FusedEnsemble",
     "MemberGradScaler",
     "OptimizedEnsemble",
+    "TemperatureScaling",
     "amp",
+    "calibration",
     "clip_grad",
     "clip_grad_norm_",
     "conv_backward",
@@ -49,6 +53,7 @@ __all__ = [
     "lr_scheduler",
     "member_batches",
     "member_cross_entropy",
+    "member_logits",
     "member_probabilities",
     "ood",
     "optim",
