@@ -4,7 +4,8 @@
 normalization); ``optimize()`` tunes it for inference (``OptimizedEnsemble``); ``ensemble_reduce``,
 ``ensemble_stats`` and ``ensemble_linear_reduce`` reduce the member outputs in one fused pass; ``optim``,
 ``lr_scheduler``, ``clip_grad`` and ``amp`` train every member with its own hyperparameters; ``calibration``
-(``TemperatureScaling``) and ``ood`` (``uncertainty_scores``) act on the ensemble's uncertainty.
+(``TemperatureScaling``), ``conformal`` (``SplitConformal``) and ``ood`` (``uncertainty_scores``) act on the
+ensemble's uncertainty.
 
 Every name a user needs is exported here; the subpackages hold the parts: ``fusion`` (how members become one
 network), ``inference`` (``optimize()``), ``ops`` (the ensemble ops and their backends), ``training``, and ``cli``
@@ -13,9 +14,10 @@ network), ``inference`` (``optimize()``), ``ops`` (the ensemble ops and their ba
 
 import sys
 
-from fused_ensemble import calibration, ood
+from fused_ensemble import calibration, conformal, ood
 from fused_ensemble.calibration import TemperatureScaling
 from fused_ensemble.config import conv_backward
+from fused_ensemble.conformal import SplitConformal
 from fused_ensemble.fused import FusedEnsemble
 from fused_ensemble.inference.optimized import OptimizedEnsemble
 from fused_ensemble.ood import uncertainty_scores
@@ -40,11 +42,13 @@ __all__ = [
     "FusedEnsemble",
     "MemberGradScaler",
     "OptimizedEnsemble",
+    "SplitConformal",
     "TemperatureScaling",
     "amp",
     "calibration",
     "clip_grad",
     "clip_grad_norm_",
+    "conformal",
     "conv_backward",
     "ensemble_linear_reduce",
     "ensemble_reduce",
