@@ -10,9 +10,17 @@ import matplotlib.image
 import pytest
 import torch
 
+from fused_ensemble import (
+    FusedEnsemble,
+    SplitConformal,
+    TemperatureScaling,
+    ensemble_reduce,
+    member_logits,
+    metrics,
+)
 from fused_ensemble.cli import main
 from fused_ensemble.cli import train as train_command
-from fused_ensemble.cli.calibrate import CalibrationOptions, hold_out
+from fused_ensemble.cli.calibrate import CalibrationOptions, calibrate, hold_out
 from fused_ensemble.data import load_digits
 
 QUICK = ["train", "--dataset", "digits", "--members", "2", "--epochs", "2", "--batch-size", "32", "--max-train", "128",
@@ -73,3 +81,29 @@ def test_calibrate_adds_its_keys_and_a_second_reliability_panel(tmp_path, capsys
     height, width = matplotlib.image.imread(plot_path).shape[:2]
     assert width > 1.5 * height  # two panels side by side
 
+
+
+def test_calibrate_reports_what_the_library_computes_on_the_held_out_and_test_examples():
+    torch.manual_seed(0)
+    members = [torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)) for _ in range(3)]
+    fused = FusedEnsemble(members, reduction="none", member_inputs=True)
+    data = load_digits()
+    held_out = (data.train_x[:200], data.train_y[:200])
+    options = CalibrationOptions(fraction=0.1, score="thr", alpha=0.2)
+    summary, calibrated = calibrate(fused, held_out, data.test_x, data.test_y, options)
+
+    cal_logits, test_logits = member_logits(fused, held_out[0]), member_logits(fused, data.test_x)
+    scaling = TemperatureScaling("ensemble").fit(cal_logits, held_out[1])
+    torch.testing.assert_close(calibrated, scaling(test_logits))
+    assert summary["temperature"] == pytest.approx(scaling.temperature)
+    assert summary["ensemble_ece_calibrated"] == pytest.approx(metrics.ece(calibrated, data.test_y).item())
+    assert summary["ensemble_nll_calibrated"] == pytest.approx(metrics.nll(calibrated, data.test_y).item())
+    # The conformal sets are fitted on the uncalibrated ensemble probabilities (see fused_ensemble.cli.calibrate).
+    conformal = SplitConformal("thr", alpha=0.2).fit(ensemble_reduce(cal_logits, "mean_probs"), held_out[1])
+    test_probs = ensemble_reduce(test_logits, "mean_probs")
+    assert summary["conformal_threshold"] == conformal.qhat
+    assert summary["conformal_coverage"] == conformal.coverage(test_probs, data.test_y)
+    assert summary["conformal_mean_set_size"] == conformal.mean_set_size(test_probs)
+    assert summary["calibration_examples"] == 200 and summary["alpha"] == 0.2
+    # Untrained members are far from calibrated; the fitted temperature repairs much of it.
+    assert summary["ensemble_nll_calibrated"] < metrics.nll(test_probs, data.test_y).item()
