@@ -143,7 +143,7 @@ class FusedGraph:
         return run
 
     def _compile_layer(self, path: str, module: nn.Module, args, kwargs) -> Step:
-        where = f"layer '{path}' ({type(module).__name__})"
+        where = f"layer '{path}' ({type(module).__name__})" if path else f"the member layer ({type(module).__name__})"
         reason = unsupported_reason(module)
         if reason is not None:
             raise TypeError(f"cannot fuse {where}: {reason}")
