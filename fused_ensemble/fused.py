@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 class FusedEnsemble(nn.Module):
     """N networks of one architecture (different weights) run as one network.
 
-    The members' forward is traced once with torch.fx and rewritten layer by layer: convolutions become one
+    The members' forward is traced with torch.fx and rewritten layer by layer: convolutions become one
     grouped convolution over all members' channels (the first layer, fed the shared input, one dense convolution
     with N * C_out outputs), linear layers one batched matmul, BatchNorm/GroupNorm one normalization over N * C
     channels with per-member statistics, dropout draws independent masks per member, and every other op runs
@@ -45,14 +45,16 @@ class FusedEnsemble(nn.Module):
 
     Args:
         members: N ``nn.Module`` of the same class with parameters and buffers of equal names, shapes, dtypes and
-            devices. They are copied: later changes to them do not reach the fused module.
+            devices, the same configuration (every module's non-tensor state) and mode, and no hooks; a member may
+            be a single ``torch.nn`` layer. They are copied: later changes to them do not reach the fused module.
         reduction: how the member outputs ``[N, B, ...]`` are combined: ``"none"`` (return them),
             ``"mean"`` (any output, regression too), ``"mean_probs"`` (mean of member softmaxes, the deep-ensemble
             default), ``"softmax_of_mean"`` or ``"log_mean_probs"``; the last three treat the last dim as classes.
             Every reduction is ``ensemble_reduce``'s: accumulated in float32 and returned as float32 (float64 for
             float64 models), whatever the members' output dtype.
         member_inputs: if False every member sees the same input ``[B, ...]``; if True the input is
-            ``[N, B, ...]`` and member i sees ``x[i]`` (bagging, members trained on different batches).
+            ``[N, B, ...]`` and member i sees ``x[i]`` (bagging, members trained on different batches), except for
+            inputs wrapped in ``fused_ensemble.shared(...)``, which every member sees whole.
 
     The first forward on CPU tensors raises glibc malloc's mmap and trim thresholds to 1 GiB for the process, so that
     the N-times-larger weights' reordered copies, gradients and activations of every call reuse memory instead of
@@ -106,6 +108,9 @@ class FusedEnsemble(nn.Module):
 
     def __setstate__(self, state):
         super().__setstate__(state)
+        # (Derived from the stacked tree again: a module pickled by an older version has neither.)
+        self._member_is_layer = member_is_layer(self.stacked)
+        self._forward_parameters = forward_parameters(self.stacked)
         self._graphs = self._compile_graphs()
 
     def extra_repr(self) -> str:

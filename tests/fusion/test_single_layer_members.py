@@ -177,3 +177,21 @@ def test_optimize_a_single_layer_member():
     x = torch.randn(2, 3, 6, 6)
     with torch.no_grad():
         assert_matches(fused.optimize(x)(x), torch.stack([m(x) for m in members]))
+
+
+def test_copies_trace_their_own_call_shapes():
+    members = make_members(lambda: nn.MultiheadAttention(8, 2, batch_first=True), n=2, seed=11)
+    fused = FusedEnsemble(copy.deepcopy(members), reduction="none")
+    q = torch.randn(2, 4, 8)
+    with torch.no_grad():
+        expected = fused(q, q, q, need_weights=False)[0]
+        twin = copy.deepcopy(fused)
+        for parameter in twin.parameters():
+            parameter.mul_(0.5)
+        assert torch.equal(fused(q, q, q, need_weights=False)[0], expected)
+        halved = [copy.deepcopy(m) for m in members]
+        for member in halved:
+            for parameter in member.parameters():
+                parameter.mul_(0.5)
+        assert_matches(twin(q, q, q, need_weights=False)[0],
+                       torch.stack([m(q, q, q, need_weights=False)[0] for m in halved]))
