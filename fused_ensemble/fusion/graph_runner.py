@@ -155,7 +155,7 @@ class FusedGraph:
         def run(env, ctx):
             try:
                 return step(env, ctx)
-            except (ValueError, TypeError, IndexError, RuntimeError, AssertionError) as error:
+            except _NAMED_ERRORS as error:
                 if type(error) not in _NAMED_ERRORS or where in str(error):
                     raise  # (OutOfMemoryError, NotImplementedError, ...) as they are; or named already
                 detail = ""
