@@ -108,9 +108,11 @@ def ensemble_stats(logits: Tensor, dim: int = 0, backend: str = "auto") -> Ensem
         :class:`~fused_ensemble.EnsembleStats` with, per row (``logits.shape`` without ``dim`` and
         the class dim): ``probs`` (mean of member softmaxes, with the class dim), ``entropy`` (predictive
         entropy of ``probs``, nats), ``expected_entropy`` (mean of member entropies), ``mutual_info``
-        (``entropy - expected_entropy``), ``confidence`` (max of ``probs``), ``prediction`` (argmax of
-        ``probs``, int64, first index on ties) and ``disagreement`` (fraction of members whose own argmax
-        differs from ``prediction``). Floats are float32 (float64 for float64 logits).
+        (``max(entropy - expected_entropy, 0)``), ``confidence`` (max of ``probs``), ``prediction`` (argmax of
+        ``probs``, int64, first index on ties) and ``disagreement`` (the share of members whose own argmax
+        differs from ``prediction``: the variation ratio). Floats are float32 (float64 for float64 logits). A
+        row in which some member's logits hold a NaN or ``+inf`` (or are all ``-inf``) is NaN in every float
+        field and predicts 0, on every backend (see :class:`~fused_ensemble.EnsembleStats`).
 
     The kernel backends are not differentiable: when ``logits`` requires grad (and grad mode is on),
     ``backend="auto"`` uses the PyTorch reference and an explicit ``"triton"``/``"cpp"`` raises.
