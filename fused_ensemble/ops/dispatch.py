@@ -11,9 +11,13 @@ Backends: ``"torch"`` (``fused_ensemble.ops.reference``, autograd through PyTorc
 - ``"auto"`` walks a priority list per device (``auto_priority``): on CPU tensors cpp, then torch (never triton,
   even interpreted); on CUDA tensors triton, then cpp, then torch, except where the CUDA C++ kernels measured
   faster (``CUDA_CPP_FIRST``, ``CUDA_CPP_FIRST_ANY_K``, ``CUDA_CPP_MANY_ROWS``), which then come first.
-- A kernel backend that raised under ``"auto"`` is remembered (``note_auto_failure``, with a warning, the way
-  xformers remembers a failed Triton kernel) and not chosen again for that op and device in this process. An
-  explicitly named backend is never second-guessed: if it cannot run, the error gives every backend's reason.
+- The public functions check their inputs before they call ``run`` (layout, dtype, shapes, devices), so that a
+  caller's mistake raises its own clear error and never reaches a kernel. Under ``"auto"``, a kernel backend that
+  still raises has failed by itself: it is remembered (``note_auto_failure``, with one warning, the way xformers
+  remembers a failed Triton kernel), not chosen again for that op and device in this process, and the next backend
+  answers. An out-of-memory error (``torch.OutOfMemoryError``, or the CPU allocator's ``RuntimeError``) says
+  nothing about the kernel: it passes through and disables nothing (``is_out_of_memory``). An explicitly named
+  backend is never second-guessed: if it cannot run, the error gives every backend's reason.
 """
 
 from __future__ import annotations
@@ -205,22 +209,37 @@ def _not_kernel_failures() -> tuple[type[BaseException], ...]:
 NOT_KERNEL_FAILURES = _not_kernel_failures()
 """Exceptions that pass through ``"auto"``'s fallback: they say nothing about the kernel, which must not be dropped."""
 
+_CPU_OUT_OF_MEMORY = ("DefaultCPUAllocator: can't allocate memory", "DefaultCPUAllocator: not enough memory")
+"""What the CPU allocator's plain ``RuntimeError`` says when an allocation fails."""
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` reports an allocation that failed: ``torch.OutOfMemoryError`` (a CUDA device, or any
+    allocator that raises it), or the CPU allocator's ``RuntimeError``."""
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and any(words in str(exc) for words in _CPU_OUT_OF_MEMORY)
+
 
 def note_auto_failure(backend: str, device_type: str, op: str, exc: BaseException) -> None:
     """Remembers that ``backend`` raised ``exc`` running ``op`` under ``"auto"`` so that ``"auto"`` stops choosing
-    it for that op and device type."""
-    _failed_under_auto.add((backend, device_type, op))
+    it for that op and device type, and says so once, with a warning."""
+    key = (backend, device_type, op)
+    if key in _failed_under_auto:
+        return
+    _failed_under_auto.add(key)
     warnings.warn(f"fused_ensemble: the {backend} kernels of {op} failed on a {device_type} tensor "
-                  f"({type(exc).__name__}: {exc}); backend='auto' falls back to the next backend from now on",
-                  RuntimeWarning, stacklevel=4)
+                  f"({type(exc).__name__}: {exc}); backend='auto' uses the next backend for {op} on {device_type} "
+                  f"tensors from now on in this process", RuntimeWarning, stacklevel=4)
 
 
 def run(backend: str, op: str, x: torch.Tensor, run_backend: Callable[[str], T], *,
         reduction: str | None = None, classes: int | None = None, rows: int | None = None,
         requires_grad: bool = False) -> T:
-    """``run_backend(name)`` with the backend ``backend`` resolves to for ``op`` on tensors like ``x``. Under
-    ``"auto"`` a kernel backend that raises is remembered (with a warning) and the next one is tried, down to
-    ``"torch"``, which always runs."""
+    """``run_backend(name)`` with the backend ``backend`` resolves to for ``op`` on tensors like ``x`` (which the
+    caller has checked). Under ``"auto"`` a kernel backend that raises is remembered (with one warning) and the next
+    one is tried, down to ``"torch"``, which always runs; an out-of-memory error passes through and disables
+    nothing."""
     device_type = x.device.type
     while True:
         chosen = resolve_backend(backend, device_type, x.dtype, op, reduction, classes, rows, x.device.index,
@@ -232,4 +251,6 @@ def run(backend: str, op: str, x: torch.Tensor, run_backend: Callable[[str], T],
         except NOT_KERNEL_FAILURES:
             raise
         except Exception as exc:
+            if is_out_of_memory(exc):
+                raise
             note_auto_failure(chosen, device_type, op, exc)

@@ -51,8 +51,10 @@ def ensemble_reduce(logits: Tensor, reduction: str = "mean_probs", dim: int = 0,
         dim: the member dim; any dim but the last (class) one, negative values count from the end.
         backend: ``"auto"``: the fastest backend that can run this input (``fused_ensemble.ops.dispatch``): on CPU
             tensors the C++ kernels if the extension is built, else PyTorch; on CUDA tensors Triton or the CUDA C++
-            kernels, whichever measured faster for this reduction and shape, else PyTorch. A kernel that fails
-            under ``"auto"`` is reported once with a warning and not used again in the process. ``"torch"``
+            kernels, whichever measured faster for this reduction and shape, else PyTorch. Inputs are checked first,
+            so a caller's mistake raises and disables nothing; a kernel that fails by itself under ``"auto"`` is
+            reported once with a warning and not used again for this op and device in the process, while an
+            out-of-memory error passes through and disables nothing. ``"torch"``
             (``fused_ensemble.ops.reference``, autograd through PyTorch ops), ``"triton"`` (CUDA tensors, or CPU
             tensors under ``TRITON_INTERPRET=1``) or ``"cpp"`` (C++ kernels for CPU tensors, CUDA C++ kernels for
             CUDA tensors) insist on that backend.
@@ -65,7 +67,8 @@ def ensemble_reduce(logits: Tensor, reduction: str = "mean_probs", dim: int = 0,
         tensor expanded over the members with a zero stride).
 
     Raises:
-        TypeError: ``logits`` is not a floating-point tensor, or ``out_dtype`` is not a floating-point dtype.
+        TypeError: ``logits`` is not a dense (strided) floating-point tensor, or ``out_dtype`` is not a
+            floating-point dtype.
         ValueError: unknown ``reduction`` or ``backend``, ``dim`` out of range or equal to the class dim, no
             members or no classes.
         RuntimeError: an explicitly named backend cannot run here (the message gives every backend's reason:

@@ -96,9 +96,13 @@ def check_kernel_reduction(reduction: str) -> None:
 
 
 def check_float_tensor(t, name: str) -> None:
-    """Raises unless ``t`` is a float16/bfloat16/float32/float64 tensor (``name`` says which argument)."""
+    """Raises unless ``t`` is a dense (strided) float16/bfloat16/float32/float64 tensor (``name`` says which
+    argument)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}; convert it with "
+                        f".to_dense()")
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64), "
                         f"got {t.dtype}")

@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 
-from fused_ensemble import EnsembleStats, ensemble_reduce, ensemble_stats
+from fused_ensemble import REDUCTIONS, EnsembleStats, ensemble_reduce, ensemble_stats
 from fused_ensemble.ops import dispatch
 from fused_ensemble.ops.ensemble_reduce import members_rows_classes
 from fused_ensemble.ops.reductions import KERNEL_REDUCTIONS
@@ -443,14 +443,21 @@ def test_out_dtype(case):
         ensemble_reduce(x, "mean", backend=case[0], out_dtype=torch.int64)
 
 
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta state")
 def test_bad_inputs_give_clear_errors():
     x = torch.randn(3, 4, 5)
     with pytest.raises(TypeError, match="floating-point"):
         ensemble_reduce(torch.ones(3, 4, 5, dtype=torch.int64))
     with pytest.raises(TypeError, match="floating-point"):
         ensemble_stats(torch.ones(3, 4, 5, dtype=torch.int32))
-    with pytest.raises(ValueError, match="unknown reduction 'median'"):
+    with pytest.raises(ValueError, match="unknown reduction 'median'") as error:
         ensemble_reduce(x, "median")
+    assert all(repr(name) in str(error.value) for name in REDUCTIONS)  # every valid name
+    for sparse in (x.to_sparse(), x[0].to_sparse_csr()):
+        with pytest.raises(TypeError, match=r"logits must be a dense \(strided\) tensor, got layout torch.sparse"):
+            ensemble_reduce(sparse)
+        with pytest.raises(TypeError, match=r"logits must be a dense \(strided\) tensor"):
+            ensemble_stats(sparse)
     for dim in (2, -1):
         with pytest.raises(ValueError, match="class dim"):
             ensemble_reduce(x, dim=dim)
