@@ -7,7 +7,8 @@ Backends: ``"torch"`` (``fused_ensemble.ops.reference``, autograd through PyTorc
 ``ensemble_linear_reduce`` one GEMM and then the C++ reduction kernels).
 
 - Each backend says why it cannot run an input (``unavailable_reason``): the package, the device, the dtype, the
-  op, or an input that needs a gradient the kernels do not have.
+  op, or a call it does not implement (``input_problem``: a reduction the kernels lack, such as ``"vote"``, or an
+  input that needs a gradient the kernels do not have).
 - ``"auto"`` walks a priority list per device (``auto_priority``): on CPU tensors cpp, then torch (never triton,
   even interpreted); on CUDA tensors triton, then cpp, then torch, except where the CUDA C++ kernels measured
   faster (``CUDA_CPP_FIRST``, ``CUDA_CPP_FIRST_ANY_K``, ``CUDA_CPP_MANY_ROWS``), which then come first.
@@ -33,6 +34,7 @@ import torch
 import torch.utils.checkpoint
 
 from fused_ensemble import config, extension
+from fused_ensemble.ops.reductions import KERNEL_REDUCTIONS
 
 BACKENDS = ("auto", "torch", "triton", "cpp")
 KERNEL_BACKENDS = ("triton", "cpp")
@@ -128,9 +130,15 @@ def unavailable_reason(backend: str, device_type: str, dtype: torch.dtype, op: s
     return None
 
 
-def input_problem(backend: str, op: str, requires_grad: bool) -> str | None:
-    """Why ``backend`` cannot run this call of ``op`` although it runs such tensors: a gradient it cannot give."""
-    if not requires_grad or backend == "torch":
+def input_problem(backend: str, op: str, requires_grad: bool, reduction: str | None = None) -> str | None:
+    """Why ``backend`` cannot run this call of ``op`` although it runs such tensors: a ``reduction`` its kernels do
+    not implement, or a gradient it cannot give."""
+    if backend == "torch":
+        return None
+    if op in ("reduce", "linear_reduce") and reduction is not None and reduction not in KERNEL_REDUCTIONS:
+        return (f"the {backend} kernels do not implement reduction {reduction!r} (they implement "
+                f"{', '.join(map(repr, KERNEL_REDUCTIONS))}; the torch backend runs every reduction)")
+    if not requires_grad:
         return None
     if op == "stats":
         return f"ensemble_stats on the {backend} backend is not differentiable but the logits require grad"
@@ -185,10 +193,10 @@ def resolve_backend(backend: str, device_type: str, dtype: torch.dtype, op: str 
     check_op(op)
     if backend == "auto":
         priority = tuple(name for name in auto_priority(device_type, op, reduction, classes, rows, device_index)
-                         if input_problem(name, op, requires_grad) is None)
+                         if input_problem(name, op, requires_grad, reduction) is None)
         return _first_runnable(priority, device_type, dtype, op)
-    reasons = {name: unavailable_reason(name, device_type, dtype, op) or input_problem(name, op, requires_grad)
-               for name in BACKENDS[1:]}
+    reasons = {name: unavailable_reason(name, device_type, dtype, op)
+               or input_problem(name, op, requires_grad, reduction) for name in BACKENDS[1:]}
     if reasons[backend] is not None:
         others = "; ".join(f"{name}: {reason or 'can run it'}" for name, reason in reasons.items()
                            if name != backend)

@@ -11,13 +11,16 @@ from typing import NamedTuple
 
 import torch
 
-REDUCTIONS = ("mean", "mean_probs", "softmax_of_mean", "log_mean_probs")
+REDUCTIONS = ("mean", "mean_probs", "softmax_of_mean", "log_mean_probs", "vote")
 """Reductions over the member dim, shared by ``ensemble_reduce``, ``ensemble_linear_reduce`` and ``FusedEnsemble``:
 
 - ``"mean"``: mean of the raw outputs (any output, regression too).
 - ``"mean_probs"``: mean over members of ``softmax(logits)``: the deep-ensemble predictive distribution.
 - ``"softmax_of_mean"``: ``softmax`` of the member-averaged logits.
 - ``"log_mean_probs"``: ``log(mean_probs)``, computed stably as ``logsumexp_n(log_softmax) - log N``.
+- ``"vote"``: hard voting. Each member votes for its argmax class (first index on ties); the result is the one-hot
+  ``[..., K]`` of the class with the most votes (the lowest class on ties), in the reductions' float dtype. Not
+  differentiable: the result never requires grad (as ``torch.argmax``'s), so no gradient flows back through it.
 
 Non-finite logits, the same on every backend. ``-inf`` is a probability of 0. A row (all but the class dim) in
 which some member's logits hold a NaN or a ``+inf``, or are ``-inf`` in every class, has no member softmax: every

@@ -24,6 +24,8 @@ def reduce_reference(logits: torch.Tensor, reduction: str = "mean_probs", dim: i
         return torch.softmax(x, -1).mean(dim)
     if reduction == "softmax_of_mean":
         return torch.softmax(x.mean(dim), -1)
+    if reduction == "vote":
+        return vote_reference(x.detach(), dim)
     return torch.logsumexp(torch.log_softmax(x, -1), dim) - math.log(x.shape[dim])
 
 
@@ -32,6 +34,16 @@ def undefined_rows(x: torch.Tensor, dim: int) -> torch.Tensor:
     member has no softmax: its logits hold a NaN or a ``+inf``, or are ``-inf`` in every class."""
     no_softmax = (torch.isnan(x) | (x == math.inf)).any(-1) | (x == -math.inf).all(-1)
     return no_softmax.any(dim)
+
+
+def vote_reference(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Hard vote: the one-hot of the class most members pick as their argmax (first index on ties; the lowest
+    class on tied counts), NaN in the rows that ``undefined_rows`` names; ``x``'s dtype, never requiring grad."""
+    classes = x.shape[-1]
+    votes = torch.nn.functional.one_hot(x.argmax(-1), classes).sum(dim)
+    winner = votes.argmax(-1)  # torch.argmax takes the first of equal maxima: the lowest class
+    one_hot = torch.nn.functional.one_hot(winner, classes).to(x.dtype)
+    return one_hot.masked_fill(undefined_rows(x, dim).unsqueeze(-1), math.nan)
 
 
 def stats_reference(logits: torch.Tensor, dim: int = 0) -> EnsembleStats:

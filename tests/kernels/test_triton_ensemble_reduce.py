@@ -369,6 +369,8 @@ def test_bad_input_raises():
     x = torch.randn(2, 3, 4, device=DEVICE)
     with pytest.raises(ValueError, match="unknown reduction 'median'"):
         er.reduce_forward(x, "median")
+    with pytest.raises(ValueError, match="do not implement reduction 'vote'"):
+        er.reduce_forward(x, "vote")
     with pytest.raises(ValueError, match=r"shape \[N, R, K\]"):
         er.reduce_forward(x[0], "mean")
     with pytest.raises(ValueError, match=r"shape \[N, R, K\]"):

@@ -1,5 +1,8 @@
 """ensemble_reduce / ensemble_stats on every backend that runs here, against the float64 reference.
 
+The reductions that the kernels implement (``KERNEL_REDUCTIONS``) run on every backend; ``"vote"`` runs on the
+torch backend only and has its own tests (test_vote.py).
+
 Backends are parametrized as (backend, device) cases: torch, cpp (when the extension is built) and triton (under
 TRITON_INTERPRET=1 on CPU: float32 and small shapes only) on CPU; the same three on CUDA, marked ``gpu``.
 Inputs are made on the CPU from the seeded generator and moved to the case's device, so every backend sees the
@@ -452,7 +455,7 @@ def test_bad_inputs_give_clear_errors():
         ensemble_stats(torch.ones(3, 4, 5, dtype=torch.int32))
     with pytest.raises(ValueError, match="unknown reduction 'median'") as error:
         ensemble_reduce(x, "median")
-    assert all(repr(name) in str(error.value) for name in REDUCTIONS)  # every valid name
+    assert all(repr(name) in str(error.value) for name in REDUCTIONS)  # every valid name, "vote" included
     for sparse in (x.to_sparse(), x[0].to_sparse_csr()):
         with pytest.raises(TypeError, match=r"logits must be a dense \(strided\) tensor, got layout torch.sparse"):
             ensemble_reduce(sparse)
