@@ -49,16 +49,17 @@ class FusedEnsemble(nn.Module):
             be a single ``torch.nn`` layer. They are copied: later changes to them do not reach the fused module.
         reduction: how the member outputs ``[N, B, ...]`` are combined: ``"none"`` (return them),
             ``"mean"`` (any output, regression too), ``"mean_probs"`` (mean of member softmaxes, the deep-ensemble
-            default), ``"softmax_of_mean"`` or ``"log_mean_probs"``; the last three treat the last dim as classes.
-            Every reduction is ``ensemble_reduce``'s: accumulated in float32 and returned as float32 (float64 for
-            float64 models), whatever the members' output dtype.
+            default), ``"softmax_of_mean"``, ``"log_mean_probs"`` or ``"vote"`` (hard voting: the one-hot of the most
+            frequent member argmax); the last four treat the last dim as classes. Every reduction is
+            ``ensemble_reduce``'s: accumulated in float32 and returned as float32 (float64 for float64 models),
+            whatever the members' output dtype.
         member_inputs: if False every member sees the same input ``[B, ...]``; if True the input is
             ``[N, B, ...]`` and member i sees ``x[i]`` (bagging, members trained on different batches), except for
             inputs wrapped in ``fused_ensemble.shared(...)``, which every member sees whole.
 
-    The first forward on CPU tensors raises glibc malloc's mmap and trim thresholds to 1 GiB for the process, so that
-    the N-times-larger weights' reordered copies, gradients and activations of every call reuse memory instead of
-    page-faulting fresh memory in (see ``fused_ensemble.cpu_memory``; ``FUSED_ENSEMBLE_KEEP_CPU_MEMORY=0`` opts out).
+    On CPU, ``fused_ensemble.cpu_memory.retain_freed_cpu_memory()`` (or ``FUSED_ENSEMBLE_KEEP_CPU_MEMORY=1``) makes
+    glibc keep freed memory for reuse, which can speed up large fused forwards that otherwise page-fault fresh memory
+    in on every call; it is off by default (see ``fused_ensemble.cpu_memory``).
 
     Every parameter and buffer of the fused module is the stack of the members' tensors (dim 0 is the member
     index), under the member's own name prefixed with ``stacked.``; ``to_members()`` splits them back.
