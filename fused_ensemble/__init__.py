@@ -1,11 +1,11 @@
 """fused_ensemble: run and train N networks of one architecture as one fused network.
 
 ``FusedEnsemble`` rewrites N members into one network (grouped convolutions, batched matmuls, stacked
-normalization); ``optimize()`` tunes it for inference (``OptimizedEnsemble``); ``ensemble_reduce``,
-``ensemble_stats`` and ``ensemble_linear_reduce`` reduce the member outputs in one fused pass; ``optim``,
-``lr_scheduler``, ``clip_grad`` and ``amp`` train every member with its own hyperparameters; ``calibration``
-(``TemperatureScaling``), ``conformal`` (``SplitConformal``) and ``ood`` (``uncertainty_scores``) act on the
-ensemble's uncertainty.
+normalization), and ``shared()`` marks an input that every member sees whole when the others are per member;
+``optimize()`` tunes it for inference (``OptimizedEnsemble``); ``ensemble_reduce``, ``ensemble_stats`` and
+``ensemble_linear_reduce`` reduce the member outputs in one fused pass; ``optim``, ``lr_scheduler``, ``clip_grad``
+and ``amp`` train every member with its own hyperparameters; ``calibration`` (``TemperatureScaling``),
+``conformal`` (``SplitConformal``) and ``ood`` (``uncertainty_scores``) act on the ensemble's uncertainty.
 
 Every name a user needs is exported here; the subpackages hold the parts: ``fusion`` (how members become one
 network), ``inference`` (``optimize()``), ``ops`` (the ensemble ops and their backends), ``training``, and ``cli``
@@ -19,6 +19,7 @@ from fused_ensemble.calibration import TemperatureScaling
 from fused_ensemble.config import conv_backward
 from fused_ensemble.conformal import SplitConformal
 from fused_ensemble.fused import FusedEnsemble
+from fused_ensemble.fusion.inputs import SharedInput, shared
 from fused_ensemble.inference.optimized import OptimizedEnsemble
 from fused_ensemble.ood import uncertainty_scores
 from fused_ensemble.ops.ensemble_head import ensemble_linear_reduce
@@ -42,6 +43,7 @@ __all__ = [
     "FusedEnsemble",
     "MemberGradScaler",
     "OptimizedEnsemble",
+    "SharedInput",
     "SplitConformal",
     "TemperatureScaling",
     "amp",
@@ -61,6 +63,7 @@ __all__ = [
     "member_probabilities",
     "ood",
     "optim",
+    "shared",
     "train_epoch",
     "uncertainty_scores",
 ]
