@@ -19,10 +19,16 @@ a wrong prediction), so each can go straight into ``metrics.auroc``, ``metrics.a
 
 ``neg_max_prob``, ``entropy`` and ``mutual_info`` come from one ``ensemble_stats`` pass; the energy needs the mean
 logits (one ``ensemble_reduce(logits, "mean")`` pass), the variation ratio the members' argmaxes (one pass).
+
+Non-finite logits follow the rule of the reductions: ``-inf`` is a probability of 0, and a row in which some
+member's logits hold a NaN or a ``+inf``, or are ``-inf`` in every class, is NaN in every score (such a member has
+no softmax, hence no prediction to vote with and no energy that means anything). Metrics refuse NaN scores, so
+drop those rows first (``scores.entropy.isnan()`` finds them).
 """
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -30,6 +36,7 @@ from torch import Tensor
 
 from fused_ensemble.ops.ensemble_reduce import ensemble_reduce, ensemble_stats
 from fused_ensemble.ops.reductions import normalize_member_dim
+from fused_ensemble.ops.reference import undefined_rows
 
 __all__ = ["SCORES", "UncertaintyScores", "uncertainty_scores", "variation_ratio"]
 
@@ -50,14 +57,15 @@ class UncertaintyScores(NamedTuple):
 
 def variation_ratio(logits: Tensor, dim: int = 0) -> Tensor:
     """``1 - (members voting for the modal class) / N`` per row of member logits (or probabilities: only each
-    member's argmax counts) with the member dim ``dim`` and the class dim last; float32 (float64 for float64)."""
+    member's argmax counts) with the member dim ``dim`` and the class dim last; float32 (float64 for float64). NaN
+    in a row in which some member has no softmax (NaN or ``+inf`` logits, or ``-inf`` in every class)."""
     dim = normalize_member_dim(logits, dim)
     votes = logits.argmax(-1).movedim(dim, -1)  # [..., N]: each member's class
     members, classes = votes.shape[-1], logits.shape[-1]
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     counts = torch.zeros((*votes.shape[:-1], classes), dtype=dtype, device=logits.device)
     counts.scatter_add_(-1, votes, torch.ones(votes.shape, dtype=dtype, device=logits.device))
-    return 1 - counts.amax(-1) / members
+    return (1 - counts.amax(-1) / members).masked_fill(undefined_rows(logits, dim), math.nan)
 
 
 def uncertainty_scores(logits: Tensor, dim: int = 0, backend: str = "auto") -> UncertaintyScores:
@@ -73,6 +81,8 @@ def uncertainty_scores(logits: Tensor, dim: int = 0, backend: str = "auto") -> U
     dim = normalize_member_dim(logits, dim)
     stats = ensemble_stats(logits, dim, backend)
     mean_logits = ensemble_reduce(logits, "mean", dim, backend)
-    return UncertaintyScores(neg_max_prob=-stats.confidence, energy=-torch.logsumexp(mean_logits, -1),
+    # "mean" averages element by element; the other scores are NaN where a member has no softmax, and so is this.
+    energy = (-torch.logsumexp(mean_logits, -1)).masked_fill(undefined_rows(logits, dim), math.nan)
+    return UncertaintyScores(neg_max_prob=-stats.confidence, energy=energy,
                              entropy=stats.entropy, mutual_info=stats.mutual_info,
                              variation_ratio=variation_ratio(logits, dim))

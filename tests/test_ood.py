@@ -78,6 +78,21 @@ def test_energy_sees_the_scale_of_the_logits_and_every_score_grows_with_uncertai
     assert uncertainty_scores(small).energy > uncertainty_scores(sure).energy
 
 
+def test_rows_in_which_a_member_has_no_softmax_are_nan_in_every_score():
+    logits = torch.randn(3, 5, 4)
+    logits[1, 0, 2] = float("nan")
+    logits[0, 1, 3] = float("inf")
+    logits[2, 2] = float("-inf")  # every class
+    logits[:, 3, 1] = float("-inf")  # one class in every member: probability 0, the row stays defined
+    scores = uncertainty_scores(logits)
+    for name in ood.SCORES:
+        value = getattr(scores, name)
+        assert value[:3].isnan().all() and value[3:].isfinite().all(), (name, value)
+    finite = uncertainty_scores(logits[:, 3:])
+    for name in ood.SCORES:
+        torch.testing.assert_close(getattr(scores, name)[3:], getattr(finite, name), msg=name)
+
+
 # ---- OOD detection metrics -----------------------------------------------------------------------------------------
 
 def _ood_data(ties: bool, seed: int = 0):
