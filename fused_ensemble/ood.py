@@ -13,9 +13,11 @@ a wrong prediction), so each can go straight into ``metrics.auroc``, ``metrics.a
 - ``mutual_info``: predictive entropy minus the mean of the member entropies (nats): the members' disagreement,
   epistemic uncertainty (Depeweg et al., 2018).
 - ``variation_ratio``: ``1 - (number of members voting for the modal class) / N``, each member voting for its own
-  argmax (Freeman, 1965). The modal class is the most voted one, which need not be the ensemble's prediction; a
-  tie for the mode counts once. ``ensemble_stats(...).disagreement`` counts the members that differ from the
-  ensemble's prediction instead, so it is never below the variation ratio.
+  argmax (Freeman, 1965). The modal class is the most voted one (the class ``ensemble_reduce(logits, "vote")``
+  picks), which need not be the ensemble's prediction; a tie for the mode counts once.
+  ``ensemble_stats(...).disagreement`` counts the members that differ from the ensemble's prediction (the argmax
+  of the mean probabilities) instead, as torch-uncertainty's ``VariationRatio(probabilistic=False)`` does; it is
+  never below this score, and equal to it wherever the modal class is the ensemble's prediction.
 
 ``neg_max_prob``, ``entropy`` and ``mutual_info`` come from one ``ensemble_stats`` pass; the energy needs the mean
 logits (one ``ensemble_reduce(logits, "mean")`` pass), the variation ratio the members' argmaxes (one pass).

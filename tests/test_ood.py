@@ -19,7 +19,7 @@ from torchmetrics.functional.classification import (
     multiclass_calibration_error,
 )
 
-from fused_ensemble import ensemble_stats, metrics, ood, uncertainty_scores
+from fused_ensemble import ensemble_reduce, ensemble_stats, metrics, ood, uncertainty_scores
 
 # ---- the scores ----------------------------------------------------------------------------------------------------
 
@@ -64,6 +64,13 @@ def test_variation_ratio_counts_the_modal_class_not_the_ensemble_prediction():
     assert ensemble_stats(logits).prediction.item() == 1
     assert ood.variation_ratio(logits).item() == pytest.approx(0.5)  # 1 - 2/4: the mode is class 0
     assert ensemble_stats(logits).disagreement.item() == pytest.approx(0.75)  # 3 of 4 differ from class 1
+    assert ensemble_reduce(logits, "vote").argmax(-1).item() == 0  # the modal class is the hard vote's
+    # Wherever the modal class is the ensemble's prediction, the two scores are one.
+    many = torch.randn(5, 500, 4, generator=torch.Generator().manual_seed(0))
+    same = ensemble_reduce(many, "vote").argmax(-1) == ensemble_stats(many).prediction
+    assert 0 < same.sum() < 500
+    torch.testing.assert_close(ood.variation_ratio(many)[same], ensemble_stats(many).disagreement[same])
+    assert (ensemble_stats(many).disagreement >= ood.variation_ratio(many)).all()
     # A tie for the mode counts once; one member gives 0.
     assert ood.variation_ratio(torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]]])).item() == pytest.approx(0.5)
     assert ood.variation_ratio(torch.randn(1, 5, 4)).tolist() == [0.0] * 5
