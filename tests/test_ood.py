@@ -11,7 +11,7 @@ import pytest
 import scipy.special
 import scipy.stats
 import torch
-from sklearn.metrics import average_precision_score, roc_curve
+from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 from torchmetrics.functional.classification import (
     binary_auroc,
     binary_average_precision,
@@ -136,6 +136,8 @@ def test_fpr_at_95_tpr_equals_torchmetrics_and_sklearn(ties):
     sk_fpr, sk_tpr, _ = roc_curve(labels.numpy(), preds.numpy(), drop_intermediate=False)
     assert fpr == pytest.approx(sk_fpr[np.argmax(sk_tpr >= 0.95)], abs=1e-12)
     assert metrics.auroc(scores_in, scores_out) == pytest.approx(binary_auroc(preds, labels).item(), abs=1e-6)
+    assert metrics.auroc(scores_in, scores_out) == pytest.approx(roc_auc_score(labels.numpy(), preds.numpy()),
+                                                                 abs=1e-12)
 
 
 def test_fpr_at_95_tpr_and_aupr_by_hand():
@@ -236,6 +238,20 @@ def test_adaptive_ece_equals_torchmetrics_ece_where_the_bins_coincide():
     targets = (torch.rand(100, generator=g) < 0.3).long()
     expected = multiclass_calibration_error(probs, targets, num_classes=2, n_bins=10, norm="l1").item()
     assert metrics.adaptive_ece(probs, targets, n_bins=5).item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_ece_equals_torchmetrics_off_the_bin_edges_and_differs_on_them():
+    probs = torch.softmax(torch.randn(500, 7, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 2, -1)
+    targets = torch.randint(0, 7, (500,), generator=torch.Generator().manual_seed(1))
+    expected = multiclass_calibration_error(probs, targets, num_classes=7, n_bins=15, norm="l1").item()
+    assert metrics.ece(probs, targets).item() == pytest.approx(expected, abs=1e-6)  # torchmetrics: fp32
+    # A confidence on an edge (0.75 of 4 bins): ours counts it in the bin it closes, (0.5, 0.75]; torchmetrics in
+    # the bin it opens, [0.75, 1).
+    edge = torch.tensor([[0.75, 0.25], [0.875, 0.125]], dtype=torch.float64)
+    targets = torch.tensor([0, 1])
+    assert metrics.ece(edge, targets, n_bins=4).item() == pytest.approx(0.5 * 0.25 + 0.5 * 0.875)
+    assert multiclass_calibration_error(edge, targets, num_classes=2, n_bins=4, norm="l1").item() == pytest.approx(
+        0.8125 - 0.5)
 
 
 def test_adaptive_ece_per_member_and_bad_bins():
