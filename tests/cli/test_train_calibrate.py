@@ -54,7 +54,7 @@ def test_bad_calibration_options_exit_before_training(no_training, options, mess
 
 def test_the_held_out_split_is_drawn_with_the_seed():
     data = load_digits()
-    options = CalibrationOptions(fraction=0.1, score="aps", alpha=0.1)
+    options = CalibrationOptions(fraction=0.1, score="thr", alpha=0.1)
     train, (x, y) = hold_out(data, options, seed=0, batch_size=64)
     assert x.shape[0] == round(0.1 * data.train_x.shape[0]) and train.train_x.shape[0] + x.shape[0] == 1347
     again = hold_out(data, options, seed=0, batch_size=64)[1][0]
