@@ -392,11 +392,37 @@ def section_digits(results: list[dict]) -> str:
         d = result["data"]
         rows = [[who] + [fmt_fixed(d.get(f"{prefix}_{metric}"), 4) for metric in ("accuracy", "nll", "brier", "ece")]
                 for who, prefix in (("mean member", "mean_member"), ("ensemble", "ensemble"))]
-        what = (f"{d.get('members', DASH)} x {d.get('model', DASH)}, {d.get('epochs', DASH)} epochs: "
+        held_out = (f" ({d['calibration_examples']} of the training examples held out for calibration)"
+                    if "calibration_examples" in d else "")
+        what = (f"{d.get('members', DASH)} x {d.get('model', DASH)}, {d.get('epochs', DASH)} epochs{held_out}: "
                 f"{fmt_fixed(d.get('train_seconds'), 2)} s of training, "
                 f"{fmt_fixed(d.get('train_member_images_per_s'), 0)} member-images/s.")
         parts.append(source_line(result) + " " + what)
         parts.append(table(["", "accuracy", "NLL", "Brier", "ECE"], rows))
+    return "\n\n".join(parts) if len(parts) > 1 else ""
+
+
+def section_calibration(results: list[dict]) -> str:
+    parts = [("`python -m fused_ensemble train --dataset digits --calibrate`: the ensemble on the test split before "
+              "and after the temperature fitted on the examples held out of the training split, and the conformal "
+              "prediction sets calibrated on the same held-out examples.")]
+    for result in _select(results, "digits"):
+        d = result["data"]
+        if "ensemble_ece_calibrated" not in d:
+            continue
+        metric_names = ("nll", "brier", "ece")
+        rows = [["before", "1"] + [fmt_fixed(d.get(f"ensemble_{m}"), 4) for m in metric_names],
+                ["after", fmt_fixed(d.get("temperature"), 3)]
+                + [fmt_fixed(d.get(f"ensemble_{m}_calibrated"), 4) for m in metric_names]]
+        conformal = (f"Conformal `{d.get('conformal_score', DASH)}` sets at alpha {d.get('alpha', DASH)}: coverage "
+                     f"{fmt_fixed(d.get('conformal_coverage'), 4)}, mean set size "
+                     f"{fmt_fixed(d.get('conformal_mean_set_size'), 2)} classes (threshold "
+                     f"{fmt_fixed(d.get('conformal_threshold'), 4)}).")
+        what = (f"{d.get('members', DASH)} x {d.get('model', DASH)}, ensemble accuracy "
+                f"{fmt_fixed(d.get('ensemble_accuracy'), 4)} on {d.get('test_examples', DASH)} test examples; "
+                f"{d.get('calibration_examples', DASH)} held-out examples. {conformal}")
+        parts.append(source_line(result) + " " + what)
+        parts.append(table(["ensemble", "temperature", "NLL", "Brier", "ECE"], rows))
     return "\n\n".join(parts) if len(parts) > 1 else ""
 
 
@@ -531,6 +557,7 @@ SECTION_BUILDERS = {
     "training-profile": section_training_profile,
     "optimizer": section_optimizer,
     "digits": section_digits,
+    "calibration": section_calibration,
     "cpu-allocator": section_cpu_allocator,
 }
 

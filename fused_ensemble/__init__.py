@@ -4,7 +4,8 @@
 normalization), and ``shared()`` marks an input that every member sees whole when the others are per member;
 ``optimize()`` tunes it for inference (``OptimizedEnsemble``); ``ensemble_reduce``, ``ensemble_stats`` and
 ``ensemble_linear_reduce`` reduce the member outputs in one fused pass; ``optim``, ``lr_scheduler``, ``clip_grad``
-and ``amp`` train every member with its own hyperparameters.
+and ``amp`` train every member with its own hyperparameters; ``calibration`` (``TemperatureScaling``),
+``conformal`` (``SplitConformal``) and ``ood`` (``uncertainty_scores``) act on the ensemble's uncertainty.
 
 Every name a user needs is exported here; the subpackages hold the parts: ``fusion`` (how members become one
 network), ``inference`` (``optimize()``), ``ops`` (the ensemble ops and their backends), ``training``, and ``cli``
@@ -13,10 +14,14 @@ network), ``inference`` (``optimize()``), ``ops`` (the ensemble ops and their ba
 
 import sys
 
+from fused_ensemble import calibration, conformal, ood
+from fused_ensemble.calibration import TemperatureScaling
 from fused_ensemble.config import conv_backward
+from fused_ensemble.conformal import SplitConformal
 from fused_ensemble.fused import FusedEnsemble
 from fused_ensemble.fusion.inputs import SharedInput, shared
 from fused_ensemble.inference.optimized import OptimizedEnsemble
+from fused_ensemble.ood import uncertainty_scores
 from fused_ensemble.ops.ensemble_head import ensemble_linear_reduce
 from fused_ensemble.ops.ensemble_reduce import ensemble_reduce, ensemble_stats
 from fused_ensemble.ops.reductions import REDUCTIONS, EnsembleStats
@@ -24,7 +29,13 @@ from fused_ensemble.training import amp, clip_grad, lr_scheduler, optim
 from fused_ensemble.training.amp import MemberGradScaler
 from fused_ensemble.training.batches import member_batches
 from fused_ensemble.training.clip_grad import clip_grad_norm_
-from fused_ensemble.training.loop import evaluate, member_cross_entropy, member_probabilities, train_epoch
+from fused_ensemble.training.loop import (
+    evaluate,
+    member_cross_entropy,
+    member_logits,
+    member_probabilities,
+    train_epoch,
+)
 
 __all__ = [
     "REDUCTIONS",
@@ -33,9 +44,13 @@ __all__ = [
     "MemberGradScaler",
     "OptimizedEnsemble",
     "SharedInput",
+    "SplitConformal",
+    "TemperatureScaling",
     "amp",
+    "calibration",
     "clip_grad",
     "clip_grad_norm_",
+    "conformal",
     "conv_backward",
     "ensemble_linear_reduce",
     "ensemble_reduce",
@@ -44,10 +59,13 @@ __all__ = [
     "lr_scheduler",
     "member_batches",
     "member_cross_entropy",
+    "member_logits",
     "member_probabilities",
+    "ood",
     "optim",
     "shared",
     "train_epoch",
+    "uncertainty_scores",
 ]
 __version__ = "0.1.0"
 

@@ -14,6 +14,12 @@ float32 confidence near an edge counts by its float32 value (float32 0.2 is a li
 Disagreement between members: ``pairwise_disagreement`` is the fraction of member pairs whose predictions differ;
 ``fused_ensemble.ensemble_stats`` gives the variation-ratio style ``disagreement``, the fraction of members whose
 prediction differs from the ensemble's.
+
+Out-of-distribution detection (``auroc``, ``aupr``, ``fpr_at_95_tpr``) takes scores of in-distribution and
+out-of-distribution examples, the out-of-distribution ones being the positives and a higher score meaning "more
+likely out of distribution" (``fused_ensemble.ood.uncertainty_scores`` gives such scores); a threshold never splits
+tied scores. Selective prediction (``aurc``) ranks examples by an uncertainty score. ``adaptive_ece`` bins by equal
+mass instead of equal width.
 """
 
 from __future__ import annotations
@@ -23,7 +29,8 @@ from typing import NamedTuple
 import torch
 
 __all__ = ["accuracy", "nll", "brier", "ece", "reliability_diagram", "ReliabilityDiagram", "predictive_entropy",
-           "mutual_information", "pairwise_disagreement", "auroc", "ood_auroc"]
+           "mutual_information", "pairwise_disagreement", "auroc", "ood_auroc", "adaptive_ece", "aurc", "aupr",
+           "fpr_at_95_tpr"]
 
 
 def _check(probs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,18 +152,27 @@ def pairwise_disagreement(member_probs: torch.Tensor) -> torch.Tensor:
     return 1 - agreeing_pairs / (n * (n - 1) / 2)
 
 
+def _ood_scores(scores_in: torch.Tensor, scores_out: torch.Tensor, metric: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both score tensors flattened to float64, after checking that each is non-empty and finite."""
+    for name, scores in (("scores_in", scores_in), ("scores_out", scores_out)):
+        if not isinstance(scores, torch.Tensor):
+            raise TypeError(f"{metric}: {name} must be a tensor of scores")
+    scores_in = scores_in.detach().flatten().to(torch.float64)
+    scores_out = scores_out.detach().flatten().to(torch.float64)
+    if scores_in.numel() == 0 or scores_out.numel() == 0:
+        raise ValueError(f"{metric} needs at least one in-distribution and one out-of-distribution score")
+    if not (torch.isfinite(scores_in).all() and torch.isfinite(scores_out).all()):
+        raise ValueError(f"{metric} scores must be finite")
+    return scores_in, scores_out
+
+
 def auroc(scores_in: torch.Tensor, scores_out: torch.Tensor) -> float:
     """Area under the ROC curve for telling out-of-distribution examples (``scores_out``, the positives) from
     in-distribution ones by a higher score: the probability that a random OOD example scores higher than a
     random in-distribution one, ties counting one half (Mann-Whitney U from average ranks)."""
-    scores_in = scores_in.detach().flatten().to(torch.float64)
-    scores_out = scores_out.detach().flatten().to(torch.float64)
+    scores_in, scores_out = _ood_scores(scores_in, scores_out, "auroc")
     n_in, n_out = scores_in.numel(), scores_out.numel()
-    if n_in == 0 or n_out == 0:
-        raise ValueError("auroc needs at least one in-distribution and one out-of-distribution score")
     scores = torch.cat([scores_in, scores_out])
-    if not torch.isfinite(scores).all():
-        raise ValueError("auroc scores must be finite")
     _, inverse, counts = torch.unique(scores, return_inverse=True, return_counts=True)
     # Average rank of each distinct value (1-based): the ranks of a run of ties are averaged.
     ends = counts.cumsum(0).to(torch.float64)
@@ -176,3 +192,118 @@ def ood_auroc(member_probs_in: torch.Tensor, member_probs_out: torch.Tensor, sco
     if score not in scorers:
         raise ValueError(f"unknown score {score!r}; expected one of {', '.join(map(repr, scorers))}")
     return auroc(scorers[score](member_probs_in), scorers[score](member_probs_out))
+
+
+def adaptive_ece(probs: torch.Tensor, targets: torch.Tensor, n_bins: int = 15) -> torch.Tensor:
+    """Adaptive expected calibration error: ``sum_b |B_b| / B * |accuracy_b - confidence_b|`` over ``n_bins``
+    (default 15) equal-mass bins of the confidence (max probability), the top-label "adaptive ECE" of Nixon et al.
+    (2019) and Mukhoti et al. (2020).
+
+    The examples are sorted by confidence (stable: tied confidences keep their example order) and cut into
+    ``n_bins`` runs of consecutive examples, as ``torch.tensor_split`` cuts: the first ``B % n_bins`` bins hold one
+    example more than the others. Tied confidences may straddle two bins. With fewer examples than bins, the extra
+    bins are empty and weigh nothing.
+    """
+    if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
+        raise ValueError(f"n_bins must be a positive int, got {n_bins!r}")
+    probs, targets = _check(probs, targets)
+    confidence, prediction = probs.max(-1)
+    correct = (prediction == targets).to(torch.float64)
+    order = confidence.argsort(dim=-1, stable=True)
+    gap = correct.gather(-1, order) - confidence.gather(-1, order)
+    b = confidence.shape[-1]
+    size, extra = divmod(b, n_bins)
+    position = torch.arange(b, device=probs.device)
+    long_bins = extra * (size + 1)  # the positions in the first `extra` bins, of size + 1 each
+    bins = torch.where(position < long_bins, position // (size + 1), extra + (position - long_bins) // max(size, 1))
+    per_bin = torch.zeros((*gap.shape[:-1], n_bins), dtype=torch.float64, device=probs.device)
+    per_bin.scatter_add_(-1, bins.expand(gap.shape), gap)
+    return per_bin.abs().sum(-1) / b
+
+
+def aurc(probs: torch.Tensor, targets: torch.Tensor, uncertainty: torch.Tensor | None = None) -> torch.Tensor:
+    """Area under the risk-coverage curve of selective classification (Geifman & El-Yaniv, 2017): the examples are
+    accepted from the least to the most uncertain, and the selective risk (error rate of the argmax among the
+    accepted) is averaged over the B coverages 1/B, 2/B, ..., 1: ``AURC = (1/B) sum_k risk(k/B)``. Lower is better;
+    0 when every error is less certain than every correct prediction, never normalized by the best achievable value.
+
+    ``uncertainty``: ``[B]`` (or the shape of ``probs`` without the class dim), higher = less certain; by default
+    ``-max_k probs``. Tied uncertainties are accepted in random order: the risk at each coverage is its expectation
+    over the orders of the tied examples (the cumulative errors rise linearly through a run of ties).
+
+    Conventions differ: torch-uncertainty's ``AURC`` integrates the same points with the trapezoid rule over
+    [1/B, 1] and divides by ``1 - 1/B``, which differs from this by O(1/B); it also breaks ties by sort order.
+    """
+    probs, targets = _check(probs, targets)
+    confidence, prediction = probs.max(-1)
+    errors = (prediction != targets).to(torch.float64)
+    if uncertainty is None:
+        uncertainty = -confidence
+    else:
+        if not isinstance(uncertainty, torch.Tensor) or uncertainty.shape not in (errors.shape, errors.shape[-1:]):
+            shape = tuple(uncertainty.shape) if isinstance(uncertainty, torch.Tensor) else type(uncertainty).__name__
+            raise ValueError(f"uncertainty must be [B] or {tuple(errors.shape)} (probs without the class dim), got "
+                             f"{shape}")
+        uncertainty = uncertainty.detach().to(device=probs.device, dtype=torch.float64).expand(errors.shape)
+        if not torch.isfinite(uncertainty).all():
+            raise ValueError("aurc: uncertainty must be finite")
+    b = errors.shape[-1]
+    uncertainty, order = uncertainty.sort(dim=-1, stable=True)
+    errors = errors.gather(-1, order)
+    position = torch.arange(b, device=probs.device).expand(errors.shape)
+    new = torch.ones(errors.shape, dtype=torch.bool, device=probs.device)
+    new[..., 1:] = uncertainty[..., 1:] != uncertainty[..., :-1]
+    last = torch.ones_like(new)
+    last[..., :-1] = new[..., 1:]
+    start = torch.where(new, position, 0).cummax(-1).values  # first position of each example's run of ties
+    end = (b - 1) - torch.where(last, (b - 1) - position, 0).flip(-1).cummax(-1).values.flip(-1)
+    cumulative = torch.nn.functional.pad(errors.cumsum(-1), (1, 0))  # cumulative[i]: errors among the first i
+    before, through = cumulative.gather(-1, start), cumulative.gather(-1, end + 1)
+    expected_errors = before + (position - start + 1) * (through - before) / (end - start + 1)
+    return (expected_errors / (position + 1)).mean(-1)
+
+
+def _threshold_counts(scores_in: torch.Tensor, scores_out: torch.Tensor, positive_out: bool = True):
+    """Per distinct threshold t, from the highest: the positives and the negatives with a score >= t, and the
+    number of positives (the out-of-distribution scores, or the in-distribution ones negated)."""
+    if not positive_out:
+        scores_in, scores_out = -scores_out, -scores_in
+    scores = torch.cat([scores_out, scores_in])
+    labels = torch.cat([torch.ones_like(scores_out), torch.zeros_like(scores_in)])
+    scores, order = scores.sort(dim=-1, descending=True, stable=True)
+    labels = labels[order]
+    ends = torch.nonzero(torch.cat([scores[1:] != scores[:-1], scores.new_ones(1, dtype=torch.bool)])).squeeze(-1)
+    true_positives = labels.cumsum(0)[ends]
+    false_positives = (ends + 1).to(torch.float64) - true_positives
+    return true_positives, false_positives, scores_out.numel()
+
+
+def aupr(scores_in: torch.Tensor, scores_out: torch.Tensor, positive: str = "out") -> float:
+    """Area under the precision-recall curve of out-of-distribution detection, as average precision:
+    ``sum_t (recall_t - recall_{t-1}) * precision_t`` over the distinct score thresholds t from the highest (a step
+    function, no interpolation; scikit-learn's ``average_precision_score``).
+
+    ``positive="out"`` (AUPR-Out): the out-of-distribution examples are the positives, found by a higher score.
+    ``positive="in"`` (AUPR-In): the in-distribution examples are the positives, found by a lower score. Unlike
+    AUROC, the value depends on the share of positives (a random score gets about that share).
+    """
+    if positive not in ("out", "in"):
+        raise ValueError(f"positive must be 'out' or 'in', got {positive!r}")
+    scores_in, scores_out = _ood_scores(scores_in, scores_out, "aupr")
+    true_positives, false_positives, n_positive = _threshold_counts(scores_in, scores_out, positive == "out")
+    precision = true_positives / (true_positives + false_positives)
+    recall_gain = torch.diff(true_positives, prepend=true_positives.new_zeros(1)) / n_positive
+    return float((recall_gain * precision).sum())
+
+
+def fpr_at_95_tpr(scores_in: torch.Tensor, scores_out: torch.Tensor, tpr: float = 0.95) -> float:
+    """False positive rate at 95% true positive rate: the fraction of in-distribution examples flagged as
+    out-of-distribution by the highest threshold t (flagging ``score >= t``) that flags at least 95% (``tpr``) of the
+    out-of-distribution ones. Thresholds lie between distinct scores only, so a run of tied scores is flagged
+    whole; the result is the smallest false positive rate at which the true positive rate reaches ``tpr``."""
+    if isinstance(tpr, bool) or not isinstance(tpr, (int, float)) or not 0 < tpr <= 1:
+        raise ValueError(f"tpr must be a number in (0, 1], got {tpr!r}")
+    scores_in, scores_out = _ood_scores(scores_in, scores_out, "fpr_at_95_tpr")
+    true_positives, false_positives, n_positive = _threshold_counts(scores_in, scores_out)
+    reached = torch.nonzero(true_positives / n_positive >= tpr)[0, 0]
+    return float(false_positives[reached] / scores_in.numel())

@@ -4,6 +4,9 @@ A page may hold placeholders ``<!-- report:NAME -->`` on a line of their own; ea
 ``bench/report.py``'s ``sections()[NAME]`` (Markdown tables, each naming its result file, machine and date), so no
 measured figure is typed by hand. An unknown NAME stops the build; a section that no result file feeds is logged as a
 warning (an error under ``mkdocs build --strict``) and shown as a note.
+
+The plots beside the result files (``bench/results/<machine>/*.png``) join the site as ``results/<machine>/*.png``,
+so a page shows one by that path (``![...](../results/cpu-2core/NAME.png)`` from a guide) without a copy in docs/.
 """
 
 from __future__ import annotations
@@ -14,9 +17,11 @@ import re
 from pathlib import Path
 
 from mkdocs.exceptions import PluginError
+from mkdocs.structure.files import File
 
 ROOT = Path(__file__).resolve().parents[2]
 REPORT = ROOT / "bench" / "report.py"
+RESULTS = ROOT / "bench" / "results"
 PLACEHOLDER = re.compile(r"^<!--\s*report:(?P<name>[\w-]+)\s*-->[ \t]*$", re.MULTILINE)
 
 log = logging.getLogger("mkdocs.hooks.performance")
@@ -36,6 +41,12 @@ def on_pre_build(config, **kwargs) -> None:
     """Reads bench/results once per build (``mkdocs serve`` rebuilds re-read it)."""
     global _sections
     _sections = _load_report().sections()
+
+
+def on_files(files, config, **kwargs):
+    for plot in sorted(RESULTS.glob("*/*.png")):
+        files.append(File.generated(config, f"results/{plot.parent.name}/{plot.name}", abs_src_path=str(plot)))
+    return files
 
 
 def on_page_markdown(markdown: str, page, config, files, **kwargs) -> str:

@@ -1,5 +1,6 @@
 """``python -m fused_ensemble train``: N members trained as one FusedEnsemble on digits or CIFAR-10, evaluated per
-member and as an ensemble, with a JSON summary and a reliability diagram.
+member and as an ensemble, with a JSON summary and a reliability diagram. ``--calibrate`` holds out part of the
+training split and fits temperature scaling and conformal prediction sets on it (``fused_ensemble.cli.calibrate``).
 
 Everything the run will write (``--json``, ``--plot``, ``--checkpoint-dir``) and every argument is checked before
 training, so a bad path or value costs a second, not the run. With ``--checkpoint-dir DIR`` the run writes
@@ -22,6 +23,14 @@ import time
 import torch
 from torch import nn
 
+from fused_ensemble.cli.calibrate import (
+    add_calibration_arguments,
+    calibrate,
+    calibration_options,
+    format_calibration,
+    hold_out,
+)
+from fused_ensemble.cli.environment import environment_info
 from fused_ensemble.cli.models import MODELS, build_model, small_cnn
 from fused_ensemble.cli.plots import plot_reliability
 from fused_ensemble.data import ImageData, load_cifar10, load_digits
@@ -99,6 +108,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="continue from the checkpoint in --checkpoint-dir (a fresh start when there is none yet); "
                              "the options that decide what the run computes must be those of the checkpointed run")
+    add_calibration_arguments(parser)
 
 
 def _exit(message: str) -> SystemExit:
@@ -253,10 +263,22 @@ def run_train(args: argparse.Namespace) -> dict:
     ``SystemExit`` (its message the reason; status 1 from the command line) before anything trains. Returns the
     summary dict (what ``--json`` writes)."""
     config = _run_config(args)
+    try:
+        calibration = calibration_options(args)
+    except ValueError as error:
+        raise _exit(str(error)) from error
+    if calibration is not None:  # the held-out examples change the training data
+        config["calibration_fraction"] = calibration.fraction
     checkpoint_path = _check_outputs(args)
     device = _device(args.device)
     checkpoint = _resume_from(checkpoint_path, config) if args.resume else None
     data = _load(args, config)
+    held_out = None
+    if calibration is not None:
+        try:
+            data, held_out = hold_out(data, calibration, args.seed, config["batch_size"])
+        except ValueError as error:
+            raise _exit(str(error)) from error
     model, n, epochs, batch_size = config["model"], config["members"], config["epochs"], config["batch_size"]
 
     torch.manual_seed(args.seed)
@@ -312,7 +334,10 @@ def run_train(args: argparse.Namespace) -> dict:
 
     result = evaluate(fused, data.test_x, data.test_y)
     ensemble_probs = result.pop("_ensemble_probs")
+    calibrated, calibrated_probs = ({}, None) if held_out is None else calibrate(
+        fused, held_out, data.test_x, data.test_y, calibration)
     summary = {
+        "environment": environment_info(str(device)),
         "dataset": data.name, "model": model, "members": n, "epochs": epochs, "batch_size": batch_size,
         "optimizer": args.optimizer, "lr": config["lr"], "weight_decay": args.weight_decay,
         "momentum": config["momentum"], "sampling": args.sampling,
@@ -324,16 +349,21 @@ def run_train(args: argparse.Namespace) -> dict:
         "resumed_from_epoch": None if checkpoint is None else first_epoch,
         # every member processes its own batch: N * B member-images per step
         "train_member_images_per_s": steps * n * batch_size / train_seconds,
-        **result,
+        **result, **calibrated,
         "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
     }
     print(format_table(summary))
+    if calibrated:
+        print(format_calibration(summary))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(summary, f, indent=2)
     if args.plot:
         plot_reliability(ensemble_probs, data.test_y, args.plot,
-                         title=f"{n} x {model} on {data.name}: ensemble ECE {summary['ensemble_ece']:.4f}")
+                         title=f"{n} x {model} on {data.name}: ensemble ECE {summary['ensemble_ece']:.4f}",
+                         calibrated_probs=calibrated_probs,
+                         calibrated_title=f"after temperature scaling (T = {summary.get('temperature', 1):.3f}): "
+                                          f"ensemble ECE {summary.get('ensemble_ece_calibrated', 0):.4f}")
     return summary
 
 

@@ -22,7 +22,7 @@ from fused_ensemble.training.member_values import MemberValue
 if TYPE_CHECKING:
     from fused_ensemble.fused import FusedEnsemble
 
-__all__ = ["member_cross_entropy", "train_epoch", "member_probabilities", "evaluate"]
+__all__ = ["member_cross_entropy", "train_epoch", "member_logits", "member_probabilities", "evaluate"]
 
 
 def member_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
@@ -91,8 +91,9 @@ def train_epoch(fused: FusedEnsemble, optimizer, x: torch.Tensor, y: torch.Tenso
 
 
 @torch.no_grad()
-def member_probabilities(fused: FusedEnsemble, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-    """Member softmax probabilities ``[N, M, K]`` (float32, on the CPU) for inputs ``x [M, ...]``, eval mode."""
+def member_logits(fused: FusedEnsemble, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """Member logits ``[N, M, K]`` (float32, on the CPU) for inputs ``x [M, ...]``, eval mode: what
+    ``fused_ensemble.calibration.TemperatureScaling`` fits on."""
     device = next(fused.parameters()).device
     was_training = fused.training
     fused.eval()
@@ -100,9 +101,14 @@ def member_probabilities(fused: FusedEnsemble, x: torch.Tensor, batch_size: int 
     for start in range(0, x.shape[0], batch_size):
         xb = x[start:start + batch_size].to(device)
         logits = fused(xb.expand(fused.num_members, *xb.shape))  # every member sees the same examples
-        chunks.append(logits.float().softmax(-1).cpu())
+        chunks.append(logits.float().cpu())
     fused.train(was_training)
     return torch.cat(chunks, dim=1)
+
+
+def member_probabilities(fused: FusedEnsemble, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """Member softmax probabilities ``[N, M, K]`` (float32, on the CPU) for inputs ``x [M, ...]``, eval mode."""
+    return member_logits(fused, x, batch_size).softmax(-1)
 
 
 def evaluate(fused: FusedEnsemble, x: torch.Tensor, y: torch.Tensor, n_bins: int = 15,

@@ -12,7 +12,7 @@ RESULTS = ROOT / "bench" / "results"
 MACHINES = {"h100", "cpu-2core"}
 ENVIRONMENT_KEYS = ("machine", "card", "torch", "commit", "command", "date")
 WORK_ORGANIZATION = re.compile(r"\bsessions?\d*\b|\blease\b|lent gpu|issue #\d|this machine today", re.IGNORECASE)
-SECTIONS = ("headline", "inference-h100", "reduction-h100", "training", "optimizer", "bench-cli-cpu")
+SECTIONS = ("headline", "inference-h100", "reduction-h100", "training", "optimizer", "bench-cli-cpu", "calibration")
 
 
 def _load_report():
@@ -138,6 +138,22 @@ def test_training_optimizer_and_bench_cli_cells_equal_the_json():
     path = "cpu-2core/bench-cli-settled-allocator-2026-11-27.json"
     row = _row(_tables(built["bench-cli-cpu"])[f"bench/results/{path}"], method="optimize(x)")
     _assert_same(row["ms"], _json(path)["results"]["optimized"]["ms"])
+
+
+def test_calibration_cells_equal_the_json():
+    path = "cpu-2core/digits-calibrated-2026-12-06.json"
+    result = _json(path)
+    text = report.sections()["calibration"]
+    rows = _tables(text)[f"bench/results/{path}"]
+    before, after = _row(rows, ensemble="before"), _row(rows, ensemble="after")
+    _assert_same(after["temperature"], result["temperature"])
+    for column, key in (("NLL", "nll"), ("Brier", "brier"), ("ECE", "ece")):
+        _assert_same(before[column], result[f"ensemble_{key}"])
+        _assert_same(after[column], result[f"ensemble_{key}_calibrated"])
+    assert (f"coverage {result['conformal_coverage']:.4f}, mean set size {result['conformal_mean_set_size']:.2f} "
+            f"classes") in text
+    # The digits section names the held-out examples of a calibrated run.
+    assert f"({result['calibration_examples']} of the training examples held out" in report.sections()["digits"]
 
 
 def test_headline_names_machine_date_and_source():
