@@ -3,16 +3,18 @@
 ``FusedEnsemble`` rewrites N members into one network (grouped convolutions, batched matmuls, stacked
 normalization); ``optimize()`` tunes it for inference (``OptimizedEnsemble``); ``ensemble_reduce``,
 ``ensemble_stats`` and ``ensemble_linear_reduce`` reduce the member outputs in one fused pass; ``optim``,
-``lr_scheduler``, ``clip_grad`` and ``amp`` train every member with its own hyperparameters.
+``lr_scheduler``, ``clip_grad`` and ``amp`` train every member with its own hyperparameters; ``save``/``load``
+keep an ensemble in one safetensors file.
 
 Every name a user needs is exported here; the subpackages hold the parts: ``fusion`` (how members become one
-network), ``inference`` (``optimize()``), ``ops`` (the ensemble ops and their backends), ``training``, and ``cli``
-(the commands and the benchmark model zoo).
+network), ``inference`` (``optimize()``), ``ops`` (the ensemble ops and their backends), ``training``, ``deploy``
+(checkpoints), and ``cli`` (the commands and the benchmark model zoo).
 """
 
 import sys
 
 from fused_ensemble.config import conv_backward
+from fused_ensemble.deploy.checkpoint import load, save
 from fused_ensemble.fused import FusedEnsemble
 from fused_ensemble.inference.optimized import OptimizedEnsemble
 from fused_ensemble.ops.ensemble_head import ensemble_linear_reduce
@@ -38,11 +40,13 @@ __all__ = [
     "ensemble_reduce",
     "ensemble_stats",
     "evaluate",
+    "load",
     "lr_scheduler",
     "member_batches",
     "member_cross_entropy",
     "member_probabilities",
     "optim",
+    "save",
     "train_epoch",
 ]
 __version__ = "0.1.0"
