@@ -4,17 +4,19 @@
 normalization); ``optimize()`` tunes it for inference (``OptimizedEnsemble``); ``ensemble_reduce``,
 ``ensemble_stats`` and ``ensemble_linear_reduce`` reduce the member outputs in one fused pass; ``optim``,
 ``lr_scheduler``, ``clip_grad`` and ``amp`` train every member with its own hyperparameters; ``save``/``load``
-keep an ensemble in one safetensors file.
+(safetensors), ``export_onnx`` and ``export_pt2`` deploy an ensemble.
 
 Every name a user needs is exported here; the subpackages hold the parts: ``fusion`` (how members become one
 network), ``inference`` (``optimize()``), ``ops`` (the ensemble ops and their backends), ``training``, ``deploy``
-(checkpoints), and ``cli`` (the commands and the benchmark model zoo).
+(checkpoints and exported artifacts), and ``cli`` (the commands and the benchmark model zoo).
 """
 
 import sys
 
 from fused_ensemble.config import conv_backward
 from fused_ensemble.deploy.checkpoint import load, save
+from fused_ensemble.deploy.onnx_export import export_onnx
+from fused_ensemble.deploy.pt2_export import export_pt2
 from fused_ensemble.fused import FusedEnsemble
 from fused_ensemble.inference.optimized import OptimizedEnsemble
 from fused_ensemble.ops.ensemble_head import ensemble_linear_reduce
@@ -40,6 +42,8 @@ __all__ = [
     "ensemble_reduce",
     "ensemble_stats",
     "evaluate",
+    "export_onnx",
+    "export_pt2",
     "load",
     "lr_scheduler",
     "member_batches",
