@@ -440,6 +440,46 @@ def section_deployment(results: list[dict], machine: str = "cpu-2core") -> str:
     return "\n\n".join(parts) if len(parts) > 1 else ""
 
 
+# ---- the CPU allocator ---------------------------------------------------------------------------------------------
+
+def _fmt_count(value) -> str:
+    if not isinstance(value, (int, float)):
+        return DASH
+    return f"{value / 1e6:.2f}M" if value >= 1e6 else f"{value / 1e3:.1f}k" if value >= 1e3 else f"{value:.0f}"
+
+
+def _allocator_cell(cell) -> str:
+    if not isinstance(cell, dict):
+        return DASH
+    return (f"+{fmt_fixed(cell.get('peak_increase_mb'), 0)} / {_fmt_count(cell.get('minor_faults_per_step'))} / "
+            f"{fmt_ms(cell.get('ms_per_step'))}")
+
+
+def section_cpu_allocator(results: list[dict]) -> str:
+    parts = [("Fused ensembles on the 2-core CPU under glibc malloc settings (`bench/cpu_memory_peak.py`), each "
+              "workload and setting in a fresh process: peak resident size over the built model's (MB), minor page "
+              "faults per step and median ms per step, per setting.")]
+    for result in _select(results, "cpu-allocator", "cpu-2core"):
+        data = result["data"]
+        settings = list(data.get("settings", {}))
+        rows = []
+        for workload, entry in data.get("summary", {}).items():
+            spec = entry.get("spec", {})
+            shape = "x".join(str(d) for d in spec["shape"]) if spec.get("shape") else "zoo's"
+            what = f"{spec.get('mode', DASH)}, N={spec.get('members', DASH)}, B={spec.get('batch', DASH)}, {shape}"
+            rows.append([workload, what] + [_allocator_cell(entry.get("settings", {}).get(name)) for name in settings])
+        caption = source_line(result) + " Cells: peak MB / page faults per step / ms per step."
+        if data.get("note"):
+            caption += f" Note: {data['note']}"
+        parts.append(caption)
+        parts.append(table(["workload", "run"] + settings, rows))
+        parts.append("Settings (`mallopt` calls): " + "; ".join(
+            f"`{name}`: " + (", ".join(f"{c['parameter']}={c['value'] >> 20} MiB" if c["value"] >= 1 << 20
+                                       else f"{c['parameter']}={c['value']}" for c in calls) or "none")
+            for name, calls in data.get("settings", {}).items()) + ".")
+    return "\n\n".join(parts) if len(parts) > 1 else ""
+
+
 # ---- (f) headline --------------------------------------------------------------------------------------------------
 
 # The files the README's headline quotes: the latest runs timed with every method taking turns (earlier CPU runs timed
@@ -532,6 +572,7 @@ SECTION_BUILDERS = {
     "optimizer": section_optimizer,
     "digits": section_digits,
     "deployment-cpu": section_deployment,
+    "cpu-allocator": section_cpu_allocator,
 }
 
 

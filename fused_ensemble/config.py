@@ -6,7 +6,9 @@ is imported; code that needs other values (tests) replaces it with ``dataclasses
 
 Environment variables:
 
-- ``FUSED_ENSEMBLE_KEEP_CPU_MEMORY=0``: leave glibc malloc's thresholds alone (see ``fused_ensemble.cpu_memory``).
+- ``FUSED_ENSEMBLE_KEEP_CPU_MEMORY=1``: raise glibc malloc's thresholds on the first CPU forward of a fused ensemble
+  (faster CPU steps, a larger peak: see ``fused_ensemble.cpu_memory``); ``=0`` refuses the setting even when code
+  asks for it with ``cpu_memory.retain_freed_cpu_memory()``. Unset: glibc's defaults unless code asks.
 - ``FUSED_ENSEMBLE_CUDA_SHORT_ROWS=1``: let the CUDA C++ reduction kernels use their short-row kernel (rows of at
   most 16 classes, each member's rows dense). Opt-in: it has not yet been measured against the row kernel on a GPU.
 - ``TRITON_INTERPRET=1`` (triton's own variable, read by triton when it is first imported): the Triton kernels
@@ -34,9 +36,10 @@ _ALTERNATIVE_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
 
 @dataclass(frozen=True)
 class Settings:
-    """What the environment asked for (see the module docstring for each variable)."""
+    """What the environment asked for (see the module docstring for each variable). ``keep_cpu_memory``: True
+    (``=1``), False (``=0``) or None (unset, or any other value)."""
 
-    keep_cpu_memory: bool = True
+    keep_cpu_memory: bool | None = None
     cuda_short_rows: bool = False
     triton_interpret: bool = False
     allocator_configured_by_user: bool = False
@@ -47,7 +50,7 @@ class Settings:
         environment = os.environ if environment is None else environment
         preload = environment.get("LD_PRELOAD", "")
         return cls(
-            keep_cpu_memory=environment.get("FUSED_ENSEMBLE_KEEP_CPU_MEMORY", "1") != "0",
+            keep_cpu_memory={"1": True, "0": False}.get(environment.get("FUSED_ENSEMBLE_KEEP_CPU_MEMORY", "")),
             cuda_short_rows=environment.get("FUSED_ENSEMBLE_CUDA_SHORT_ROWS", "0") == "1",
             triton_interpret=environment.get("TRITON_INTERPRET", "0") == "1",
             allocator_configured_by_user=(

@@ -4,6 +4,16 @@ Every metric takes probabilities ``probs`` of shape ``[..., B, K]`` (B examples,
 ``targets`` of shape ``[B]`` (or ``[..., B]``) and returns a tensor of shape ``[...]``: pass ensemble
 probabilities ``[B, K]`` for one number, member probabilities ``[N, B, K]`` for one number per member.
 Math runs in float64 (float32 inputs are upcast) so results do not depend on summation order at fp32.
+
+Calibration (``ece``, ``reliability_diagram``) bins the confidence (the max probability) into ``n_bins``
+equal-width bins over (0, 1] (15 by default): bin b holds the confidences c with ``b / n_bins < c <= (b + 1) /
+n_bins``, so a confidence on a boundary falls in the bin below it (the one it closes) and a confidence of 1 in the
+last bin. The edges are ``torch.linspace(0, 1, n_bins + 1)`` in float64, compared with the float64 confidence: a
+float32 confidence near an edge counts by its float32 value (float32 0.2 is a little above float64 0.2).
+
+Disagreement between members: ``pairwise_disagreement`` is the fraction of member pairs whose predictions differ;
+``fused_ensemble.ensemble_stats`` gives the variation-ratio style ``disagreement``, the fraction of members whose
+prediction differs from the ensemble's.
 """
 
 from __future__ import annotations
@@ -13,7 +23,7 @@ from typing import NamedTuple
 import torch
 
 __all__ = ["accuracy", "nll", "brier", "ece", "reliability_diagram", "ReliabilityDiagram", "predictive_entropy",
-           "mutual_information", "auroc", "ood_auroc"]
+           "mutual_information", "pairwise_disagreement", "auroc", "ood_auroc"]
 
 
 def _check(probs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,7 +68,8 @@ def brier(probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 class ReliabilityDiagram(NamedTuple):
-    """Equal-width confidence bins: bin b holds confidences in ``(edges[b], edges[b + 1]]``.
+    """Equal-width confidence bins: bin b holds confidences in ``(edges[b], edges[b + 1]]`` (a confidence on an
+    edge belongs to the bin below it; a confidence of exactly 0, impossible for a max probability, to bin 0).
 
     ``confidence``/``accuracy``: mean confidence and accuracy of the examples in each bin (0 for empty bins);
     ``count``: examples per bin; all of shape ``[..., n_bins]``.
@@ -71,7 +82,8 @@ class ReliabilityDiagram(NamedTuple):
 
 
 def reliability_diagram(probs: torch.Tensor, targets: torch.Tensor, n_bins: int = 15) -> ReliabilityDiagram:
-    """Bins the examples by confidence (max probability) into ``n_bins`` equal-width bins over [0, 1]."""
+    """Bins the examples by confidence (max probability) into ``n_bins`` equal-width bins over (0, 1]: bin b holds
+    ``edges[b] < confidence <= edges[b + 1]`` (see the module doc for the boundaries)."""
     if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
         raise ValueError(f"n_bins must be a positive int, got {n_bins!r}")
     probs, targets = _check(probs, targets)
@@ -90,7 +102,9 @@ def reliability_diagram(probs: torch.Tensor, targets: torch.Tensor, n_bins: int 
 
 
 def ece(probs: torch.Tensor, targets: torch.Tensor, n_bins: int = 15) -> torch.Tensor:
-    """Expected calibration error: ``sum_b |B_b| / B * |accuracy_b - confidence_b|`` over equal-width bins."""
+    """Expected calibration error: ``sum_b |B_b| / B * |accuracy_b - confidence_b|`` over ``n_bins`` (default 15)
+    equal-width confidence bins over (0, 1], bin b holding the confidences c with ``b / n_bins < c <= (b + 1) /
+    n_bins``: a confidence on a boundary counts in the bin below it, a confidence of 1 in the last bin."""
     diagram = reliability_diagram(probs, targets, n_bins)
     weight = diagram.count.to(torch.float64) / diagram.count.sum(-1, keepdim=True)
     return (weight * (diagram.accuracy - diagram.confidence).abs()).sum(-1)
@@ -108,6 +122,27 @@ def mutual_information(member_probs: torch.Tensor) -> torch.Tensor:
     if member_probs.dim() < 3:
         raise ValueError(f"member_probs must be [N, B, K], got shape {tuple(member_probs.shape)}")
     return predictive_entropy(member_probs.mean(0)) - predictive_entropy(member_probs).mean(0)
+
+
+def pairwise_disagreement(member_probs: torch.Tensor) -> torch.Tensor:
+    """Pairwise disagreement of the members' predictions, per example: the fraction of the N(N-1)/2 member pairs
+    whose argmax classes (first index on ties) differ, ``1 - sum_c C(n_c, 2) / C(N, 2)`` with n_c the number of
+    members that predict class c; 0 for a single member. ``member_probs``: ``[N, B, K]`` member probabilities (or
+    logits: only the argmax counts); returns ``[B]``, float64.
+
+    ``ensemble_stats(...).disagreement`` is the variation ratio instead: the fraction of members whose prediction
+    differs from the ensemble's. Two members out of four predicting class a and two class b give 2/3 here (4 of
+    the 6 pairs differ) and 1/2 there.
+    """
+    if not isinstance(member_probs, torch.Tensor) or member_probs.dim() != 3:
+        shape = tuple(member_probs.shape) if isinstance(member_probs, torch.Tensor) else type(member_probs).__name__
+        raise ValueError(f"member_probs must be [N, B, K] (members, examples, classes), got {shape}")
+    n, _, k = member_probs.shape
+    if n < 2:
+        return torch.zeros(member_probs.shape[1], dtype=torch.float64, device=member_probs.device)
+    counts = torch.nn.functional.one_hot(member_probs.argmax(-1), k).sum(0).to(torch.float64)  # [B, K]
+    agreeing_pairs = (counts * (counts - 1) / 2).sum(-1)
+    return 1 - agreeing_pairs / (n * (n - 1) / 2)
 
 
 def auroc(scores_in: torch.Tensor, scores_out: torch.Tensor) -> float:

@@ -54,6 +54,19 @@ def test_ece_default_is_15_bins_and_full_confidence_lands_in_the_last_bin():
     assert metrics.ece(probs, torch.tensor([0, 1])).item() == 0.0
 
 
+def test_a_confidence_on_a_bin_edge_falls_in_the_bin_below():
+    # Confidences 0.25, 0.5, 0.75 and 1 (exact in float32 and float64) with 4 bins: each closes a bin.
+    probs = torch.tensor([[0.25, 0.25, 0.25, 0.25], [0.5, 0.25, 0.125, 0.125], [0.75, 0.125, 0.0625, 0.0625],
+                          [1.0, 0.0, 0.0, 0.0]])
+    diagram = metrics.reliability_diagram(probs, torch.zeros(4, dtype=torch.long), n_bins=4)
+    assert diagram.count.tolist() == [1, 1, 1, 1]
+    torch.testing.assert_close(diagram.confidence, torch.tensor([0.25, 0.5, 0.75, 1.0], dtype=torch.float64))
+    # The convention is stated where a user reads about ECE.
+    for doc in (metrics.ece.__doc__, metrics.__doc__):
+        assert "(0, 1]" in doc and "bin below" in doc
+    assert "15" in metrics.ece.__doc__
+
+
 def test_member_probs_give_one_value_per_member():
     member_probs = torch.stack([PROBS, PROBS.flip(-1), torch.full_like(PROBS, 1 / 3)])
     for name in ("accuracy", "nll", "brier", "ece"):
@@ -78,6 +91,43 @@ def test_mutual_information_matches_the_reference_stats():
     reference = stats_reference(logits)
     torch.testing.assert_close(metrics.mutual_information(logits.softmax(-1)), reference.mutual_info)
     torch.testing.assert_close(metrics.predictive_entropy(reference.probs), reference.entropy)
+
+
+def _pairwise_disagreement_loop(member_probs):
+    """The fraction of member pairs (i < j) whose argmax differs, example by example."""
+    predictions = member_probs.argmax(-1)
+    n, b = predictions.shape
+    values = []
+    for example in range(b):
+        pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
+        differ = sum(int(predictions[i, example] != predictions[j, example]) for i, j in pairs)
+        values.append(differ / len(pairs) if pairs else 0.0)
+    return torch.tensor(values, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("n, k", [(1, 3), (2, 2), (3, 3), (5, 3), (8, 10), (9, 4)])
+def test_pairwise_disagreement_matches_a_loop_over_member_pairs(n, k):
+    generator = torch.Generator().manual_seed(n * 100 + k)
+    member_probs = (torch.randn(n, 37, k, generator=generator) * 2).softmax(-1)
+    if n > 2:
+        member_probs[:, 0] = member_probs[0, 0]  # an example where all members agree
+    got = metrics.pairwise_disagreement(member_probs)
+    assert got.shape == (37,) and got.dtype == torch.float64
+    torch.testing.assert_close(got, _pairwise_disagreement_loop(member_probs), rtol=1e-12, atol=1e-12)
+    if n > 2:
+        assert got[0].item() == 0.0
+
+
+def test_pairwise_disagreement_by_hand_beside_the_variation_ratio():
+    # Four members, two predict class 0 and two class 1: 4 of the 6 pairs differ; two of the four members differ
+    # from the ensemble's prediction (the variation-ratio style disagreement of ensemble_stats).
+    logits = torch.tensor([[[3.0, 0.0]], [[2.0, 0.0]], [[0.0, 1.0]], [[0.0, 1.5]]], dtype=torch.float64)
+    assert metrics.pairwise_disagreement(logits.softmax(-1)).tolist() == [pytest.approx(2 / 3)]
+    assert stats_reference(logits).disagreement.tolist() == [0.5]
+    all_differ = torch.eye(3, dtype=torch.float64).unsqueeze(1)  # three members, three classes
+    assert metrics.pairwise_disagreement(all_differ).tolist() == [1.0]
+    with pytest.raises(ValueError, match=r"member_probs must be \[N, B, K\]"):
+        metrics.pairwise_disagreement(torch.rand(4, 3))
 
 
 def test_auroc_by_hand_with_ties():

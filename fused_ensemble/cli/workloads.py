@@ -114,10 +114,10 @@ class Workload:
 
 
 def settle_cpu_allocator(device: str) -> None:
-    """Makes the CPU allocator setting (fused_ensemble.cpu_memory) before anything is timed on the CPU. The fused
-    module makes it on its first CPU forward; made first, it times every implementation, the baselines (member
-    loop, vmap, eager reductions, torch.optim) included, with the same allocator, whose N-times-larger
-    temporaries would otherwise be mmapped and page-faulted in on every call."""
+    """Makes the CPU allocator setting (fused_ensemble.cpu_memory, opt-in for library users) before anything is timed
+    on the CPU, so that every implementation, the baselines (member loop, vmap, eager reductions, torch.optim)
+    included, is timed with the same allocator, whose N-times-larger temporaries would otherwise be mmapped and
+    page-faulted in on every call. Result files record it (``environment.cpu_allocator``)."""
     if str(device).startswith("cpu"):
         cpu_memory.retain_freed_cpu_memory()
 

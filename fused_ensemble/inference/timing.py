@@ -3,6 +3,9 @@
 Wall times per call (CUDA events on CUDA), taken in interleaved rounds so that a machine whose speed drifts
 favours none of the candidates. The benchmarks (``fused_ensemble.cli``, ``bench/``) import these; this module
 imports nothing of theirs.
+
+CPU timings read ``clock()``, looked up at each call: a test replaces it (``monkeypatch.setattr(timing, "clock",
+fake)``) to decide which candidate is faster without depending on the machine's load. CUDA timings use events.
 """
 
 from __future__ import annotations
@@ -14,8 +17,14 @@ from collections.abc import Callable
 import torch
 
 
+def clock() -> float:
+    """Seconds, for CPU timings: ``time.perf_counter()``."""
+    return time.perf_counter()
+
+
 def time_ms(fn: Callable[[], object], device: str, reps: int, warmup: int = 1) -> list[float]:
-    """Wall times in ms of ``reps`` calls after ``warmup`` calls, under no_grad (CUDA: events around each call)."""
+    """Wall times in ms of ``reps`` calls after ``warmup`` calls, under no_grad (CPU: ``clock()`` around each call;
+    CUDA: events)."""
     with torch.no_grad():
         for _ in range(warmup):
             fn()
@@ -29,9 +38,9 @@ def time_ms(fn: Callable[[], object], device: str, reps: int, warmup: int = 1) -
                 torch.cuda.synchronize()
                 times.append(start.elapsed_time(end))
             else:
-                start_s = time.perf_counter()
+                start_s = clock()
                 fn()
-                times.append((time.perf_counter() - start_s) * 1e3)
+                times.append((clock() - start_s) * 1e3)
     return times
 
 

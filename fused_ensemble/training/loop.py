@@ -27,12 +27,24 @@ __all__ = ["member_cross_entropy", "train_epoch", "member_probabilities", "evalu
 
 def member_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
     """Each member's mean cross-entropy, summed over members (``reduction="sum"``: the loss whose backward is N
-    independent trainings) or one per member (``"none"``: ``[N]``, what ``amp.MemberGradScaler.scale`` takes);
-    ``logits [N, B, K]``, ``targets [N, B]``."""
+    independent trainings) or one per member (``"none"``: ``[N]``, what ``amp.MemberGradScaler.scale`` takes).
+
+    ``logits [N, B, K]``; ``targets [N, B]`` (each member's own labels, as ``member_batches`` gives them) or ``[B]``
+    (the same labels for every member, when all members see the same batch). Other shapes raise a ``ValueError``.
+    """
     if reduction not in ("sum", "none"):
         raise ValueError(f"reduction must be 'sum' or 'none', got {reduction!r}")
+    if logits.dim() != 3:
+        raise ValueError(f"logits must be [N, B, K] (members, examples, classes), got shape {tuple(logits.shape)}")
+    n, b = logits.shape[:2]
+    if targets.shape == (b,):
+        targets = targets.expand(n, b)
+    elif targets.shape != (n, b):
+        raise ValueError(f"targets must be [B] = [{b}] (the same labels for every member) or [N, B] = [{n}, {b}] "
+                         f"(each member's own labels) for logits of shape {tuple(logits.shape)}, got shape "
+                         f"{tuple(targets.shape)}")
     per_example = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
-    per_member = per_example.view(targets.shape).mean(1)
+    per_member = per_example.view(n, b).mean(1)
     return per_member.sum() if reduction == "sum" else per_member
 
 
@@ -95,7 +107,8 @@ def member_probabilities(fused: FusedEnsemble, x: torch.Tensor, batch_size: int 
 
 def evaluate(fused: FusedEnsemble, x: torch.Tensor, y: torch.Tensor, n_bins: int = 15,
              batch_size: int = 512) -> dict:
-    """Per-member and ensemble (mean of member probabilities) accuracy, NLL, Brier and ECE on ``(x, y)``."""
+    """Per-member and ensemble (mean of member probabilities) accuracy, NLL, Brier and ECE on ``(x, y)``, and the
+    mean over the examples of the ensemble's mutual information and of its members' pairwise disagreement."""
     member_probs = member_probabilities(fused, x, batch_size)
     ensemble_probs = member_probs.mean(0)
     y = y.cpu()
@@ -107,5 +120,6 @@ def evaluate(fused: FusedEnsemble, x: torch.Tensor, y: torch.Tensor, n_bins: int
         result[f"ensemble_{name}"] = metric(ensemble_probs, y, **kwargs).item()
         result[f"mean_member_{name}"] = sum(result[f"member_{name}"]) / fused.num_members
     result["ensemble_mutual_info"] = metrics.mutual_information(member_probs).mean().item()
+    result["ensemble_pairwise_disagreement"] = metrics.pairwise_disagreement(member_probs).mean().item()
     result["_ensemble_probs"] = ensemble_probs
     return result

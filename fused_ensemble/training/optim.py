@@ -8,11 +8,12 @@ parameter, and the update is a handful of ``torch._foreach_*`` ops over all para
 kernels is that of ONE member's optimizer, whatever N is. (Where parameter shapes differ, CUDA runs the foreach
 ops one kernel per tensor.) Neither loops over members in Python.
 
-The arithmetic follows ``torch.optim.SGD`` / ``torch.optim.AdamW`` (single-tensor path) operation by
-operation, so member i ends up equal, to fp32 rounding, to a torch optimizer run on member i alone.
+The arithmetic follows ``torch.optim.SGD`` / ``torch.optim.Adam`` / ``torch.optim.AdamW`` (single-tensor path)
+operation by operation, so member i ends up equal, to fp32 rounding, to a torch optimizer run on member i alone.
 
 On the CPU the update runs by default (``fused=None``) as one C++ kernel call per optimizer and parameter group
-(``torch.ops.fused_ensemble_ext.member_sgd_`` / ``member_adamw_``, csrc/cpu/member_optimizers.cpp): one pass over
+(``torch.ops.fused_ensemble_ext.member_sgd_`` / ``member_adamw_``, csrc/cpu/member_optimizers.cpp; Adam runs
+AdamW's with L2-decayed gradients, see ``Adam``): one pass over
 each parameter, gradient and state tensor, chunks of member slices spread over the threads, each member with its
 own factors, frozen members skipped; the element loops are compiled once per CPU capability (AVX2, AVX-512).
 The foreach ops stream each stacked tensor through memory once per update term; the kernels read and write each
@@ -39,9 +40,9 @@ import torch
 
 from fused_ensemble.extension import extension_status, has_cuda_kernels, load_extension
 from fused_ensemble.fusion.stacking import member_index
-from fused_ensemble.training.member_values import MemberValue, check_range, per_member
+from fused_ensemble.training.member_values import MemberValue, check_range, member_view, per_member
 
-__all__ = ["SGD", "AdamW", "MemberOptimizer"]
+__all__ = ["SGD", "Adam", "AdamW", "MemberOptimizer"]
 
 CPU_CHUNK_ELEMENTS = 1 << 18
 """Elements per chunk of the CPU foreach update (1 MB of fp32 per tensor): every update term of a chunk runs while
@@ -71,7 +72,7 @@ class MemberOptimizer(torch.optim.Optimizer):
     where ``hp(name)`` gives per-parameter ``[N, 1, ...]`` views of a per-member value.
     """
 
-    #: hyperparameters that may be given per member (``betas`` is handled by AdamW itself)
+    #: hyperparameters that may be given per member (``betas`` is handled by Adam itself)
     member_keys: tuple[str, ...] = ()
 
     def __init__(self, params: Iterable, defaults: dict, num_members: int | None = None,
@@ -463,24 +464,30 @@ class SGD(MemberOptimizer):
         torch._foreach_addcmul_(params, grads, factors["neg_lr"])
 
 
-class AdamW(MemberOptimizer):
-    """AdamW (decoupled weight decay, optional AMSGrad), per member.
+class Adam(MemberOptimizer):
+    """Adam (L2 weight decay added to the gradient, optional AMSGrad), per member.
 
-    Same update as ``torch.optim.AdamW`` for each member i, with its own step count t_i::
+    Same update as ``torch.optim.Adam`` for each member i, with its own step count t_i::
 
-        p_i *= 1 - lr_i * weight_decay_i
+        g = grad_i + weight_decay_i * p_i
         m_i = lerp(m_i, g, 1 - beta1_i);  v_i = beta2_i * v_i + (1 - beta2_i) * g * g
         p_i -= lr_i / (1 - beta1_i^t_i) * m_i / (sqrt(v_i) / sqrt(1 - beta2_i^t_i) + eps_i)
 
     ``lr``, ``eps``, ``weight_decay`` may be numbers or length-N sequences; ``betas`` is a pair whose two
     entries may each be a number or a length-N sequence. ``amsgrad`` is shared by all members. ``fused`` as in
     ``SGD``.
+
+    The one-pass kernels are AdamW's, which have no L2 term: where a member has weight decay, they are handed the
+    gradients ``grad + weight_decay * p``, computed first (a temporary the size of the gradients, as
+    ``torch.optim.Adam`` makes one), and a decoupled decay of zero.
     """
 
     member_keys = ("lr", "eps", "weight_decay")
+    #: True: ``p *= 1 - lr * weight_decay`` before the update (AdamW); False: L2, added to the gradient (Adam)
+    decoupled_weight_decay = False
 
     def __init__(self, params: Iterable, lr: MemberValue = 1e-3, betas=(0.9, 0.999), eps: MemberValue = 1e-8,
-                 weight_decay: MemberValue = 1e-2, amsgrad: bool = False, num_members: int | None = None,
+                 weight_decay: MemberValue = 0.0, amsgrad: bool = False, num_members: int | None = None,
                  fused: bool | None = None):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad)
         super().__init__(params, defaults, num_members, fused)
@@ -517,7 +524,10 @@ class AdamW(MemberOptimizer):
                    "one_minus_beta2": hp.views(1 - beta2), "bias_correction2_sqrt": hp.views(bias_correction2_sqrt),
                    "eps": hp.views(v["eps"]), "neg_step_size": hp.views(-(lr / bias_correction1))}
         if bool((v["weight_decay"] != 0).any()):
-            factors["decay"] = hp.views(1 - lr * v["weight_decay"])
+            if self.decoupled_weight_decay:
+                factors["decay"] = hp.views(1 - lr * v["weight_decay"])
+            else:
+                factors["l2"] = hp.views(v["weight_decay"])
         return factors
 
     def _buffers(self, group, states):
@@ -533,17 +543,25 @@ class AdamW(MemberOptimizer):
         steps = torch.stack([s["step"] for s in states]).to(torch.float64)
         bias_correction1 = 1 - v["beta1"] ** steps
         bias_correction2_sqrt = (1 - v["beta2"] ** steps).sqrt()
+        grads = [p.grad for p in params]
+        if self.decoupled_weight_decay:
+            decay = 1 - v["lr"] * v["weight_decay"]
+        else:
+            decay = torch.ones(self.num_members, dtype=torch.float64)
+            if bool((v["weight_decay"] != 0).any()):
+                grads = _l2_decayed(grads, params, v["weight_decay"])
         factors = self._factor_table(len(params), [
-            1 - v["lr"] * v["weight_decay"], 1 - v["beta1"], v["beta2"], 1 - v["beta2"], bias_correction2_sqrt,
-            v["eps"], -(v["lr"] / bias_correction1), active])
+            decay, 1 - v["beta1"], v["beta2"], 1 - v["beta2"], bias_correction2_sqrt, v["eps"],
+            -(v["lr"] / bias_correction1), active])
         buffers = self._buffers(group, states)
-        torch.ops.fused_ensemble_ext.member_adamw_(params, [p.grad for p in params], buffers["exp_avg"],
-                                                   buffers["exp_avg_sq"], buffers.get("max_exp_avg_sq", []),
-                                                   factors)
+        torch.ops.fused_ensemble_ext.member_adamw_(params, grads, buffers["exp_avg"], buffers["exp_avg_sq"],
+                                                   buffers.get("max_exp_avg_sq", []), factors)
 
     def _apply(self, group, params, grads, buffers, factors):
         if "decay" in factors:
             torch._foreach_mul_(params, factors["decay"])
+        if "l2" in factors:
+            grads = torch._foreach_addcmul(grads, params, factors["l2"])
         exp_avgs, exp_avg_sqs = buffers["exp_avg"], buffers["exp_avg_sq"]
         torch._foreach_lerp_(exp_avgs, grads, factors["one_minus_beta1"])
         torch._foreach_mul_(exp_avg_sqs, factors["beta2"])
@@ -559,3 +577,34 @@ class AdamW(MemberOptimizer):
         # p += exp_avg / (denom / -step_size): the per-member step size folded into denom saves a temporary.
         torch._foreach_div_(denom, factors["neg_step_size"])
         torch._foreach_addcdiv_(params, exp_avgs, denom)
+
+
+class AdamW(Adam):
+    """AdamW (decoupled weight decay, optional AMSGrad), per member.
+
+    Same update as ``torch.optim.AdamW`` for each member i, with its own step count t_i::
+
+        p_i *= 1 - lr_i * weight_decay_i
+        m_i = lerp(m_i, g, 1 - beta1_i);  v_i = beta2_i * v_i + (1 - beta2_i) * g * g
+        p_i -= lr_i / (1 - beta1_i^t_i) * m_i / (sqrt(v_i) / sqrt(1 - beta2_i^t_i) + eps_i)
+
+    ``lr``, ``eps``, ``weight_decay`` may be numbers or length-N sequences; ``betas`` is a pair whose two
+    entries may each be a number or a length-N sequence. ``amsgrad`` is shared by all members. ``fused`` as in
+    ``SGD``. A subclass of ``Adam``, as ``torch.optim.AdamW`` is of ``torch.optim.Adam``.
+    """
+
+    decoupled_weight_decay = True
+
+    def __init__(self, params: Iterable, lr: MemberValue = 1e-3, betas=(0.9, 0.999), eps: MemberValue = 1e-8,
+                 weight_decay: MemberValue = 1e-2, amsgrad: bool = False, num_members: int | None = None,
+                 fused: bool | None = None):
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, num_members, fused)
+
+
+def _l2_decayed(grads: list[torch.Tensor], params: list[torch.Tensor], weight_decay: torch.Tensor) -> list:
+    """``grad + weight_decay * p`` per member (``weight_decay`` ``[N]``), in new tensors laid out as the gradients
+    (the kernels need the parameters' layout, which the gradients they take already have)."""
+    decayed = [g.clone(memory_format=torch.preserve_format) for g in grads]
+    factors = [member_view(weight_decay.to(p.dtype), p) for p in params]
+    torch._foreach_addcmul_(decayed, params, factors)
+    return decayed

@@ -99,15 +99,45 @@ def test_each_conv_strategy_is_exact(force_execution, strategy):
         _assert_close_fp32(optimized(x), loop)
 
 
-@pytest.mark.parametrize("slow_strategy", ["grouped", "per_member"])
-def test_strategy_choice_is_timed_per_layer(monkeypatch, slow_strategy):
-    """Tuning keeps the faster strategy: make one artificially slow and the other must win everywhere."""
-    import time
+class FakeClock:
+    """A clock for ``fused_ensemble.inference.timing``: every reading advances it by ``tick`` seconds, and
+    ``spend`` adds time, so a candidate is as slow as a test says, whatever the machine's load."""
 
+    def __init__(self, tick=0.1):
+        self.now, self.tick = 0.0, tick
+
+    def __call__(self):
+        self.now += self.tick
+        return self.now
+
+    def spend(self, seconds):
+        self.now += seconds
+
+
+@pytest.fixture
+def fake_clock(monkeypatch):
+    from fused_ensemble.inference import timing
+
+    clock = FakeClock()
+    monkeypatch.setattr(timing, "clock", clock)
+    return clock
+
+
+def test_cpu_timings_read_the_replaceable_clock(fake_clock):
+    from fused_ensemble.inference.timing import interleaved_times, time_ms
+
+    assert time_ms(lambda: fake_clock.spend(0.5), "cpu", reps=3) == pytest.approx([600.0] * 3)
+    times = interleaved_times({"a": lambda: None, "b": lambda: fake_clock.spend(0.02)}, "cpu", min_reps=2)
+    assert all(ms == pytest.approx(100.0) for ms in times["a"]) and all(ms == pytest.approx(120.0) for ms in times["b"])
+
+
+@pytest.mark.parametrize("slow_strategy", ["grouped", "per_member"])
+def test_strategy_choice_is_timed_per_layer(monkeypatch, fake_clock, slow_strategy):
+    """Tuning keeps the faster strategy: make one slower on the fake clock and the other must win everywhere."""
     original = getattr(PreparedConv, f"_{slow_strategy}")
 
     def slow(self, x, layout):
-        time.sleep(0.02)
+        fake_clock.spend(0.02)
         return original(self, x, layout)
 
     monkeypatch.setattr(PreparedConv, f"_{slow_strategy}", slow)

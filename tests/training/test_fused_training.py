@@ -171,8 +171,12 @@ def test_compiled_training_matches_eager_and_compiles_before_any_eager_forward(m
     """torch.compile(fullgraph=True) of a training step's forward and loss: same loss, gradients and BatchNorm
     statistics as eager over a few SGD steps. The compiled call comes first in a process where the CPU allocator
     setting has not been made yet (a ctypes call that dynamo cannot trace: the forward skips it while compiling)."""
-    from fused_ensemble import cpu_memory, optim
+    import dataclasses
 
+    from fused_ensemble import config, cpu_memory, optim
+
+    # The setting is opt-in: turn it on, so that the eager forward makes it.
+    monkeypatch.setattr(config, "settings", dataclasses.replace(config.settings, keep_cpu_memory=True))
     monkeypatch.setattr(cpu_memory, "_cpu_memory_settled", False)
     monkeypatch.setattr(cpu_memory, "_mallopt", lambda parameter, value: True)
 

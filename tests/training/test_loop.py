@@ -49,6 +49,8 @@ OPTIMIZERS = {
     "adamw": (lambda params: optim.AdamW(params, lr=LR_ADAMW, weight_decay=WEIGHT_DECAY, betas=([0.9, 0.8, 0.5], 0.99)),
               lambda params, i: torch.optim.AdamW(params, lr=LR_ADAMW[i], weight_decay=WEIGHT_DECAY[i],
                                                   betas=([0.9, 0.8, 0.5][i], 0.99))),
+    "adam": (lambda params: optim.Adam(params, lr=LR_ADAMW, weight_decay=WEIGHT_DECAY, amsgrad=True),
+             lambda params, i: torch.optim.Adam(params, lr=LR_ADAMW[i], weight_decay=WEIGHT_DECAY[i], amsgrad=True)),
 }
 
 
@@ -151,6 +153,30 @@ def test_frozen_member_stays_bitwise_through_fused_training():
     assert not torch.equal(after[0][0].weight, members[0][0].weight)
 
 
+def test_member_cross_entropy_takes_shared_or_per_member_targets():
+    logits = torch.randn(N, B, 5, requires_grad=True)
+    shared, own = torch.randint(0, 5, (B,)), torch.randint(0, 5, (N, B))
+    for targets, member_targets in ((shared, [shared] * N), (own, list(own))):
+        per_member = member_cross_entropy(logits, targets, reduction="none")
+        expected = torch.stack([F.cross_entropy(logits[i], member_targets[i]) for i in range(N)])
+        torch.testing.assert_close(per_member, expected, rtol=1.3e-6, atol=1e-7)
+        torch.testing.assert_close(member_cross_entropy(logits, targets), expected.sum(), rtol=1.3e-6, atol=1e-6)
+    # [B] labels are [N, B] labels repeated for every member: the same loss and the same gradients
+    shared_grad, = torch.autograd.grad(member_cross_entropy(logits, shared), logits)
+    repeated_grad, = torch.autograd.grad(member_cross_entropy(logits, shared.expand(N, B).clone()), logits)
+    assert torch.equal(shared_grad, repeated_grad)
+
+
+@pytest.mark.parametrize("shape", [(B + 1,), (N + 1, B), (N, B, 1), (), (B, N)])
+def test_member_cross_entropy_names_both_target_shapes(shape):
+    logits = torch.randn(N, B, 5)
+    with pytest.raises(ValueError, match=rf"targets must be \[B\] = \[{B}\] \(the same labels for every member\) "
+                                         rf"or \[N, B\] = \[{N}, {B}\] \(each member's own labels\)"):
+        member_cross_entropy(logits, torch.zeros(shape, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"logits must be \[N, B, K\]"):
+        member_cross_entropy(logits[0], torch.zeros(B, dtype=torch.long))
+
+
 def test_train_epoch_needs_per_member_outputs():
     fused = FusedEnsemble(make_members(cnn_with_batchnorm), reduction="mean_probs", member_inputs=True)
     with pytest.raises(ValueError, match="reduction='none', member_inputs=True"):
@@ -172,7 +198,8 @@ def test_train_command_on_digits_end_to_end(tmp_path, capsys):
     written = json.loads(json_path.read_text())
     for key in ("member_accuracy", "member_nll", "member_brier", "member_ece"):
         assert len(written[key]) == 3
-    for key in ("ensemble_accuracy", "ensemble_nll", "ensemble_ece", "ensemble_brier", "train_member_images_per_s"):
+    for key in ("ensemble_accuracy", "ensemble_nll", "ensemble_ece", "ensemble_brier", "train_member_images_per_s",
+                "ensemble_pairwise_disagreement"):
         assert isinstance(written[key], float)
     assert written["lr"] == [0.1, 0.05, 0.2]
     assert written["train_steps"] == 640 // 32

@@ -112,16 +112,67 @@ def test_adamw_matches_torch_per_member(case, fused):
             assert state["step"][i].item() == ref["step"].item()
 
 
+ADAM_CASES = {
+    "defaults": (dict(), lambda i: dict()),
+    "l2_per_member": (dict(lr=[1e-3, 3e-4, 1e-2, 3e-3], weight_decay=[0.0, 1e-2, 0.1, 0.5]),
+                      lambda i: dict(lr=[1e-3, 3e-4, 1e-2, 3e-3][i], weight_decay=[0.0, 1e-2, 0.1, 0.5][i])),
+    "betas_eps_per_member": (dict(lr=1e-2, betas=([0.9, 0.8, 0.5, 0.0], 0.99), eps=[1e-8, 1e-6, 1e-3, 1e-8],
+                                  weight_decay=1e-2),
+                             lambda i: dict(lr=1e-2, betas=([0.9, 0.8, 0.5, 0.0][i], 0.99),
+                                            eps=[1e-8, 1e-6, 1e-3, 1e-8][i], weight_decay=1e-2)),
+    "amsgrad_l2": (dict(lr=[1e-2, 1e-3, 3e-3, 3e-2], betas=(0.9, [0.999, 0.99, 0.9, 0.5]), amsgrad=True,
+                        weight_decay=[0.5, 0.0, 1e-2, 0.1]),
+                   lambda i: dict(lr=[1e-2, 1e-3, 3e-3, 3e-2][i], betas=(0.9, [0.999, 0.99, 0.9, 0.5][i]),
+                                  amsgrad=True, weight_decay=[0.5, 0.0, 1e-2, 0.1][i])),
+}
+
+
+@KERNELS
+@pytest.mark.parametrize("case", list(ADAM_CASES))
+def test_adam_matches_torch_per_member_with_frozen_members(case, fused):
+    """L2 weight decay added to the gradient (torch.optim.Adam), not AdamW's decoupled decay; members 2, then 0 and
+    3, frozen for a step each: their torch optimizers skip it."""
+    fused_kwargs, member_kwargs = ADAM_CASES[case]
+    stacked, members, fused_opt, torch_opts = run_both(optim.Adam, torch.optim.Adam, dict(fused_kwargs, fused=fused),
+                                                       member_kwargs, steps=6, frozen_steps={1: [2], 3: [0, 3]})
+    assert_members_equal(stacked, members)
+    for j, p in enumerate(stacked):
+        state = fused_opt.state[p]
+        for i in range(N):
+            ref = torch_opts[i].state[members[i][j]]
+            for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+                if key in ref:
+                    torch.testing.assert_close(state[key][i], ref[key], rtol=1.3e-6, atol=1e-7)
+            assert state["step"][i].item() == ref["step"].item()
+
+
+def test_adam_weight_decay_is_not_adamw_s():
+    stacked = stack(make_members())
+    runs = []
+    for cls in (optim.Adam, optim.AdamW):
+        params = [p.detach().clone().requires_grad_() for p in stacked]
+        opt = cls(params, lr=1e-2, weight_decay=0.5)
+        for _ in range(2):
+            for p in params:
+                p.grad = torch.ones_like(p)
+            opt.step()
+        runs.append(params)
+    assert not torch.equal(runs[0][0], runs[1][0])
+    assert isinstance(optim.AdamW(stacked), optim.Adam) and optim.Adam(stacked).defaults["weight_decay"] == 0.0
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("fused", [False, None], ids=["foreach", "default"])
 @pytest.mark.parametrize("case", ["sgd-nesterov_wd", "sgd-momentum_dampening", "adamw-amsgrad",
-                                  "adamw-lr_wd_per_member", "adamw-betas_eps_per_member"])
+                                  "adamw-lr_wd_per_member", "adamw-betas_eps_per_member", "adam-amsgrad_l2",
+                                  "adam-l2_per_member"])
 def test_matches_torch_on_cuda_with_a_frozen_member(case, fused):
     """CUDA runs the one-pass CUDA kernels by default (the foreach ops in a build without them), or the foreach ops
     on broadcast shapes through their per-tensor path (fused=False): same results."""
     kind, name = case.split("-", 1)
-    cases, classes = (SGD_CASES, (optim.SGD, torch.optim.SGD)) if kind == "sgd" else \
-        (ADAMW_CASES, (optim.AdamW, torch.optim.AdamW))
+    cases, classes = {"sgd": (SGD_CASES, (optim.SGD, torch.optim.SGD)),
+                      "adamw": (ADAMW_CASES, (optim.AdamW, torch.optim.AdamW)),
+                      "adam": (ADAM_CASES, (optim.Adam, torch.optim.Adam))}[kind]
     fused_kwargs, member_kwargs = cases[name]
     stacked, members, _, _ = run_both(*classes, dict(fused_kwargs, fused=fused), member_kwargs,
                                       frozen_steps={2: [1], 3: [0, 2]}, device="cuda")
@@ -144,6 +195,7 @@ def test_cuda_parameters_take_the_cuda_kernels_by_default_where_built():
 @pytest.mark.parametrize("cls, torch_cls, kwargs", [
     (optim.SGD, torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=1e-2)),
     (optim.AdamW, torch.optim.AdamW, dict(lr=1e-2)),
+    (optim.Adam, torch.optim.Adam, dict(lr=1e-2, weight_decay=0.1)),
 ])
 def test_frozen_member_is_bitwise_unchanged_and_resumes(cls, torch_cls, kwargs, fused):
     members = make_members()
@@ -188,7 +240,9 @@ def test_frozen_from_the_start_then_unfrozen_matches_a_fresh_torch_run(fused):
     lambda params, fused: optim.SGD(params, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-2, fused=fused),
     lambda params, fused: optim.AdamW(params, lr=[1e-3, 3e-3, 1e-2, 1e-3], weight_decay=[0.1, 0.0, 0.01, 0.1],
                                       amsgrad=True, fused=fused),
-], ids=["sgd", "sgd_nesterov", "adamw_amsgrad"])
+    lambda params, fused: optim.Adam(params, lr=[1e-3, 3e-3, 1e-2, 1e-3], weight_decay=[0.1, 0.0, 0.01, 0.1],
+                                     amsgrad=True, fused=fused),
+], ids=["sgd", "sgd_nesterov", "adamw_amsgrad", "adam_amsgrad_l2"])
 def test_fused_kernels_and_foreach_ops_agree_and_leave_gradients_alone(make):
     runs = []
     for fused in (None, False):
@@ -216,7 +270,7 @@ def _used_state(opt, p):
     return list(state.values())
 
 
-@pytest.mark.parametrize("cls", [optim.SGD, optim.AdamW])
+@pytest.mark.parametrize("cls", [optim.SGD, optim.Adam, optim.AdamW])
 def test_fused_true_says_why_it_cannot_run_and_none_falls_back(cls):
     members = make_members()
     # [N, 5, 3] with the member dim innermost in memory: not N member slices one after another.
@@ -236,8 +290,8 @@ def test_fused_true_says_why_it_cannot_run_and_none_falls_back(cls):
         cls(meta, lr=0.1, fused="yes")
 
 
-@pytest.mark.parametrize("cls", [optim.SGD, optim.AdamW])
-def test_cpu_default_runs_the_cpp_kernels(monkeypatch, cls):
+@pytest.mark.parametrize("cls, kwargs", [(optim.SGD, {}), (optim.AdamW, {}), (optim.Adam, dict(weight_decay=0.1))])
+def test_cpu_default_runs_the_cpp_kernels(monkeypatch, cls, kwargs):
     if not load_extension():
         pytest.skip(f"the C++ extension is {extension_status()}")
 
@@ -246,7 +300,7 @@ def test_cpu_default_runs_the_cpp_kernels(monkeypatch, cls):
     monkeypatch.setattr(cls, "_apply", foreach_ops)
     stacked = stack(make_members())
     before = [p.detach().clone() for p in stacked]
-    opt = cls(stacked, lr=0.1)
+    opt = cls(stacked, lr=0.1, **kwargs)
     for p in stacked:
         p.grad = torch.randn_like(p)
     opt.step()
@@ -264,6 +318,7 @@ def _channels_last_stack(members, j):
 @pytest.mark.parametrize("cls, torch_cls, kwargs", [
     (optim.SGD, torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=1e-2, nesterov=True)),
     (optim.AdamW, torch.optim.AdamW, dict(lr=1e-2, amsgrad=True)),
+    (optim.Adam, torch.optim.Adam, dict(lr=1e-2, weight_decay=0.1)),  # L2-decayed gradients keep the layout
 ])
 def test_channels_last_weights_take_the_kernels(monkeypatch, cls, torch_cls, kwargs, device):
     if not load_extension():
@@ -488,7 +543,9 @@ def test_errors_name_the_problem():
     lambda params: optim.SGD(params, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-2, fused=False),
     lambda params: optim.AdamW(params, lr=[1e-3, 3e-3, 1e-2], weight_decay=[0.1, 0.0, 0.01], amsgrad=True,
                                fused=False),
-], ids=["sgd", "sgd_nesterov", "adamw_amsgrad"])
+    lambda params: optim.Adam(params, lr=[1e-3, 3e-3, 1e-2], weight_decay=[0.1, 0.0, 0.01], amsgrad=True,
+                              fused=False),
+], ids=["sgd", "sgd_nesterov", "adamw_amsgrad", "adam_amsgrad_l2"])
 def test_cpu_chunked_update_is_bitwise_the_whole_update(monkeypatch, make):
     # Chunks of 7 elements cut parameters into single-member slices and pack small ones together; the
     # arithmetic per element must not change at all.
@@ -558,7 +615,8 @@ def test_cpp_kernels_reject_mismatched_inputs():
     (optim.SGD, torch.optim.SGD, dict(lr=[0.1, 0.05, 0.2], momentum=[0.9, 0.0, 0.5], weight_decay=[1e-2, 0.0, 1e-3],
                                       nesterov=False)),
     (optim.AdamW, torch.optim.AdamW, dict(lr=[1e-2, 3e-3, 1e-3], weight_decay=[0.1, 0.0, 0.01], amsgrad=True)),
-], ids=["sgd", "adamw"])
+    (optim.Adam, torch.optim.Adam, dict(lr=[1e-2, 3e-3, 1e-3], weight_decay=[0.1, 0.0, 0.01], amsgrad=True)),
+], ids=["sgd", "adamw", "adam"])
 def test_cpp_kernels_on_slices_longer_than_a_task(cls, torch_cls, kwargs, dtype):
     # Member slices of 40000 elements span three tasks of the C++ kernel (2^14 elements each, the last one
     # partial), next to a parameter smaller than one task; member 1 is frozen for one step.
