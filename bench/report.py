@@ -426,6 +426,46 @@ def section_calibration(results: list[dict]) -> str:
     return "\n\n".join(parts) if len(parts) > 1 else ""
 
 
+# ---- deployment -------------------------------------------------------------------------------------------------
+
+DEPLOYMENT_METHODS = (("loop", "member loop"), ("fused", "fused, eager"), ("optimized", "optimize(x)"),
+                      ("onnxruntime", "ONNX Runtime"), ("aoti", "AOTInductor"))
+
+
+def section_deployment(results: list[dict], machine: str = "cpu-2core") -> str:
+    parts = [(f"Deployed ensembles on `{machine}` (`bench/deployment_latency.py`): ms per forward including the "
+              "`mean_probs` reduction (median, the methods taking turns in one process), and the speedup of each over "
+              "the eager fused module. One ONNX file and one AOTInductor package with a dynamic batch serve every "
+              "batch size of a model.")]
+    for result in _select(results, "deployment", machine):
+        data = result["data"]
+        rows = []
+        for p in data.get("points", []):
+            ms, speedup = p.get("ms") or {}, p.get("speedup_vs_fused") or {}
+            rows.append([p.get("model", DASH), p.get("members", DASH), p.get("batch", DASH)] +
+                        [fmt_ms(ms.get(key)) for key, _ in DEPLOYMENT_METHODS] +
+                        [fmt_ratio(speedup.get(key)) for key, _ in DEPLOYMENT_METHODS if key != "fused"])
+        header = (["model", "N", "B"] + [f"{label} (ms)" for _, label in DEPLOYMENT_METHODS] +
+                  [f"{label} vs fused" for key, label in DEPLOYMENT_METHODS if key != "fused"])
+        caption = (f"{source_line(result)} ONNX opset {data.get('onnx_opset', DASH)}, ONNX Runtime "
+                   f"{data.get('onnxruntime', DASH)} with {data.get('onnxruntime_threads', DASH)} intra-op threads.")
+        rates = data.get("matmul_gflops_before_after")
+        if isinstance(rates, list) and len(rates) == 2:
+            caption += (f" A float32 1024^3 matmul ran at {fmt_fixed(rates[0], 0)} GFLOP/s before the run and "
+                        f"{fmt_fixed(rates[1], 0)} after.")
+        if data.get("note"):
+            caption += f" Note: {data['note']}"
+        exports = data.get("exports") or {}
+        export_rows = [[model, fmt_fixed(e.get("onnx_export_s"), 1), fmt_fixed(e.get("onnx_MB"), 1),
+                        fmt_fixed(e.get("pt2_compile_s"), 1), fmt_fixed(e.get("pt2_MB"), 1)]
+                       for model, e in exports.items()]
+        parts += [caption, table(header, rows)]
+        if export_rows:
+            parts.append(table(["model", "ONNX export (s)", "ONNX file (MB)", "AOTInductor compile (s)",
+                                "package (MB)"], export_rows))
+    return "\n\n".join(parts) if len(parts) > 1 else ""
+
+
 # ---- the CPU allocator ---------------------------------------------------------------------------------------------
 
 def _fmt_count(value) -> str:
@@ -558,6 +598,7 @@ SECTION_BUILDERS = {
     "optimizer": section_optimizer,
     "digits": section_digits,
     "calibration": section_calibration,
+    "deployment-cpu": section_deployment,
     "cpu-allocator": section_cpu_allocator,
 }
 

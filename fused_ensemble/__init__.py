@@ -5,11 +5,12 @@ normalization), and ``shared()`` marks an input that every member sees whole whe
 ``optimize()`` tunes it for inference (``OptimizedEnsemble``); ``ensemble_reduce``, ``ensemble_stats`` and
 ``ensemble_linear_reduce`` reduce the member outputs in one fused pass; ``optim``, ``lr_scheduler``, ``clip_grad``
 and ``amp`` train every member with its own hyperparameters; ``calibration`` (``TemperatureScaling``),
-``conformal`` (``SplitConformal``) and ``ood`` (``uncertainty_scores``) act on the ensemble's uncertainty.
+``conformal`` (``SplitConformal``) and ``ood`` (``uncertainty_scores``) act on the ensemble's uncertainty;
+``save``/``load`` (safetensors), ``export_onnx`` and ``export_pt2`` deploy an ensemble.
 
 Every name a user needs is exported here; the subpackages hold the parts: ``fusion`` (how members become one
-network), ``inference`` (``optimize()``), ``ops`` (the ensemble ops and their backends), ``training``, and ``cli``
-(the commands and the benchmark model zoo).
+network), ``inference`` (``optimize()``), ``ops`` (the ensemble ops and their backends), ``training``, ``deploy``
+(checkpoints and exported artifacts), and ``cli`` (the commands and the benchmark model zoo).
 """
 
 import sys
@@ -18,6 +19,9 @@ from fused_ensemble import calibration, conformal, ood
 from fused_ensemble.calibration import TemperatureScaling
 from fused_ensemble.config import conv_backward
 from fused_ensemble.conformal import SplitConformal
+from fused_ensemble.deploy.checkpoint import load, save
+from fused_ensemble.deploy.onnx_export import export_onnx
+from fused_ensemble.deploy.pt2_export import export_pt2
 from fused_ensemble.fused import FusedEnsemble
 from fused_ensemble.fusion.inputs import SharedInput, shared
 from fused_ensemble.inference.optimized import OptimizedEnsemble
@@ -56,6 +60,9 @@ __all__ = [
     "ensemble_reduce",
     "ensemble_stats",
     "evaluate",
+    "export_onnx",
+    "export_pt2",
+    "load",
     "lr_scheduler",
     "member_batches",
     "member_cross_entropy",
@@ -63,6 +70,7 @@ __all__ = [
     "member_probabilities",
     "ood",
     "optim",
+    "save",
     "shared",
     "train_epoch",
     "uncertainty_scores",

@@ -1,4 +1,4 @@
-"""``python -m fused_ensemble {bench,train} ...`` (also installed as ``fused-ensemble``)."""
+"""``python -m fused_ensemble {bench,train,export,predict} ...`` (also installed as ``fused-ensemble``)."""
 
 import sys
 

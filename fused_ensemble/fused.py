@@ -163,6 +163,26 @@ class FusedEnsemble(nn.Module):
 
         return OptimizedEnsemble(self, example_input, dtype=dtype, cuda_graph=cuda_graph, compile=compile)
 
+    @classmethod
+    def from_checkpoints(cls, paths, build_member, reduction: str = "mean_probs",
+                         member_inputs: bool = False) -> FusedEnsemble:
+        """The ensemble of N per-member checkpoints (member i from ``paths[i]``): safetensors files, or torch files read
+        with ``torch.load(weights_only=True)`` (a bare state_dict, or one under a ``"state_dict"``, ``"model"`` or
+        ``"module"`` key, with or without DataParallel's ``"module."`` prefix). ``build_member()`` returns one freshly
+        built member; at most one member module is alive besides the stacks. A file that does not match the member
+        raises a ValueError naming the file, the member index, the tensor and both shapes (see
+        ``fused_ensemble.deploy.member_checkpoints``)."""
+        from fused_ensemble.deploy.member_checkpoints import ensemble_from_checkpoints
+
+        return ensemble_from_checkpoints(cls, paths, build_member, reduction, member_inputs)
+
+    def save_members(self, folder) -> list:
+        """Writes member i's tensors to ``folder/member_<i>.safetensors`` and returns the paths; each file is read by
+        ``member.load_state_dict(safetensors.torch.load_file(path))``."""
+        from fused_ensemble.deploy.member_checkpoints import save_members
+
+        return save_members(self, folder)
+
     def to_members(self) -> list[nn.Module]:
         """The N members as ordinary modules, with this module's current weights, buffers, device and mode."""
         return [unstack_member(self.stacked, index) for index in range(self.num_members)]

@@ -26,8 +26,9 @@ def test_training_modules_keep_their_import_names():
 def test_help_lists_the_commands():
     done = subprocess.run([sys.executable, "-m", "fused_ensemble", "--help"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert "bench" in done.stdout and "train" in done.stdout
-    for command in ("bench", "train"):
+    assert all(command in done.stdout for command in ("bench", "train", "export", "predict"))
+    for command, option in (("bench", "--members"), ("train", "--members"), ("export", "--members"),
+                            ("predict", "--model")):
         done = subprocess.run([sys.executable, "-m", "fused_ensemble", command, "--help"], capture_output=True,
                               text=True)
-        assert done.returncode == 0 and "--members" in done.stdout, done.stderr
+        assert done.returncode == 0 and option in done.stdout, done.stderr

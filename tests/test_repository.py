@@ -16,9 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "fused_ensemble"
 WORK_ORGANIZATION = re.compile(r"\bsessions?\b|\blease[sd]?\b|lent gpu|a lent\b|issue #\d|issue's|this machine today",
                                re.IGNORECASE)
-# pytest's fixture scopes and ONNX Runtime's API say "session" about themselves.
+# pytest's fixture scopes and ONNX Runtime's API (classes, options, config keys) say "session" about themselves.
 ALLOWED_SESSION_WORDS = re.compile(r"scope=.session.|pytest-of|sessionstart|InferenceSession|session_options|"
-                                   r"SessionOptions|ort\.", re.IGNORECASE)
+                                   r"SessionOptions|add_session_config_entry|session\.intra_op|ort\.", re.IGNORECASE)
 
 
 def _module_name(path: Path) -> str:

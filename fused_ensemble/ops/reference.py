@@ -62,10 +62,11 @@ def stats_reference(logits: torch.Tensor, dim: int = 0) -> EnsembleStats:
     member_prediction = x.argmax(-1)
     disagreement = (member_prediction != prediction.unsqueeze(dim)).to(x.dtype).mean(dim)
     undefined = undefined_rows(x, dim)
-    nan = torch.tensor(math.nan, dtype=x.dtype, device=x.device)
-    probs = torch.where(undefined.unsqueeze(-1), nan, probs)
+    # masked_fill with a Python scalar, not torch.where with a tensor made here: a tensor constant would be a
+    # lifted, detached copy in an exported graph, which torch.export's functionalization refuses.
+    probs = probs.masked_fill(undefined.unsqueeze(-1), math.nan)
     entropy, expected_entropy, confidence, disagreement = (
-        torch.where(undefined, nan, t) for t in (entropy, expected_entropy, confidence, disagreement))
+        t.masked_fill(undefined, math.nan) for t in (entropy, expected_entropy, confidence, disagreement))
     prediction = prediction.masked_fill(undefined, 0)
     mutual_info = (entropy - expected_entropy).clamp_min(0)  # clamp_min keeps NaN
     return EnsembleStats(probs, entropy, expected_entropy, mutual_info, confidence, prediction, disagreement)

@@ -173,3 +173,19 @@ def test_stats_check_tells_ties_from_wrong_rows(bench_scripts):
     wrong_disagreement[6][0] += 0.25
     with pytest.raises(AssertionError, match="max \\|ours - eager\\|"):
         rw.check_against_eager("stats", tuple(wrong_disagreement), expected)
+
+
+@pytest.mark.slow
+def test_deployment_latency_smoke(tmp_path, bench_scripts):
+    import deployment_latency
+
+    path = tmp_path / "deployment.json"
+    assert deployment_latency.main(["--preset", "smoke", "--reps", "1", "--json", str(path)]) == 0
+    result = json.loads(path.read_text())
+    assert [(p["model"], p["members"], p["batch"]) for p in result["points"]] == [("lenet", 2, 1), ("lenet", 2, 4)]
+    for point in result["points"]:
+        assert set(point["ms"]) == set(deployment_latency.METHODS)
+        assert max(point["relative_error_vs_loop"].values()) < 1e-4  # checked by the script before timing
+        assert point["speedup_vs_fused"]["fused"] == 1.0
+    assert result["exports"]["lenet"]["pt2_MB"] > 0 and result["onnx_opset"] == 18
+    assert result["environment"]["machine"].startswith("cpu")

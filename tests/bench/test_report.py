@@ -12,7 +12,8 @@ RESULTS = ROOT / "bench" / "results"
 MACHINES = {"h100", "cpu-2core"}
 ENVIRONMENT_KEYS = ("machine", "card", "torch", "commit", "command", "date")
 WORK_ORGANIZATION = re.compile(r"\bsessions?\d*\b|\blease\b|lent gpu|issue #\d|this machine today", re.IGNORECASE)
-SECTIONS = ("headline", "inference-h100", "reduction-h100", "training", "optimizer", "bench-cli-cpu", "calibration")
+SECTIONS = ("headline", "inference-h100", "reduction-h100", "training", "optimizer", "bench-cli-cpu", "calibration",
+            "deployment-cpu")
 
 
 def _load_report():
@@ -154,6 +155,16 @@ def test_calibration_cells_equal_the_json():
             f"classes") in text
     # The digits section names the held-out examples of a calibrated run.
     assert f"({result['calibration_examples']} of the training examples held out" in report.sections()["digits"]
+
+
+def test_deployment_cells_equal_the_json():
+    path = next(p.relative_to(RESULTS) for p in RESULT_FILES if p.name.startswith("deployment-"))
+    tables = _tables(report.sections()["deployment-cpu"])
+    point = next(p for p in _json(str(path))["points"] if p["model"] == "resnet18-cifar" and p["batch"] == 64)
+    row = _row(tables[f"bench/results/{path}"], model="resnet18-cifar", N=8, B=64)
+    _assert_same(row["ONNX Runtime (ms)"], point["ms"]["onnxruntime"])
+    _assert_same(row["AOTInductor vs fused"], point["speedup_vs_fused"]["aoti"])
+    _assert_same(row["member loop (ms)"], point["ms"]["loop"])
 
 
 def test_headline_names_machine_date_and_source():
