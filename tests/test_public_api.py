@@ -4,15 +4,24 @@ command line's help."""
 from __future__ import annotations
 
 import importlib
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import fused_ensemble
+
+REFERENCE_INDEX = Path(__file__).resolve().parents[1] / "docs" / "reference" / "index.md"
 
 
 def test_every_exported_name_exists():
     for name in fused_ensemble.__all__:
         assert getattr(fused_ensemble, name) is not None, name
+
+
+def test_the_reference_index_lists_every_exported_name():
+    listed = set(re.findall(r"^\| `(\w+)` \|", REFERENCE_INDEX.read_text(), flags=re.MULTILINE))
+    assert sorted(set(fused_ensemble.__all__) - listed) == []
 
 
 def test_training_modules_keep_their_import_names():
