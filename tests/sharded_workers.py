@@ -30,7 +30,7 @@ from fused_ensemble.distributed import (
     ShardedEnsemble,
     load,
     load_extra,
-    load_optimizer_state,
+    load_state,
     member_blocks,
     member_mesh,
     save,
@@ -293,7 +293,7 @@ def forward_and_load_worker(rank: int, world: int, results: str, checkpoint: str
         assert sharded.reduction == "mean" and sharded.member_inputs
         assert list(sharded.member_indices) == list(member_blocks(5, 3)[rank])
         optimizer = sharded.optimizer(optim.SGD, **CHECKPOINT_SGD)
-        load_optimizer_state(checkpoint, sharded, optimizer)
+        load_state(checkpoint, sharded, optimizer)
         expected = truth(checkpoint)
         got = _member_state(sharded, optimizer)
         assert set(got) == {key for key in expected if int(key.split("/")[0]) in sharded.member_indices}

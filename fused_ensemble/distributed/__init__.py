@@ -9,7 +9,7 @@ checkpoint it through ``torch.distributed.checkpoint`` (readable by any layout o
 See the "Scaling out" guide.
 """
 
-from fused_ensemble.distributed.checkpoint import load, load_extra, load_optimizer_state, read_metadata, save
+from fused_ensemble.distributed.checkpoint import load, load_extra, load_state, read_metadata, save
 from fused_ensemble.distributed.collectives import CollectiveLog, CollectiveRecord
 from fused_ensemble.distributed.evaluation import evaluate
 from fused_ensemble.distributed.faults import FailTogether, PeerFailure
@@ -27,7 +27,7 @@ __all__ = [
     "evaluate",
     "load",
     "load_extra",
-    "load_optimizer_state",
+    "load_state",
     "member_batches",
     "member_blocks",
     "member_mesh",

@@ -28,7 +28,7 @@ import torch.distributed.checkpoint as dcp
 from fused_ensemble.distributed.sharded import ShardedEnsemble
 from fused_ensemble.fused import FusedEnsemble
 
-__all__ = ["METADATA_FILE", "save", "load", "load_optimizer_state", "load_extra", "read_metadata",
+__all__ = ["METADATA_FILE", "save", "load", "load_state", "load_extra", "read_metadata",
            "CheckpointReader"]
 
 METADATA_FILE = "ensemble.json"
@@ -172,18 +172,7 @@ def load(folder: str, build_member, mesh=None) -> ShardedEnsemble | FusedEnsembl
     else:
         model = FusedEnsemble([build_member(index) for index in range(n)], reduction=reduction,
                               member_inputs=member_inputs)
-    fused, indices = _members(model)
-    tensors = _member_tensors(fused)
-    names = [name for name, _ in tensors]
-    if names != description["tensors"]:
-        missing = [name for name in description["tensors"] if name not in names]
-        extra = [name for name in names if name not in description["tensors"]]
-        raise ValueError(f"the members built by build_member do not match the checkpoint's: tensors missing "
-                         f"{missing}, not in the checkpoint {extra}")
-    # Views of the stacked tensors: the reader copies every member's values in place.
-    state = {f"member/{index}/{name}": stacked.detach()[position]
-             for name, stacked in tensors for position, index in enumerate(indices)}
-    _load_into(state, folder)
+    load_state(folder, model)
     return model
 
 
@@ -192,28 +181,44 @@ def _stored_tensor(metadata, key: str, device) -> torch.Tensor:
     return torch.empty(tuple(entry.size), dtype=entry.properties.dtype, device=device)
 
 
-def load_optimizer_state(folder: str, model: ShardedEnsemble | FusedEnsemble,
-                         optimizer: torch.optim.Optimizer) -> None:
-    """Replaces ``optimizer``'s per-member state (built over ``model``'s parameters, as by ``sharded.optimizer``)
-    by the state that ``save(..., optimizer=...)`` wrote for ``model``'s members. Collective when distributed."""
-    if not read_metadata(folder)["optimizer"]:
-        raise ValueError(f"{folder} was saved without an optimizer state")
+def load_state(folder: str, model: ShardedEnsemble | FusedEnsemble,
+               optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Replaces, in place, the values of ``model``'s members (a ``ShardedEnsemble``'s members on this rank, or every
+    member of a ``FusedEnsemble``) by those ``save`` wrote to ``folder``, and with ``optimizer`` (built over
+    ``model``'s parameters, as by ``sharded.optimizer``) its per-member state too. ``model`` must have the
+    checkpoint's N and members of its architecture. Collective when distributed."""
+    description = read_metadata(folder)
     fused, indices = _members(model)
-    metadata = CheckpointReader(folder).read_metadata()
-    stored = list(metadata.state_dict_metadata)
-    state, layout = {}, {}
-    for name, parameter in fused.stacked.named_parameters():
-        prefix = f"optimizer/{indices[0]}/{name}/"
-        keys = [key[len(prefix):] for key in stored if key.startswith(prefix)]
-        layout[name] = keys
-        for key in keys:
-            for index in indices:
-                full = f"optimizer/{index}/{name}/{key}"
-                state[full] = _stored_tensor(metadata, full, parameter.device)
+    if model.num_members != description["num_members"]:
+        raise ValueError(f"{folder} holds {description['num_members']} members, the ensemble has {model.num_members}")
+    tensors = _member_tensors(fused)
+    names = [name for name, _ in tensors]
+    if names != description["tensors"]:
+        missing = [name for name in description["tensors"] if name not in names]
+        extra = [name for name in names if name not in description["tensors"]]
+        raise ValueError(f"the members do not match the checkpoint's: tensors missing {missing}, not in the "
+                         f"checkpoint {extra}")
+    if optimizer is not None and not description["optimizer"]:
+        raise ValueError(f"{folder} was saved without an optimizer state")
+    # Views of the stacked tensors: the reader copies every member's values in place.
+    state = {f"member/{index}/{name}": stacked.detach()[position]
+             for name, stacked in tensors for position, index in enumerate(indices)}
+    layout = {}
+    if optimizer is not None:
+        metadata = CheckpointReader(folder).read_metadata()
+        stored = list(metadata.state_dict_metadata)
+        for name, parameter in fused.stacked.named_parameters():
+            prefix = f"optimizer/{indices[0]}/{name}/"
+            layout[name] = [key[len(prefix):] for key in stored if key.startswith(prefix)]
+            for key in layout[name]:
+                for index in indices:
+                    full = f"optimizer/{index}/{name}/{key}"
+                    state[full] = _stored_tensor(metadata, full, parameter.device)
     _load_into(state, folder)
-    for name, parameter in fused.stacked.named_parameters():
-        optimizer.state[parameter] = {key: torch.stack([state[f"optimizer/{index}/{name}/{key}"] for index in indices])
-                                      for key in layout[name]}
+    if optimizer is not None:
+        for name, parameter in fused.stacked.named_parameters():
+            optimizer.state[parameter] = {key: torch.stack([state[f"optimizer/{index}/{name}/{key}"]
+                                                            for index in indices]) for key in layout[name]}
 
 
 def load_extra(folder: str, names: list[str], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:

@@ -14,7 +14,7 @@ from fused_ensemble.distributed import (
     FailTogether,
     ShardedEnsemble,
     load,
-    load_optimizer_state,
+    load_state,
     member_mesh,
     save,
 )
@@ -100,7 +100,7 @@ def test_save_and_load_in_a_group_of_one_and_in_no_group(one_process_group, tmp_
     for name, tensor in sharded.local.state_dict().items():
         assert torch.equal(again.local.state_dict()[name], tensor), name
     fresh = again.optimizer(optim.SGD, lr=0.1, momentum=0.9)
-    load_optimizer_state(str(tmp_path / "checkpoint"), again, fresh)
+    load_state(str(tmp_path / "checkpoint"), again, fresh)
     for parameter, state in zip(sharded.local.parameters(), (fresh.state[p] for p in again.local.parameters())):
         for key, value in optimizer.state[parameter].items():
             assert torch.equal(state[key], value), key
@@ -134,4 +134,4 @@ def test_mistakes_get_clear_errors(one_process_group, tmp_path):
     with pytest.raises(ValueError, match="do not match the checkpoint's"):
         load(str(tmp_path / "checkpoint"), lambda index: torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="saved without an optimizer state"):
-        load_optimizer_state(str(tmp_path / "checkpoint"), sharded, sharded.optimizer(optim.SGD, lr=0.1))
+        load_state(str(tmp_path / "checkpoint"), sharded, sharded.optimizer(optim.SGD, lr=0.1))
