@@ -49,9 +49,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _entry(rank: int, world: int, port: int, worker: Callable, args: tuple) -> None:
+def _entry(rank: int, world: int, port: int, worker: Callable, args: tuple, backend: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=COLLECTIVE_TIMEOUT)
     try:
         worker(rank, world, *args)
@@ -59,10 +61,10 @@ def _entry(rank: int, world: int, port: int, worker: Callable, args: tuple) -> N
         dist.destroy_process_group()
 
 
-def run_ranks(worker: Callable, world: int, *args, limit_s: float = 300) -> None:
-    """Runs ``worker(rank, world, *args)`` in ``world`` gloo processes; raises if one fails or they take longer than
-    ``limit_s`` (then they are terminated)."""
-    context = mp.start_processes(_entry, args=(world, free_port(), worker, args), nprocs=world, join=False,
+def run_ranks(worker: Callable, world: int, *args, limit_s: float = 300, backend: str = "gloo") -> None:
+    """Runs ``worker(rank, world, *args)`` in ``world`` processes of a ``backend`` group (NCCL: rank r on GPU r);
+    raises if one fails or they take longer than ``limit_s`` (then they are terminated)."""
+    context = mp.start_processes(_entry, args=(world, free_port(), worker, args, backend), nprocs=world, join=False,
                                  start_method="spawn")
     deadline = time.monotonic() + limit_s
     while not context.join(timeout=1):
@@ -343,3 +345,29 @@ def failing_worker(rank: int, world: int, results: str, inside_collective: bool)
         outcome.update(error=type(error).__name__, message=str(error), ranks=getattr(error, "ranks", None))
     outcome["seconds"] = time.monotonic() - start
     Path(results, f"rank{rank}.json").write_text(json.dumps(outcome))
+
+
+def nccl_worker(rank: int, world: int, results: str, checkpoint: str) -> None:
+    """NCCL, members on this rank's GPU: every reduction and the statistics against one process's FusedEnsemble on
+    the GPU, and a checkpoint of CUDA tensors read back in a plain process."""
+    device = torch.device("cuda", rank)
+    x = images(6).to(device)
+    checks = {}
+    for reduction in (*REDUCTIONS, "none"):
+        def check(reduction=reduction):
+            sharded = ShardedEnsemble(build_cnn, 5, reduction=reduction).to(device)
+            fused = FusedEnsemble([build_cnn(i) for i in range(5)], reduction=reduction).to(device)
+            with torch.no_grad():
+                assert_close(sharded(x), fused(x))
+        checks[f"forward {reduction}"] = check
+
+    def stats():
+        got = ShardedEnsemble(build_cnn, 5).to(device).stats(x)
+        with torch.no_grad():
+            logits = FusedEnsemble([build_cnn(i) for i in range(5)], reduction="none").to(device)(x)
+        expected = ensemble_stats(logits)
+        for field in expected._fields:
+            assert_close(getattr(got, field), getattr(expected, field))
+    checks["stats"] = stats
+    checks["save"] = lambda: save(ShardedEnsemble(build_cnn, 5).to(device), checkpoint)
+    record(results, rank, checks)
