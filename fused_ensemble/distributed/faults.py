@@ -19,6 +19,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from fused_ensemble.distributed.collectives import all_reduce
+
 __all__ = ["PeerFailure", "FailTogether"]
 
 _MESSAGE_BYTES = 512
@@ -73,7 +75,7 @@ class FailTogether:
         flags = torch.zeros(self.world_size, dtype=torch.int32)
         flags[self.rank] = error is not None
         try:
-            dist.all_reduce(flags, group=self.group)
+            all_reduce(flags, "sum", self.group)
         except RuntimeError as unreachable:
             if error is not None:
                 return  # the rank's own error says more than the side channel's
@@ -84,7 +86,7 @@ class FailTogether:
         if error is not None:
             text = f"{type(error).__name__}: {error}".encode()[:_MESSAGE_BYTES - 12]
             messages[self.rank, :len(text)] = torch.frombuffer(bytearray(text), dtype=torch.uint8)
-        dist.all_reduce(messages, group=self.group)
+        all_reduce(messages, "sum", self.group)
         failed = flags.nonzero().flatten().tolist()
         if failed == [self.rank]:
             return
