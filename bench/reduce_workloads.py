@@ -1,6 +1,7 @@
 """Ensemble-reduction benchmark workloads shared by bench/test_bench_reduce.py and bench/reduce_gpu.py.
 
-A workload is one of the four reductions or ``"stats"`` (ensemble_stats) on logits [N, B, K] (float32 unless a
+A workload is one of the reductions that the kernels implement (``KERNEL_REDUCTIONS``; ``"vote"`` runs on the
+PyTorch reference only) or ``"stats"`` (ensemble_stats) on logits [N, B, K] (float32 unless a
 caller asks for another dtype). Each is run
 by four implementations: ``eager`` (fused_ensemble.reference, the test oracle), ``compile`` (torch.compile of
 that reference), and our kernels through the public API, ``triton`` and ``cpp`` (C++ on CPU, CUDA C++ on GPU).
@@ -13,8 +14,9 @@ import math
 
 import torch
 
-from fused_ensemble import REDUCTIONS, EnsembleStats, ensemble_reduce, ensemble_stats
+from fused_ensemble import EnsembleStats, ensemble_reduce, ensemble_stats
 from fused_ensemble.ops import dispatch
+from fused_ensemble.ops.reductions import KERNEL_REDUCTIONS
 from fused_ensemble.ops.reference import reduce_reference, stats_reference
 
 # Every static compile of a reference (one per workload and shape) hangs off the same lambda's code object:
@@ -22,7 +24,7 @@ from fused_ensemble.ops.reference import reduce_reference, stats_reference
 torch._dynamo.config.cache_size_limit = 1024
 torch._dynamo.config.accumulated_cache_size_limit = 1024
 
-WORKLOADS = REDUCTIONS + ("stats",)
+WORKLOADS = KERNEL_REDUCTIONS + ("stats",)
 IMPLEMENTATIONS = ("eager", "compile", "triton", "cpp", "cpp_short_rows")
 """``cpp_short_rows``: the CUDA C++ ops called with ``short_rows=True``, which asks for the opt-in short-row kernel
 (K <= 16)."""

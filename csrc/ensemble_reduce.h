@@ -25,9 +25,10 @@ inline Reduction parse_reduction(c10::string_view name, const char* op) {
               "'; expected one of 'mean', 'mean_probs', 'softmax_of_mean', 'log_mean_probs'");
 }
 
-// Whether the forward returns the member log-sum-exp [N, R] as `aux` (the backward of these reductions needs it;
-// the others return an empty `aux`).
-inline bool saves_member_lse(Reduction reduction) {
+// Whether the forward returns each member row's softmax normalizer as `aux` [2, N, R] (accumulation dtype): aux[0]
+// the row max, aux[1] the sum of exp(x - max). The backward of these reductions rebuilds the member softmax
+// exp(x - aux[0]) / aux[1] from them, exact for logits of any magnitude; the others return an empty `aux` [0].
+inline bool saves_member_softmax(Reduction reduction) {
   return reduction == Reduction::kMeanProbs || reduction == Reduction::kLogMeanProbs;
 }
 

@@ -1,9 +1,10 @@
 """fused_ensemble: run and train N networks of one architecture as one fused network.
 
 ``FusedEnsemble`` rewrites N members into one network (grouped convolutions, batched matmuls, stacked
-normalization); ``optimize()`` tunes it for inference (``OptimizedEnsemble``); ``ensemble_reduce``,
-``ensemble_stats`` and ``ensemble_linear_reduce`` reduce the member outputs in one fused pass; ``optim``,
-``lr_scheduler``, ``clip_grad`` and ``amp`` train every member with its own hyperparameters.
+normalization), and ``shared()`` marks an input that every member sees whole when the others are per member;
+``optimize()`` tunes it for inference (``OptimizedEnsemble``); ``ensemble_reduce``, ``ensemble_stats`` and
+``ensemble_linear_reduce`` reduce the member outputs in one fused pass; ``optim``, ``lr_scheduler``, ``clip_grad``
+and ``amp`` train every member with its own hyperparameters.
 
 Every name a user needs is exported here; the subpackages hold the parts: ``fusion`` (how members become one
 network), ``inference`` (``optimize()``), ``ops`` (the ensemble ops and their backends), ``training``, and ``cli``
@@ -14,6 +15,7 @@ import sys
 
 from fused_ensemble.config import conv_backward
 from fused_ensemble.fused import FusedEnsemble
+from fused_ensemble.fusion.inputs import SharedInput, shared
 from fused_ensemble.inference.optimized import OptimizedEnsemble
 from fused_ensemble.ops.ensemble_head import ensemble_linear_reduce
 from fused_ensemble.ops.ensemble_reduce import ensemble_reduce, ensemble_stats
@@ -30,6 +32,7 @@ __all__ = [
     "FusedEnsemble",
     "MemberGradScaler",
     "OptimizedEnsemble",
+    "SharedInput",
     "amp",
     "clip_grad",
     "clip_grad_norm_",
@@ -43,6 +46,7 @@ __all__ = [
     "member_cross_entropy",
     "member_probabilities",
     "optim",
+    "shared",
     "train_epoch",
 ]
 __version__ = "0.1.0"

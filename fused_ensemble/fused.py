@@ -10,7 +10,7 @@ from torch import nn
 
 from fused_ensemble import config, cpu_memory
 from fused_ensemble.fusion.graph_runner import FusedGraph
-from fused_ensemble.fusion.layout import Layout
+from fused_ensemble.fusion.inputs import with_layouts
 from fused_ensemble.fusion.rules import FusionContext
 from fused_ensemble.fusion.stacking import (
     check_members,
@@ -20,7 +20,13 @@ from fused_ensemble.fusion.stacking import (
     unstack_member,
     with_member_memory_format,
 )
-from fused_ensemble.fusion.tracing import trace_member
+from fused_ensemble.fusion.tracing import (
+    call_key,
+    default_call_key,
+    forward_parameters,
+    member_is_layer,
+    trace_member,
+)
 from fused_ensemble.ops.ensemble_reduce import reduce_members
 from fused_ensemble.ops.reductions import check_reduction
 
@@ -31,7 +37,7 @@ if TYPE_CHECKING:
 class FusedEnsemble(nn.Module):
     """N networks of one architecture (different weights) run as one network.
 
-    The members' forward is traced once with torch.fx and rewritten layer by layer: convolutions become one
+    The members' forward is traced with torch.fx and rewritten layer by layer: convolutions become one
     grouped convolution over all members' channels (the first layer, fed the shared input, one dense convolution
     with N * C_out outputs), linear layers one batched matmul, BatchNorm/GroupNorm one normalization over N * C
     channels with per-member statistics, dropout draws independent masks per member, and every other op runs
@@ -39,18 +45,21 @@ class FusedEnsemble(nn.Module):
 
     Args:
         members: N ``nn.Module`` of the same class with parameters and buffers of equal names, shapes, dtypes and
-            devices. They are copied: later changes to them do not reach the fused module.
+            devices, the same configuration (every module's non-tensor state) and mode, and no hooks; a member may
+            be a single ``torch.nn`` layer. They are copied: later changes to them do not reach the fused module.
         reduction: how the member outputs ``[N, B, ...]`` are combined: ``"none"`` (return them),
             ``"mean"`` (any output, regression too), ``"mean_probs"`` (mean of member softmaxes, the deep-ensemble
-            default), ``"softmax_of_mean"`` or ``"log_mean_probs"``; the last three treat the last dim as classes.
-            Every reduction is ``ensemble_reduce``'s: accumulated in float32 and returned as float32 (float64 for
-            float64 models), whatever the members' output dtype.
+            default), ``"softmax_of_mean"``, ``"log_mean_probs"`` or ``"vote"`` (hard voting: the one-hot of the most
+            frequent member argmax); the last four treat the last dim as classes. Every reduction is
+            ``ensemble_reduce``'s: accumulated in float32 and returned as float32 (float64 for float64 models),
+            whatever the members' output dtype.
         member_inputs: if False every member sees the same input ``[B, ...]``; if True the input is
-            ``[N, B, ...]`` and member i sees ``x[i]`` (bagging, members trained on different batches).
+            ``[N, B, ...]`` and member i sees ``x[i]`` (bagging, members trained on different batches), except for
+            inputs wrapped in ``fused_ensemble.shared(...)``, which every member sees whole.
 
-    The first forward on CPU tensors raises glibc malloc's mmap and trim thresholds to 1 GiB for the process, so that
-    the N-times-larger weights' reordered copies, gradients and activations of every call reuse memory instead of
-    page-faulting fresh memory in (see ``fused_ensemble.cpu_memory``; ``FUSED_ENSEMBLE_KEEP_CPU_MEMORY=0`` opts out).
+    On CPU, ``fused_ensemble.cpu_memory.retain_freed_cpu_memory()`` (or ``FUSED_ENSEMBLE_KEEP_CPU_MEMORY=1``) makes
+    glibc keep freed memory for reuse, which can speed up large fused forwards that otherwise page-fault fresh memory
+    in on every call; it is off by default (see ``fused_ensemble.cpu_memory``).
 
     Every parameter and buffer of the fused module is the stack of the members' tensors (dim 0 is the member
     index), under the member's own name prefixed with ``stacked.``; ``to_members()`` splits them back.
@@ -67,13 +76,28 @@ class FusedEnsemble(nn.Module):
         self.reduction = reduction
         self.member_inputs = member_inputs
         self.stacked = stack_members(members)
+        self._member_is_layer = member_is_layer(self.stacked)
+        self._forward_parameters = forward_parameters(self.stacked)
         self._graphs = self._compile_graphs()
         self.train(members[0].training)
 
-    def _compile_graphs(self) -> dict[bool, FusedGraph]:
-        """The fused forward of each mode (train/eval): closures over ``self.stacked``'s submodules."""
-        return {mode: FusedGraph(trace_member(self.stacked, mode), self.stacked, self.num_members)
-                for mode in (True, False)}
+    def _compile_graphs(self) -> dict[tuple, FusedGraph]:
+        """The fused forward of each mode (train/eval) for a call with the member forward's required inputs:
+        closures over ``self.stacked``'s submodules. Other call shapes are compiled on their first call
+        (``_graph_for``)."""
+        key = default_call_key(self._member_is_layer, self._forward_parameters)
+        return {(mode, key): self._compile(mode, key) for mode in (True, False)}
+
+    def _compile(self, mode: bool, key: tuple) -> FusedGraph:
+        return FusedGraph(trace_member(self.stacked, mode, key), self.stacked, self.num_members)
+
+    def _graph_for(self, inputs: list, keyword_inputs: dict) -> FusedGraph:
+        """The fused forward of this mode for the call shape of these inputs (see fusion/tracing.py)."""
+        key = (self.training, call_key(self._member_is_layer, self._forward_parameters, inputs, keyword_inputs))
+        graph = self._graphs.get(key)
+        if graph is None:
+            graph = self._graphs[key] = self._compile(*key)
+        return graph
 
     # A copy (copy.deepcopy, AveragedModel's EMA copy, torch.save of the whole module) must compile graphs of its
     # own: deepcopy shares functions, so the copied graphs' closures would keep running the original's weights, and
@@ -85,6 +109,9 @@ class FusedEnsemble(nn.Module):
 
     def __setstate__(self, state):
         super().__setstate__(state)
+        # (Derived from the stacked tree again: a module pickled by an older version has neither.)
+        self._member_is_layer = member_is_layer(self.stacked)
+        self._forward_parameters = forward_parameters(self.stacked)
         self._graphs = self._compile_graphs()
 
     def extra_repr(self) -> str:
@@ -103,28 +130,20 @@ class FusedEnsemble(nn.Module):
 
     def forward(self, *inputs, **keyword_inputs):
         """The members' forward on ``inputs`` (positional and keyword, as the member takes them). Tensors are
-        ``[B, ...]`` shared by every member, or with ``member_inputs=True`` ``[N, B, ...]``; other values
-        (numbers, flags, None) are passed to every member as they are."""
-        named = [(repr(position), x) for position, x in enumerate(inputs)] + list(keyword_inputs.items())
-        if self.member_inputs:
-            for name, x in named:
-                if isinstance(x, torch.Tensor) and (x.dim() == 0 or x.shape[0] != self.num_members):
-                    raise ValueError(f"member_inputs=True expects input {name} of shape [N, B, ...] with "
-                                     f"N={self.num_members} members, got {tuple(x.shape)}")
+        ``[B, ...]`` shared by every member, or with ``member_inputs=True`` ``[N, B, ...]`` (an input wrapped in
+        ``fused_ensemble.shared(...)`` is every member's, whole); other values (numbers, flags, None) are passed to
+        every member as they are. The output has the structure the member's forward gives for such a call: inputs
+        that are None (or left out with a None default) are traced as None (see ``fused_ensemble.fusion.tracing``)."""
+        inputs, keyword_inputs = with_layouts(inputs, keyword_inputs, self.member_inputs, self.num_members)
+        values = [x for x, _ in inputs]
+        keyword_values = {name: x for name, (x, _) in keyword_inputs.items()}
         if not torch.compiler.is_compiling():
             # A process-wide malloc setting (ctypes) cannot be traced: a compiled forward relies on an eager CPU
             # forward, optimize(), or cpu_memory.retain_freed_cpu_memory() having made it.
-            cpu_memory.retain_for([x for _, x in named])
+            cpu_memory.retain_for(values + list(keyword_values.values()))
         context = FusionContext(self.num_members, config.conv_backward_mode())
-        outputs = self._graphs[self.training].run([self._with_layout(x) for x in inputs],
-                                                  {name: self._with_layout(x) for name, x in keyword_inputs.items()},
-                                                  context)
+        outputs = self._graph_for(values, keyword_values).run(inputs, keyword_inputs, context)
         return self.reduce(outputs)
-
-    def _with_layout(self, x) -> tuple:
-        if isinstance(x, torch.Tensor) and self.member_inputs:
-            return x, Layout.MEMBER
-        return x, Layout.SHARED
 
     def reduce(self, outputs: torch.Tensor) -> torch.Tensor:
         """Applies this ensemble's ``reduction`` to member outputs ``[N, B, ...]``."""

@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from fused_ensemble.kernels.ensemble_reduce import add_member, member_mean
-from fused_ensemble.ops.reductions import check_reduction
+from fused_ensemble.ops.reductions import check_kernel_reduction
 
 MAX_SOFTMAX_BLOCK_K = 256
 """Widest class block the heuristic uses to hold a whole row in one tile (for the in-kernel softmax/log-sum-exp);
@@ -271,7 +271,7 @@ def head_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     ``block_k < K`` forces the multi-block paths), for tests and tuning. ``input_precision`` is tl.dot's for
     float32 inputs: by default ``"tf32"`` if ``torch.backends.cuda.matmul.allow_tf32`` else ``"ieee"``.
     """
-    check_reduction(reduction)
+    check_kernel_reduction(reduction)
     _check_inputs(x, weight, bias)
     if input_precision is None:
         use_tf32 = x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32

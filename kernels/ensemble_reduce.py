@@ -2,8 +2,8 @@
 
 Every kernel sees logits ``x`` of shape ``[N, R, K]`` (N members, R rows, K classes) with arbitrary strides,
 zero strides from ``expand()`` included; x is never copied. Math runs in float32 whatever the input dtype
-(float32, float16, bfloat16). The contract (shapes, aux tensors, -inf behaviour) is the one of the C++ ops; the
-semantics are those of ``fused_ensemble.ops.reference``.
+(float32, float16, bfloat16). The contract (shapes, aux tensors, non-finite logits) is the one of the C++ ops
+(``fused_ensemble.ops.reductions``); the semantics are those of ``fused_ensemble.ops.reference``.
 
 Two regimes, chosen by the launchers from K:
 
@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fused_ensemble.ops.reductions import MEMBER_INDEPENDENT_GRAD, SAVES_MEMBER_LSE, check_reduction
+from fused_ensemble.ops.reductions import MEMBER_INDEPENDENT_GRAD, aux_shape, check_kernel_reduction
 
 MAX_SHORT_ROW_BLOCK = 8192
 """Largest power-of-two row width that one tile holds; wider rows take the long-row (chunked) kernels."""
@@ -117,6 +117,13 @@ def _combine_lse_partials(max_ptr, log_sum_ptr, rows, R, S, BLOCK_S: tl.constexp
     m_row = tl.max(m, axis=1)
     w = tl.where(m == float("-inf"), 0.0, tl.exp(m - m_row[:, None] + log_s))
     return m_row, tl.log(tl.sum(w, axis=1))
+
+
+@triton.jit
+def _member_argmax(x):
+    """First index of the max over axis 1 of member logits, NaN skipped: a row with a NaN has no member prediction
+    (its statistics are NaN whatever this gives), and the interpreter's argmax raises on a row of NaN only."""
+    return tl.argmax(tl.where(x == x, x, float("-inf")), axis=1, tie_break_left=True)
 
 
 @triton.jit
@@ -246,7 +253,8 @@ def _softmax_of_mean_split_finish_kernel(out_ptr, max_part_ptr, log_sum_part_ptr
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Forward: "mean_probs" and "log_mean_probs" (LOG_OUTPUT), which also save each member row's lse
+# Forward: "mean_probs" and "log_mean_probs" (LOG_OUTPUT), which also save each member row's max and sum of
+# exp(x - max) into aux [2, N, R] (aux[0] then aux[1]: the softmax normalizer that the backward rebuilds)
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -280,7 +288,7 @@ def member_mean(acc, top, log_n, N, LOG_OUTPUT: tl.constexpr):
 
 
 @triton.jit
-def _member_probs_short_kernel(x_ptr, out_ptr, lse_ptr, N, R, K, stride_n, stride_r, stride_k, log_n,
+def _member_probs_short_kernel(x_ptr, out_ptr, aux_ptr, N, R, K, stride_n, stride_r, stride_k, log_n,
                                LOG_OUTPUT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_K).to(tl.int64)
@@ -291,7 +299,7 @@ def _member_probs_short_kernel(x_ptr, out_ptr, lse_ptr, N, R, K, stride_n, strid
     acc = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
     top = tl.full([BLOCK_R, BLOCK_K], float("-inf"), dtype=tl.float32)
     x_n = x_ptr
-    lse_n = lse_ptr
+    aux_n = aux_ptr
     for _ in range(N):
         x = tl.load(x_n + offs, mask=mask, other=float("-inf")).to(tl.float32)
         m = tl.max(x, axis=1)
@@ -299,10 +307,11 @@ def _member_probs_short_kernel(x_ptr, out_ptr, lse_ptr, N, R, K, stride_n, strid
         e = tl.exp(shifted)
         s = tl.sum(e, axis=1)
         log_s = tl.log(s)
-        tl.store(lse_n + rows, m + log_s, mask=row_ok)
+        tl.store(aux_n + rows, m, mask=row_ok)
+        tl.store(aux_n + N * R + rows, s, mask=row_ok)
         acc, top = add_member(acc, top, shifted - log_s[:, None], e * (1.0 / s)[:, None], LOG_OUTPUT)
         x_n += stride_n
-        lse_n += R
+        aux_n += R
     result = member_mean(acc, top, log_n, N, LOG_OUTPUT)
     tl.store(out_ptr + rows[:, None] * K + cols[None, :], result, mask=mask)
 
@@ -330,8 +339,7 @@ def _long_rows_pass1(x_ptr, rows, N, R, K, stride_n, stride_r, stride_k, k_start
             if WITH_ARGMAX:
                 # First index on ties: only a strictly larger chunk maximum replaces the running one.
                 better = tl.max(x, axis=1) > m_run
-                best_idx = tl.where(better, (tl.argmax(x, axis=1, tie_break_left=True) + k0).to(tl.int32),
-                                    best_idx)
+                best_idx = tl.where(better, (_member_argmax(x) + k0).to(tl.int32), best_idx)
             m_run, s_run = _online_lse_update(m_run, s_run, x)
         row_max = tl.where(members == n, m_run[:, None], row_max)
         row_log_sum = tl.where(members == n, tl.log(s_run)[:, None], row_log_sum)
@@ -341,11 +349,14 @@ def _long_rows_pass1(x_ptr, rows, N, R, K, stride_n, stride_r, stride_k, k_start
 
 
 @triton.jit
-def _store_member_lse(lse_ptr, rows, R, N, row_max, row_log_sum, BLOCK_N: tl.constexpr):
-    """Stores the member log-sum-exps row_max + row_log_sum ([BLOCK_R, BLOCK_N]) into lse ([N, R])."""
+def _store_member_softmax(aux_ptr, rows, R, N, row_max, row_log_sum, BLOCK_N: tl.constexpr):
+    """Stores the member row maxima (aux[0]) and sums of exp(x - max) (aux[1], from their logs) of
+    [BLOCK_R, BLOCK_N] into aux ([2, N, R])."""
     members = tl.arange(0, BLOCK_N)[None, :].to(tl.int64)
-    tl.store(lse_ptr + members * R + rows[:, None], row_max + row_log_sum,
-             mask=(rows[:, None] < R) & (members < N))
+    offs = members * R + rows[:, None]
+    mask = (rows[:, None] < R) & (members < N)
+    tl.store(aux_ptr + offs, row_max, mask=mask)
+    tl.store(aux_ptr + N * R + offs, tl.exp(row_log_sum), mask=mask)
 
 
 @triton.jit
@@ -380,7 +391,7 @@ def _combine_member_partials(max_part_ptr, log_sum_part_ptr, argmax_part_ptr, ro
             mask = (rows[:, None] < R) & (splits < S)
             split_max = tl.load(max_part_ptr + n * R * S + offs, mask=mask, other=float("-inf"))
             split_idx = tl.load(argmax_part_ptr + n * R * S + offs, mask=mask, other=0)
-            first = tl.argmax(split_max, axis=1, tie_break_left=True)
+            first = _member_argmax(split_max)
             idx = tl.sum(tl.where(splits == first[:, None], split_idx, 0), axis=1)
             row_argmax = tl.where(members == n, idx[:, None], row_argmax)
         row_max = tl.where(members == n, m[:, None], row_max)
@@ -418,15 +429,15 @@ def _member_probs_pass2(x_ptr, out_ptr, rows, N, R, K, stride_n, stride_r, strid
 
 
 @triton.jit
-def _member_probs_long_kernel(x_ptr, out_ptr, lse_ptr, N, R, K, stride_n, stride_r, stride_k, log_n,
+def _member_probs_long_kernel(x_ptr, out_ptr, aux_ptr, N, R, K, stride_n, stride_r, stride_k, log_n,
                               LOG_OUTPUT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
                               BLOCK_N: tl.constexpr):
-    # Pass 1 reads every member row for its lse; pass 2 walks the chunks once, summing the members in
+    # Pass 1 reads every member row for its max and sum of exp; pass 2 walks the chunks once, summing the members in
     # registers, so the output is written once (no read-modify-write of the output row per member).
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_max, row_log_sum, _ = _long_rows_pass1(x_ptr, rows, N, R, K, stride_n, stride_r, stride_k, 0, K,
                                                False, BLOCK_R, BLOCK_K, BLOCK_N)
-    _store_member_lse(lse_ptr, rows, R, N, row_max, row_log_sum, BLOCK_N)
+    _store_member_softmax(aux_ptr, rows, R, N, row_max, row_log_sum, BLOCK_N)
     _member_probs_pass2(x_ptr, out_ptr, rows, N, R, K, stride_n, stride_r, stride_k, 0, K, log_n, row_max,
                         row_log_sum, LOG_OUTPUT, BLOCK_R, BLOCK_K, BLOCK_N)
 
@@ -445,7 +456,7 @@ def _member_partials_kernel(x_ptr, max_part_ptr, log_sum_part_ptr, argmax_part_p
 
 
 @triton.jit
-def _member_probs_split_kernel(x_ptr, out_ptr, lse_ptr, max_part_ptr, log_sum_part_ptr, N, R, K, stride_n,
+def _member_probs_split_kernel(x_ptr, out_ptr, aux_ptr, max_part_ptr, log_sum_part_ptr, N, R, K, stride_n,
                                stride_r, stride_k, log_n, SPLIT_COLS, S, LOG_OUTPUT: tl.constexpr,
                                BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
                                BLOCK_S: tl.constexpr):
@@ -455,7 +466,7 @@ def _member_probs_split_kernel(x_ptr, out_ptr, lse_ptr, max_part_ptr, log_sum_pa
     row_max, row_log_sum, _ = _combine_member_partials(max_part_ptr, log_sum_part_ptr, max_part_ptr, rows, N,
                                                        R, S, False, BLOCK_R, BLOCK_N, BLOCK_S)
     if split == 0:
-        _store_member_lse(lse_ptr, rows, R, N, row_max, row_log_sum, BLOCK_N)
+        _store_member_softmax(aux_ptr, rows, R, N, row_max, row_log_sum, BLOCK_N)
     _member_probs_pass2(x_ptr, out_ptr, rows, N, R, K, stride_n, stride_r, stride_k, k_start, k_end, log_n,
                         row_max, row_log_sum, LOG_OUTPUT, BLOCK_R, BLOCK_K, BLOCK_N)
 
@@ -469,17 +480,21 @@ def _member_probs_split_kernel(x_ptr, out_ptr, lse_ptr, max_part_ptr, log_sum_pa
 def _store_stats(rows, R, N, member_argmax, probs_entropy_sum, expected_entropy_sum, confidence, has_nan,
                  prediction, entropy_ptr, expected_entropy_ptr, mutual_info_ptr, confidence_ptr, prediction_ptr,
                  disagreement_ptr, BLOCK_N: tl.constexpr):
+    # has_nan: some member of the row has no softmax (a NaN or +inf logit, or -inf everywhere), which makes every
+    # probability of the row NaN: then every statistic is NaN (and prediction 0, the probs' argmax skipping NaN
+    # found nothing), as the reference says.
     row_ok = rows < R
-    entropy = -probs_entropy_sum
-    expected_entropy = expected_entropy_sum / N
-    # tl.max may drop NaN on the GPU; torch's max of a NaN row is NaN.
-    confidence = tl.where(has_nan, float("nan"), confidence)
+    entropy = tl.where(has_nan, float("nan"), -probs_entropy_sum)
+    expected_entropy = tl.where(has_nan, float("nan"), expected_entropy_sum / N)
+    mutual_info = entropy - expected_entropy
+    mutual_info = tl.where(mutual_info < 0, 0.0, mutual_info)  # rounding below 0; NaN stays NaN
+    confidence = tl.where(has_nan, float("nan"), confidence)  # also: tl.max may drop NaN on the GPU
     members = tl.arange(0, BLOCK_N)[None, :]
     disagree = (member_argmax != prediction[:, None]) & (members < N)
-    disagreement = tl.sum(disagree.to(tl.float32), axis=1) / N
+    disagreement = tl.where(has_nan, float("nan"), tl.sum(disagree.to(tl.float32), axis=1) / N)
     tl.store(entropy_ptr + rows, entropy, mask=row_ok)
     tl.store(expected_entropy_ptr + rows, expected_entropy, mask=row_ok)
-    tl.store(mutual_info_ptr + rows, entropy - expected_entropy, mask=row_ok)
+    tl.store(mutual_info_ptr + rows, mutual_info, mask=row_ok)
     tl.store(confidence_ptr + rows, confidence, mask=row_ok)
     tl.store(prediction_ptr + rows, prediction.to(tl.int64), mask=row_ok)
     tl.store(disagreement_ptr + rows, disagreement, mask=row_ok)
@@ -507,7 +522,7 @@ def _stats_short_kernel(x_ptr, probs_ptr, entropy_ptr, expected_entropy_ptr, mut
         log_p = shifted - tl.log(s)[:, None]
         expected_entropy_sum -= tl.sum(_plogp(p, log_p), axis=1)
         probs_sum += p
-        member_argmax = tl.where(members == n, tl.argmax(x, axis=1, tie_break_left=True)[:, None], member_argmax)
+        member_argmax = tl.where(members == n, _member_argmax(x)[:, None], member_argmax)
         x_n += stride_n
     probs = probs_sum / N
     tl.store(probs_ptr + rows[:, None] * K + cols[None, :], probs, mask=mask)
@@ -661,28 +676,32 @@ def _softmax_of_mean_backward_kernel(grad_out_ptr, out_ptr, grad_ptr, N, R, K,
 
 
 @triton.jit
-def _member_grad_terms(x_n, grad_out_ptr, out_ptr, lse, rows, cols, R, K, stride_r, stride_k, inv_n, log_n,
-                       LOG_OUTPUT: tl.constexpr):
+def _member_grad_terms(x_n, grad_out_ptr, out_ptr, row_max, row_log_sum, rows, cols, R, K, stride_r, stride_k,
+                       inv_n, log_n, LOG_OUTPUT: tl.constexpr):
     """Member probabilities s and the term h of grad = h - s * sum_k h, for one tile of member n.
 
-    mean_probs: h = g s / N. log_mean_probs: h = g s / (N p) = g exp(x - lse - out - log N), 0 where s = 0.
+    log s = (x - max) - log sum exp(x - max), from the saved row max and sum: exact for logits of any magnitude.
+    mean_probs: h = g s / N. log_mean_probs: h = g s / (N p) = g exp(log s - out - log N), the ratio taken in log
+    space, so that it stays right where s itself underflows (s = 1e-48 next to a mean p = 2e-48); 0 only where it
+    is undefined: an -inf logit (s = 0) or a class whose mean probability is 0 (out = -inf).
     """
     offs, mask = _tile_offsets(rows, cols, R, K, stride_r, stride_k)
     x = tl.load(x_n + offs, mask=mask, other=float("-inf")).to(tl.float32)
     out_offs = rows[:, None] * K + cols[None, :]
     g = tl.load(grad_out_ptr + out_offs, mask=mask, other=0.0).to(tl.float32)
-    log_s = x - lse[:, None]
+    log_s = (x - row_max[:, None]) - row_log_sum[:, None]
     s = tl.exp(log_s)
     if LOG_OUTPUT:
         o = tl.load(out_ptr + out_offs, mask=mask, other=0.0).to(tl.float32)
-        h = tl.where(s == 0, 0.0, g * tl.exp(log_s - o - log_n))
+        undefined = (x == float("-inf")) | (o == float("-inf"))
+        h = tl.where(undefined, 0.0, g * tl.exp(log_s - o - log_n))
     else:
         h = g * s * inv_n
     return s, h, mask
 
 
 @triton.jit
-def _member_probs_backward_kernel(x_ptr, grad_out_ptr, out_ptr, lse_ptr, grad_ptr, N, R, K,
+def _member_probs_backward_kernel(x_ptr, grad_out_ptr, out_ptr, aux_ptr, grad_ptr, N, R, K,
                                   stride_n, stride_r, stride_k, log_n,
                                   LOG_OUTPUT: tl.constexpr, ONE_BLOCK: tl.constexpr,
                                   BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -691,25 +710,26 @@ def _member_probs_backward_kernel(x_ptr, grad_out_ptr, out_ptr, lse_ptr, grad_pt
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     x_n = x_ptr + n * stride_n
     grad_n = grad_ptr + n * R * K
-    lse = tl.load(lse_ptr + n * R + rows, mask=rows < R, other=0.0)
+    row_max = tl.load(aux_ptr + n * R + rows, mask=rows < R, other=0.0)
+    row_log_sum = tl.log(tl.load(aux_ptr + (N + n) * R + rows, mask=rows < R, other=1.0))
     inv_n = 1.0 / N
     if ONE_BLOCK:
         cols = tl.arange(0, BLOCK_K).to(tl.int64)
-        s, h, mask = _member_grad_terms(x_n, grad_out_ptr, out_ptr, lse, rows, cols, R, K, stride_r, stride_k,
-                                        inv_n, log_n, LOG_OUTPUT)
+        s, h, mask = _member_grad_terms(x_n, grad_out_ptr, out_ptr, row_max, row_log_sum, rows, cols, R, K,
+                                        stride_r, stride_k, inv_n, log_n, LOG_OUTPUT)
         grad = h - s * tl.sum(h, axis=1)[:, None]
         tl.store(grad_n + rows[:, None] * K + cols[None, :], grad, mask=mask)
     else:
         h_sum = tl.zeros([BLOCK_R], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-            s, h, mask = _member_grad_terms(x_n, grad_out_ptr, out_ptr, lse, rows, cols, R, K, stride_r,
-                                            stride_k, inv_n, log_n, LOG_OUTPUT)
+            s, h, mask = _member_grad_terms(x_n, grad_out_ptr, out_ptr, row_max, row_log_sum, rows, cols, R, K,
+                                            stride_r, stride_k, inv_n, log_n, LOG_OUTPUT)
             h_sum += tl.sum(h, axis=1)
         for k0 in range(0, K, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-            s, h, mask = _member_grad_terms(x_n, grad_out_ptr, out_ptr, lse, rows, cols, R, K, stride_r,
-                                            stride_k, inv_n, log_n, LOG_OUTPUT)
+            s, h, mask = _member_grad_terms(x_n, grad_out_ptr, out_ptr, row_max, row_log_sum, rows, cols, R, K,
+                                            stride_r, stride_k, inv_n, log_n, LOG_OUTPUT)
             tl.store(grad_n + rows[:, None] * K + cols[None, :], h - s * h_sum[:, None], mask=mask)
 
 
@@ -790,18 +810,17 @@ def reduce_forward(x: torch.Tensor, reduction: str, *, block_r: int | None = Non
     """Reduces logits ``x`` of shape ``[N, R, K]`` (any strides) over the member dim 0.
 
     Returns ``(out, aux)``: ``out`` is a contiguous float32 ``[R, K]`` tensor (the reduction of
-    ``fused_ensemble.ops.reference.reduce_reference``); ``aux`` is the float32 ``[N, R]`` log-sum-exp of every
-    member row for ``"mean_probs"`` and ``"log_mean_probs"`` (saved for backward) and an empty ``(0,)`` float32
-    tensor otherwise. ``block_r`` / ``block_k`` / ``num_warps`` override the heuristic tile (powers of two;
-    ``block_k < K`` selects the long-row kernels) and ``splits`` the long rows' split-K count, for tests and
-    tuning.
+    ``fused_ensemble.ops.reference.reduce_reference``); ``aux`` is saved for the backward pass: for
+    ``"mean_probs"`` and ``"log_mean_probs"`` the float32 ``[2, N, R]`` max (``aux[0]``) and sum of ``exp(x - max)``
+    (``aux[1]``) of every member row, otherwise an empty ``(0,)`` float32 tensor (``reductions.aux_shape``).
+    ``block_r`` / ``block_k`` / ``num_warps`` override the heuristic tile (powers of two; ``block_k < K`` selects
+    the long-row kernels) and ``splits`` the long rows' split-K count, for tests and tuning.
     """
-    check_reduction(reduction)
+    check_kernel_reduction(reduction)
     _check_logits(x)
     N, R, K = x.shape
     out = torch.empty((R, K), dtype=torch.float32, device=x.device)
-    keeps_lse = reduction in SAVES_MEMBER_LSE
-    aux = torch.empty((N, R) if keeps_lse else (0,), dtype=torch.float32, device=x.device)
+    aux = torch.empty(aux_shape(reduction, N, R), dtype=torch.float32, device=x.device)
     if R == 0:
         return out, aux
     if reduction == "mean" and block_k is None:
@@ -868,9 +887,9 @@ def reduce_backward(grad_out: torch.Tensor, x: torch.Tensor, out: torch.Tensor, 
     ``"mean"`` and ``"softmax_of_mean"`` return the float32 ``[R, K]`` gradient shared by every member
     (``grad_out / N`` and ``out * (grad_out - sum_k grad_out * out) / N``); ``"mean_probs"`` and
     ``"log_mean_probs"`` return a contiguous ``[N, R, K]`` gradient in x's dtype, computed from the saved
-    ``aux`` (member log-sum-exps) and, for ``"log_mean_probs"``, ``out``.
+    ``aux`` (member row maxima and sums of exp) and, for ``"log_mean_probs"``, ``out``.
     """
-    check_reduction(reduction)
+    check_kernel_reduction(reduction)
     _check_logits(x)
     N, R, K = x.shape
     if grad_out.shape != (R, K) or out.shape != (R, K):
@@ -880,8 +899,9 @@ def reduce_backward(grad_out: torch.Tensor, x: torch.Tensor, out: torch.Tensor, 
     if reduction in MEMBER_INDEPENDENT_GRAD:
         grad = torch.empty((R, K), dtype=torch.float32, device=x.device)
     else:
-        if aux.shape != (N, R):
-            raise ValueError(f"aux must be the [N, R] = {(N, R)} member log-sum-exps, got {tuple(aux.shape)}")
+        if aux.shape != aux_shape(reduction, N, R):
+            raise ValueError(f"aux must be the [2, N, R] = {aux_shape(reduction, N, R)} member row maxima and sums of "
+                             f"exp(x - max) that reduce_forward saved, got {tuple(aux.shape)}")
         grad = torch.empty((N, R, K), dtype=x.dtype, device=x.device)
     if R == 0:
         return grad

@@ -13,11 +13,10 @@ from torch import nn
 
 from fused_ensemble import FusedEnsemble
 from fused_ensemble.cli.models import LeNet5, build_model, input_shape
+from fused_ensemble.ops.reductions import REDUCTIONS
 from fused_ensemble.ops.reference import reduce_reference
 
 from member_factories import assert_matches, assert_state_equal, clone_state, make_members, member_loop
-
-REDUCTIONS = ("mean", "mean_probs", "softmax_of_mean", "log_mean_probs")
 
 # (architecture, image shape of one sample; None: the model's own). The torchvision classifiers run on
 # smaller images than 224x224 here (their adaptive pooling allows it) to keep the CPU tests fast.

@@ -32,7 +32,7 @@ int64_t row_grain(int64_t members, int64_t classes) {
   return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, members * classes));
 }
 
-// Checks an [R, K] (or [N, R]) tensor that backward receives from forward or autograd and returns it
+// Checks an [R, K] (or [2, N, R]) tensor that backward receives from forward or autograd and returns it
 // contiguous; these are small next to the logits.
 at::Tensor check_saved(const at::Tensor& t, const char* name, at::IntArrayRef shape, at::ScalarType dtype) {
   TORCH_CHECK(t.device().is_cpu(), "fused_ensemble_ext::reduce_backward: ", name, " must be a CPU tensor");
@@ -50,8 +50,8 @@ std::tuple<at::Tensor, at::Tensor> reduce_forward(const at::Tensor& x, c10::stri
   const LogitsView view = check_cpu_logits(x, "reduce_forward");
   const auto options = x.options().dtype(acc_dtype(x));
   at::Tensor out = at::empty({view.rows, view.classes}, options);
-  at::Tensor aux = saves_member_lse(reduction) ? at::empty({view.members, view.rows}, options)
-                                               : at::empty({0}, options);
+  at::Tensor aux = saves_member_softmax(reduction) ? at::empty({2, view.members, view.rows}, options)
+                                                   : at::empty({0}, options);
   const ForwardArgs args{view, reduction, out.data_ptr(), aux.data_ptr()};
   const KernelTable& table = kernels();
   if (reduction == Reduction::kMean && view.stride_class == 1 && (view.rows == 1 || view.stride_row == view.classes)) {
@@ -75,8 +75,8 @@ at::Tensor reduce_backward(const at::Tensor& grad_out, const at::Tensor& x, cons
   const at::Tensor out_c = check_saved(out, "out", {view.rows, view.classes}, acc);
   at::Tensor aux_c = aux;
   at::Tensor grad;
-  if (saves_member_lse(reduction)) {
-    aux_c = check_saved(aux, "aux (member log-sum-exp)", {view.members, view.rows}, acc);
+  if (saves_member_softmax(reduction)) {
+    aux_c = check_saved(aux, "aux (member row max and sum of exp)", {2, view.members, view.rows}, acc);
     grad = at::empty({view.members, view.rows, view.classes}, x.options());
   } else {
     grad = at::empty({view.rows, view.classes}, x.options().dtype(acc));

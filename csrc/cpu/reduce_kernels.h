@@ -25,7 +25,7 @@ struct ForwardArgs {
   LogitsView x;
   Reduction reduction;
   void* out;  // [R, K] acc
-  void* aux;  // [N, R] acc: member log-sum-exp, for kMeanProbs and kLogMeanProbs only
+  void* aux;  // [2, N, R] acc, for kMeanProbs and kLogMeanProbs only: member row max, then sum of exp(x - max)
 };
 
 struct BackwardArgs {
@@ -33,7 +33,7 @@ struct BackwardArgs {
   Reduction reduction;
   const void* grad_out;  // [R, K] acc
   const void* out;       // [R, K] acc
-  const void* aux;       // [N, R] acc, for kMeanProbs and kLogMeanProbs
+  const void* aux;       // [2, N, R] acc, for kMeanProbs and kLogMeanProbs (as ForwardArgs::aux)
   void* grad;            // [R, K] acc for kMean and kSoftmaxOfMean; [N, R, K] in the logits' dtype otherwise
 };
 

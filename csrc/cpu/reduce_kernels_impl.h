@@ -191,6 +191,28 @@ T dot(const T* a, const T* b, int64_t K) {
   return hsum(acc);
 }
 
+// The scalar statistics of a row, from its mean probabilities' max (`confidence`, NaN-propagating), their entropy, the
+// sum of the member entropies and the number of members whose own argmax is not the prediction. A row in which some
+// member has no softmax (a NaN or +inf logit, or -inf everywhere) has NaN probabilities everywhere, hence a NaN
+// confidence: every statistic of it is NaN (the reference's rule; its prediction, the first NaN, is 0). The mutual
+// information is never negative: a rounding below 0 is 0.
+template <typename acc_t>
+inline void store_row_stats(const StatsArgs& a, int64_t r, acc_t confidence, int64_t prediction, acc_t entropy,
+                            acc_t entropy_sum, int64_t disagree) {
+  const acc_t members = static_cast<acc_t>(a.x.members);
+  const bool undefined = std::isnan(confidence);
+  const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
+  const acc_t expected_entropy = undefined ? nan : entropy_sum / members;
+  entropy = undefined ? nan : entropy;
+  const acc_t mutual_info = entropy - expected_entropy;
+  static_cast<acc_t*>(a.entropy)[r] = entropy;
+  static_cast<acc_t*>(a.expected_entropy)[r] = expected_entropy;
+  static_cast<acc_t*>(a.mutual_info)[r] = mutual_info < acc_t(0) ? acc_t(0) : mutual_info;  // NaN stays NaN
+  static_cast<acc_t*>(a.confidence)[r] = confidence;
+  a.prediction[r] = prediction;
+  static_cast<acc_t*>(a.disagreement)[r] = undefined ? nan : static_cast<acc_t>(disagree) / members;
+}
+
 // -sum_k p log p with 0 log 0 = 0 (torch.special.xlogy).
 template <typename T>
 T neg_xlogx_sum(const T* p, int64_t K) {
@@ -208,13 +230,6 @@ T neg_xlogx_sum(const T* p, int64_t K) {
     acc += V::blendv(v * v.log(), zero, v == zero);
   }
   return -hsum(acc);
-}
-
-// The log-sum-exp of a member row from its max and log sum_k exp(x - max); -inf for a row of -inf (as
-// torch.logsumexp), where that sum is NaN.
-template <typename T>
-inline T member_lse(T max, T log_sum) {
-  return max == -kInf<T> ? max : max + log_sum;
 }
 
 // o[k] = mean_n rows[n][k].
@@ -334,15 +349,16 @@ inline void store_tile(const acc_t* __restrict__ tile, int64_t r0, int64_t rows,
   }
 }
 
-// The first `rows` lanes of a member's log-sum-exp (max + log sum exp(x - max)) into `lse` (the [N, R] aux row
-// saved for backward); a row of -inf keeps -inf, as member_lse does.
+// The first `rows` lanes of a member's row max and sum of exp(x - max) into the aux saved for backward ([2, N, R]):
+// `aux_max` points at aux[0, n, r0], `aux_sum` at aux[1, n, r0].
 template <typename acc_t, int64_t W>
-inline void store_member_lse(const Vectorized<acc_t>& max, const Vectorized<acc_t>& log_sum, acc_t* lse,
-                             int64_t rows) {
-  using V = Vectorized<acc_t>;
+inline void store_member_softmax(const Vectorized<acc_t>& max, const Vectorized<acc_t>& sum, acc_t* aux_max,
+                                 acc_t* aux_sum, int64_t rows) {
   alignas(64) acc_t lanes[W];
-  V::blendv(max + log_sum, max, max == V(-kInf<acc_t>)).store(lanes);
-  for (int64_t i = 0; i < rows; ++i) lse[i] = lanes[i];
+  max.store(lanes);
+  for (int64_t i = 0; i < rows; ++i) aux_max[i] = lanes[i];
+  sum.store(lanes);
+  for (int64_t i = 0; i < rows; ++i) aux_sum[i] = lanes[i];
 }
 
 // mean_probs for short rows (K <= kShortRowClasses), W rows at a time: each member's [W rows x K] tile is
@@ -377,7 +393,7 @@ void mean_probs_short_rows(const ForwardArgs& a, int64_t row_begin, int64_t row_
       }
       const V scale = V(1) / (n_members * sum);
       for (int64_t k = 0; k < K; ++k) acc[k] += v[k] * scale;
-      store_member_lse<acc_t, W>(m, sum.log(), aux + n * R + r0, rows);
+      store_member_softmax<acc_t, W>(m, sum, aux + n * R + r0, aux + (N + n) * R + r0, rows);
     }
     for (int64_t k = 0; k < K; ++k) acc[k].store(tile + k * W);
     store_tile<acc_t, W>(tile, r0, rows, K, out);
@@ -410,7 +426,7 @@ void log_mean_probs_short_rows(const ForwardArgs& a, int64_t row_begin, int64_t 
       const V log_sum = sum.log();
       m.store(shifts.get() + n * W);
       log_sum.store(shifts.get() + (N + n) * W);
-      store_member_lse<acc_t, W>(m, log_sum, aux + n * R + r0, rows);
+      store_member_softmax<acc_t, W>(m, sum, aux + n * R + r0, aux + (N + n) * R + r0, rows);
     }
     for (int64_t k = 0; k < K; ++k) {
       V top = neg_inf;
@@ -500,7 +516,8 @@ void reduce_forward_rows(const ForwardArgs& a, int64_t row_begin, int64_t row_en
           const acc_t* p = members.get(n, r, 0);
           const acc_t m = row_max(p, K);
           const acc_t sum = exp_store_sum(p, m, exps.get(), K);
-          aux[n * R + r] = member_lse(m, std::log(sum));
+          aux[n * R + r] = m;
+          aux[(N + n) * R + r] = sum;
           scale_add(exps.get(), acc_t(1) / (static_cast<acc_t>(N) * sum), o, K, /*accumulate=*/n > 0);
         }
         break;
@@ -510,8 +527,10 @@ void reduce_forward_rows(const ForwardArgs& a, int64_t row_begin, int64_t row_en
         for (int64_t n = 0; n < N; ++n) {
           rows[n] = members.get(n, r, n);
           max[n] = row_max(rows[n], K);
-          log_sum[n] = std::log(exp_sum(rows[n], max[n], K));
-          aux[n * R + r] = member_lse(max[n], log_sum[n]);
+          const acc_t sum = exp_sum(rows[n], max[n], K);
+          log_sum[n] = std::log(sum);
+          aux[n * R + r] = max[n];
+          aux[(N + n) * R + r] = sum;
         }
         // out_k = logsumexp_n(log_softmax_n,k) - log N; the log-softmax is formed as (x - max) - log_sum so
         // that large logits lose nothing to the rounding of the log-sum-exp.
@@ -557,26 +576,33 @@ void member_softmax_backward_short_rows(const BackwardArgs& a, int64_t row_begin
     if (log_output) load_tile<acc_t, acc_t, W>(o_view, 0, r0, rows, o_tile);
     for (int64_t n = 0; n < N; ++n) {
       load_tile<scalar_t, acc_t, W>(a.x, n, r0, rows, x_tile);
+      // The member's saved row max and sum of exp(x - max) (lanes past `rows`: 0 and 1).
       for (int64_t i = 0; i < W; ++i) lanes[i] = i < rows ? aux[n * R + r0 + i] : acc_t(0);
-      const V lse = V::loadu(lanes);
+      const V max = V::loadu(lanes);
+      for (int64_t i = 0; i < W; ++i) lanes[i] = i < rows ? aux[(N + n) * R + r0 + i] : acc_t(1);
+      const V log_sum = V::loadu(lanes).log();
+      // t = log s = (x - max) - log sum: exact for logits of any magnitude.
+      V t[kShortRowClasses];
+      for (int64_t k = 0; k < K; ++k) t[k] = (V::loadu(x_tile + k * W) - max) - log_sum;
       V d[kShortRowClasses];
       if (!log_output) {
-        // s (g - <g, s>) / N, s = exp(x - lse)
+        // s (g - <g, s>) / N, s = exp(t)
         V g_dot_s(0);
         for (int64_t k = 0; k < K; ++k) {
-          d[k] = vexp(V::loadu(x_tile + k * W) - lse);
+          d[k] = vexp(t[k]);
           g_dot_s += V::loadu(g_tile + k * W) * d[k];
         }
         for (int64_t k = 0; k < K; ++k) d[k] = d[k] * (V::loadu(g_tile + k * W) - g_dot_s) / n_members;
       } else {
-        // h - s sum(h), h = g exp(x - lse - out - log N), and h = 0 where x = -inf.
+        // h - s sum(h), h = g s / (N p) = g exp(t - out - log N), the ratio taken in log space (right where s
+        // underflows), and h = 0 where it is undefined: x = -inf (then out may be -inf too).
         V h_sum(0);
         for (int64_t k = 0; k < K; ++k) {
-          const V t = V::loadu(x_tile + k * W) - lse;
-          d[k] = V::blendv(V::loadu(g_tile + k * W) * vexp(t - V::loadu(o_tile + k * W) - log_n), zero, t == neg_inf);
+          d[k] = V::blendv(V::loadu(g_tile + k * W) * vexp(t[k] - V::loadu(o_tile + k * W) - log_n), zero,
+                           t[k] == neg_inf);
           h_sum += d[k];
         }
-        for (int64_t k = 0; k < K; ++k) d[k] = d[k] - vexp(V::loadu(x_tile + k * W) - lse) * h_sum;
+        for (int64_t k = 0; k < K; ++k) d[k] = d[k] - vexp(t[k]) * h_sum;
       }
       for (int64_t k = 0; k < K; ++k) d[k].store(x_tile + k * W);
       for (int64_t i = 0; i < rows; ++i) {
@@ -623,7 +649,7 @@ void reduce_backward_rows(const BackwardArgs& a, int64_t row_begin, int64_t row_
   scalar_t* grad = static_cast<scalar_t*>(a.grad);
   MemberRows<scalar_t, acc_t> members(a.x, 1);
   std::unique_ptr<acc_t[]> scratch(new acc_t[2 * K]);
-  acc_t* probs = scratch.get();  // s_n = exp(x_n - lse_n)
+  acc_t* probs = scratch.get();  // s_n = exp(x_n - max_n) / sum_n
   acc_t* work = scratch.get() + K;
   const V neg_inf(-kInf<acc_t>), zero(0);
   const acc_t log_n = std::log(static_cast<acc_t>(N));
@@ -633,24 +659,29 @@ void reduce_backward_rows(const BackwardArgs& a, int64_t row_begin, int64_t row_
     const acc_t* o = out + r * K;
     for (int64_t n = 0; n < N; ++n) {
       const acc_t* p = members.get(n, r, 0);
-      const acc_t lse = aux[n * R + r];
+      // The member's saved row max and sum of exp(x - max): log s = (x - max) - log sum, exact for logits of any
+      // magnitude (x - lse with a rounded log-sum-exp is not).
+      const acc_t max = aux[n * R + r];
+      const V vmax(max), vlog_sum(std::log(aux[(N + n) * R + r]));
       scalar_t* dst = grad + (n * R + r) * K;
       acc_t* result = std::is_same_v<scalar_t, acc_t> ? reinterpret_cast<acc_t*>(dst) : work;
       if (a.reduction == Reduction::kMeanProbs) {
         // s (g - <g, s>) / N
-        exp_store_sum(p, lse, probs, K);
+        exp_store_sum(p, max, probs, K);
+        scale_add(probs, acc_t(1) / aux[(N + n) * R + r], probs, K, /*accumulate=*/false);
         const V g_dot_s(dot(g, probs, K));
         for (int64_t k = 0; k < K; k += W) {
           const int64_t count = std::min<int64_t>(W, K - k);
           (V::loadu(probs + k, count) * (V::loadu(g + k, count) - g_dot_s) / vcount).store(result + k, count);
         }
       } else {
-        // h - s sum(h), h = g s / (N p) = g exp(x - lse - out - log N), and h = 0 where x = -inf.
-        const V vlse(lse), vlog_n(log_n);
+        // h - s sum(h), h = g s / (N p) = g exp(log s - out - log N), the ratio taken in log space (right where s
+        // underflows), and h = 0 where it is undefined: x = -inf (then out may be -inf too).
+        const V vlog_n(log_n);
         V h_sum(0);
         for (int64_t k = 0; k < K; k += W) {
           const int64_t count = std::min<int64_t>(W, K - k);
-          const V t = V::loadu(p + k, count) - vlse;
+          const V t = (V::loadu(p + k, count) - vmax) - vlog_sum;
           const V h = V::blendv(V::loadu(g + k, count) * vexp(t - V::loadu(o + k, count) - vlog_n), zero,
                                 t == neg_inf);
           h.store(work + k, count);
@@ -659,7 +690,8 @@ void reduce_backward_rows(const BackwardArgs& a, int64_t row_begin, int64_t row_
         const V total(hsum(h_sum));
         for (int64_t k = 0; k < K; k += W) {
           const int64_t count = std::min<int64_t>(W, K - k);
-          (V::loadu(work + k, count) - vexp(V::loadu(p + k, count) - vlse) * total).store(result + k, count);
+          const V t = (V::loadu(p + k, count) - vmax) - vlog_sum;
+          (V::loadu(work + k, count) - vexp(t) * total).store(result + k, count);
         }
       }
       if (!std::is_same_v<scalar_t, acc_t>) store_row(result, dst, K);
@@ -709,8 +741,8 @@ void stats_short_rows(const StatsArgs& a, int64_t row_begin, int64_t row_end) {
         sum += e[k];
         dot += V::blendv(zero, e[k] * d, e[k] > zero);
       }
-      // H_n = log(sum) - sum e (x - max) / sum; a member row of -inf counts as 0 entropy (see the row path).
-      entropy_sum += V::blendv(sum.log() - dot / sum, zero, m == neg_inf);
+      // H_n = log(sum) - sum e (x - max) / sum (see the row path; rows without a softmax end up NaN anyway).
+      entropy_sum += sum.log() - dot / sum;
       const V scale = V(1) / (n_members * sum);
       for (int64_t k = 0; k < K; ++k) probs[k] += e[k] * scale;
     }
@@ -721,24 +753,18 @@ void stats_short_rows(const StatsArgs& a, int64_t row_begin, int64_t row_end) {
       entropy += V::blendv(probs[k] * probs[k].log(), zero, probs[k] == zero);
     }
     entropy = zero - entropy;
-    const V expected_entropy = entropy_sum / n_members;
-    alignas(64) acc_t confidence_lanes[W], entropy_lanes[W], expected_lanes[W], mutual_lanes[W];
+    alignas(64) acc_t confidence_lanes[W], entropy_lanes[W], entropy_sum_lanes[W];
     confidence.store(confidence_lanes);
     entropy.store(entropy_lanes);
-    expected_entropy.store(expected_lanes);
-    (entropy - expected_entropy).store(mutual_lanes);
+    entropy_sum.store(entropy_sum_lanes);
     for (int64_t i = 0; i < rows; ++i) {
       const int64_t r = r0 + i;
       for (int64_t k = 0; k < K; ++k) static_cast<acc_t*>(a.probs)[r * K + k] = tile[k * W + i];
       const int64_t prediction = first_index_in_column<acc_t, W>(tile, K, i, confidence_lanes[i]);
       int64_t disagree = 0;
       for (int64_t n = 0; n < N; ++n) disagree += member_prediction[n * W + i] != prediction;
-      static_cast<acc_t*>(a.entropy)[r] = entropy_lanes[i];
-      static_cast<acc_t*>(a.expected_entropy)[r] = expected_lanes[i];
-      static_cast<acc_t*>(a.mutual_info)[r] = mutual_lanes[i];
-      static_cast<acc_t*>(a.confidence)[r] = confidence_lanes[i];
-      a.prediction[r] = prediction;
-      static_cast<acc_t*>(a.disagreement)[r] = static_cast<acc_t>(disagree) / static_cast<acc_t>(N);
+      store_row_stats<acc_t>(a, r, confidence_lanes[i], prediction, entropy_lanes[i], entropy_sum_lanes[i],
+                             disagree);
     }
   }
 }
@@ -761,23 +787,16 @@ void stats_forward_rows(const StatsArgs& a, int64_t row_begin, int64_t row_end) 
       member_prediction[n] = first_index_of(p, K, m);
       acc_t sum, dot_shifted;
       exp_store_sum_dot(p, m, exps.get(), K, sum, dot_shifted);
-      // H_n = -sum s (x - lse) = log(sum) - sum e (x - max) / sum, with s = e / sum, e = exp(x - max). A row of
-      // -inf has NaN probabilities, which the reference's 0 log 0 = 0 rule counts as 0 entropy.
-      if (m != -kInf<acc_t>) entropy_sum += std::log(sum) - dot_shifted / sum;
+      // H_n = -sum s (x - lse) = log(sum) - sum e (x - max) / sum, with s = e / sum, e = exp(x - max). A member
+      // row without a softmax (NaN, +inf, or -inf everywhere) makes the row's statistics NaN (store_row_stats).
+      entropy_sum += std::log(sum) - dot_shifted / sum;
       scale_add(exps.get(), acc_t(1) / (static_cast<acc_t>(N) * sum), probs, K, /*accumulate=*/n > 0);
     }
     const acc_t confidence = row_max(probs, K);
     const int64_t prediction = first_index_of(probs, K, confidence);
-    const acc_t entropy = neg_xlogx_sum(probs, K);
-    const acc_t expected_entropy = entropy_sum / static_cast<acc_t>(N);
     int64_t disagree = 0;
     for (int64_t n = 0; n < N; ++n) disagree += member_prediction[n] != prediction;
-    static_cast<acc_t*>(a.entropy)[r] = entropy;
-    static_cast<acc_t*>(a.expected_entropy)[r] = expected_entropy;
-    static_cast<acc_t*>(a.mutual_info)[r] = entropy - expected_entropy;
-    static_cast<acc_t*>(a.confidence)[r] = confidence;
-    a.prediction[r] = prediction;
-    static_cast<acc_t*>(a.disagreement)[r] = static_cast<acc_t>(disagree) / static_cast<acc_t>(N);
+    store_row_stats<acc_t>(a, r, confidence, prediction, neg_xlogx_sum(probs, K), entropy_sum, disagree);
   }
 }
 

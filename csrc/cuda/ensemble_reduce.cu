@@ -43,7 +43,7 @@ std::tuple<at::Tensor, at::Tensor> reduce_forward_cuda(const at::Tensor& logits,
   const int64_t N = logits.size(0), R = logits.size(1), K = logits.size(2);
   const auto opts = logits.options().dtype(accumulate_dtype(logits.scalar_type()));
   at::Tensor out = at::empty({R, K}, opts);
-  at::Tensor aux = saves_member_lse(red) ? at::empty({N, R}, opts) : at::empty({0}, opts);
+  at::Tensor aux = saves_member_softmax(red) ? at::empty({2, N, R}, opts) : at::empty({0}, opts);
   launch_reduce_forward(logits, red, out, aux, short_rows);
   return {out, aux};
 }
@@ -65,11 +65,13 @@ at::Tensor reduce_backward_cuda(const at::Tensor& grad_out, const at::Tensor& lo
   TORCH_CHECK(grad_out.scalar_type() == acc && out.scalar_type() == acc,
               "fused_ensemble_ext::reduce_backward (CUDA): grad_out and out must be ", acc, " for ",
               logits.scalar_type(), " logits, got ", grad_out.scalar_type(), " and ", out.scalar_type());
-  if (saves_member_lse(red)) {
-    // aux (the member lse) is only checked: the kernel recomputes it exactly from the logits it reads anyway.
-    const std::vector<int64_t> nr{N, R};
-    TORCH_CHECK(aux.sizes() == nr, "fused_ensemble_ext::reduce_backward (CUDA): aux (member lse) must have shape ",
-                c10::IntArrayRef(nr), " for reduction '", std::string(reduction.data(), reduction.size()),
+  if (saves_member_softmax(red)) {
+    // aux (the member row max and sum of exp) is only checked: the kernel recomputes both from the logits it reads
+    // anyway.
+    const std::vector<int64_t> two_nr{2, N, R};
+    TORCH_CHECK(aux.sizes() == two_nr,
+                "fused_ensemble_ext::reduce_backward (CUDA): aux (member row max and sum of exp) must have shape ",
+                c10::IntArrayRef(two_nr), " for reduction '", std::string(reduction.data(), reduction.size()),
                 "', got ", aux.sizes());
   }
   // The contract passes contiguous grad_out/out; a strided grad_out from autograd is made contiguous here

@@ -5,8 +5,8 @@
 // pass 1 reduces the online-softmax partial (max, sum of exp) of x, pass 2 the row dot product
 // (sum g * s, or sum h for log_mean_probs), pass 3 writes the gradient. With a row in one tile all three
 // passes run on registers; longer rows re-read tiles, alternating direction so one tile stays in registers.
-// The member log-sum-exp is recomputed from x rather than taken from `aux`: the stored fp32 lse is rounded to
-// the magnitude of the logits (about 1e-3 at |x| ~ 1e4), the register copy of the row is not.
+// The member row max and sum of exp(x - max) are recomputed from x rather than taken from `aux` (which holds the
+// same two numbers, see ../ensemble_reduce.h): the row is read anyway, and its register copy serves the passes.
 #include "ensemble_reduce_common.cuh"
 #include "ensemble_reduce_config.h"
 #include "ensemble_reduce_launch.h"

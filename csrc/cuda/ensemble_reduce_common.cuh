@@ -23,6 +23,8 @@ template <typename T> using acc_type = typename AccType<T>::type;
 
 __device__ __forceinline__ float neg_inf(float) { return __int_as_float(0xff800000); }
 __device__ __forceinline__ double neg_inf(double) { return __longlong_as_double(0xfff0000000000000ULL); }
+__device__ __forceinline__ float quiet_nan(float) { return __int_as_float(0x7fc00000); }
+__device__ __forceinline__ double quiet_nan(double) { return __longlong_as_double(0x7ff8000000000000ULL); }
 __device__ __forceinline__ float exp_(float x) { return expf(x); }
 __device__ __forceinline__ double exp_(double x) { return exp(x); }
 __device__ __forceinline__ float log_(float x) { return logf(x); }
@@ -243,18 +245,23 @@ struct ProbsPart {
 
 // Writes row r's scalar statistics (into the fields of a kernel parameter struct P): from the partial over the
 // mean probabilities, the sum of the member entropies and the number of members whose own argmax is not the
-// prediction.
+// prediction. A row in which some member has no softmax (a NaN or +inf logit, or -inf everywhere) has NaN mean
+// probabilities, so a NaN best: every statistic of it is NaN (its prediction, the first NaN, is 0), the rule of
+// the reference. The mutual information is never negative: a rounding below 0 is 0.
 template <typename P, typename A>
 __device__ __forceinline__ void store_row_stats(const P& p, int64_t r, const ProbsPart<A>& pp, A entropy_sum,
                                                 A differ) {
-  const A entropy = -pp.plogp;
-  const A expected = entropy_sum * p.inv_n;
+  const bool undefined = pp.best != pp.best;
+  const A nan = quiet_nan(A());
+  const A entropy = undefined ? nan : -pp.plogp;
+  const A expected = undefined ? nan : entropy_sum * p.inv_n;
+  const A mutual_info = entropy - expected;
   p.entropy[r] = entropy;
   p.expected_entropy[r] = expected;
-  p.mutual_info[r] = entropy - expected;
+  p.mutual_info[r] = mutual_info < A(0) ? A(0) : mutual_info;  // NaN stays NaN
   p.confidence[r] = pp.best;
   p.prediction[r] = pp.idx;
-  p.disagreement[r] = differ * p.inv_n;
+  p.disagreement[r] = undefined ? nan : differ * p.inv_n;
 }
 
 }  // namespace fused_ensemble::cuda

@@ -81,7 +81,7 @@ struct RowParams {
   int tpr, rows_per_block, tiles;
   A inv_n, log_n;
   A* out;             // [R, K]
-  A* lse;             // [N, R] (mean_probs, log_mean_probs)
+  A* aux;             // [2, N, R] (mean_probs, log_mean_probs): member row max, then sum of exp(x - max)
   A* acc2;            // [R, K] second accumulator when not in shared memory (log_mean_probs)
   bool acc_in_smem;
   int64_t pitch;      // row pitch of the shared-memory accumulators (elements, multiple of 4), 0 if unused
@@ -161,7 +161,10 @@ __global__ void __launch_bounds__(MAX_BLOCK) reduce_rows_kernel(const RowParams<
       part = group_reduce(part, g, scratch, parity);
       const A log_s = log_(part.s);
       if constexpr (MODE != Mode::kStats) {
-        if (g.lane == 0 && row_ok) p.lse[n * p.R + r] = part.m + log_s;
+        if (g.lane == 0 && row_ok) {
+          p.aux[n * p.R + r] = part.m;
+          p.aux[(p.N + n) * p.R + r] = part.s;
+        }
       } else {
         // A member row that is all -inf has s = 0: the reference's 0 * log 0 = 0 convention makes its
         // entropy 0 (its probabilities are NaN and poison `probs` instead).
@@ -424,11 +427,11 @@ bool softmax_of_mean_in_two_steps(const at::Tensor& x) {
 
 }  // namespace
 
-void launch_reduce_forward(const at::Tensor& x, Reduction reduction, at::Tensor& out, at::Tensor& lse,
+void launch_reduce_forward(const at::Tensor& x, Reduction reduction, at::Tensor& out, at::Tensor& aux,
                            bool short_rows) {
   if (x.size(1) == 0) return;
   if (short_rows && reduction != Reduction::kMean && short_rows_kernel_applies(x)) {
-    launch_short_rows_forward(x, reduction, out, lse);
+    launch_short_rows_forward(x, reduction, out, aux);
     return;
   }
   switch (reduction) {
@@ -436,10 +439,10 @@ void launch_reduce_forward(const at::Tensor& x, Reduction reduction, at::Tensor&
       launch_mean(x, out);
       return;
     case Reduction::kMeanProbs:
-      run_rows<Mode::kMeanProbs>(x, out, [&](auto& p) { p.lse = lse.data_ptr<acc_of<decltype(p)>>(); });
+      run_rows<Mode::kMeanProbs>(x, out, [&](auto& p) { p.aux = aux.data_ptr<acc_of<decltype(p)>>(); });
       return;
     case Reduction::kLogMeanProbs:
-      run_rows<Mode::kLogMeanProbs>(x, out, [&](auto& p) { p.lse = lse.data_ptr<acc_of<decltype(p)>>(); });
+      run_rows<Mode::kLogMeanProbs>(x, out, [&](auto& p) { p.aux = aux.data_ptr<acc_of<decltype(p)>>(); });
       return;
     case Reduction::kSoftmaxOfMean:
       if (softmax_of_mean_in_two_steps(x)) {

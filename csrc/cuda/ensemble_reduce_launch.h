@@ -12,9 +12,10 @@
 
 namespace fused_ensemble::cuda {
 
-// out [R, K]; lse [N, R] for kMeanProbs / kLogMeanProbs (empty otherwise). short_rows: use the short-row kernel
+// out [R, K]; aux [2, N, R] for kMeanProbs / kLogMeanProbs (empty otherwise): aux[0] each member row's max, aux[1] its
+// sum of exp(x - max), see ../ensemble_reduce.h. short_rows: use the short-row kernel
 // where it applies (below).
-void launch_reduce_forward(const at::Tensor& x, Reduction reduction, at::Tensor& out, at::Tensor& lse,
+void launch_reduce_forward(const at::Tensor& x, Reduction reduction, at::Tensor& out, at::Tensor& aux,
                            bool short_rows);
 
 // The seven outputs of stats_forward, allocated by the caller.
@@ -44,7 +45,7 @@ void set_stats_outputs(Params& p, StatsOutputs& o) {
 // launch_reduce_forward / launch_stats_forward use it wherever it applies (but for kMean) when their caller asks
 // for it: opt-in for now, through the ops' short_rows argument (see csrc/ops.cpp).
 bool short_rows_kernel_applies(const at::Tensor& x);
-void launch_short_rows_forward(const at::Tensor& x, Reduction reduction, at::Tensor& out, at::Tensor& lse);
+void launch_short_rows_forward(const at::Tensor& x, Reduction reduction, at::Tensor& out, at::Tensor& aux);
 void launch_short_rows_stats(const at::Tensor& x, StatsOutputs& outputs);
 
 // grad: [R, K] (kMean, kSoftmaxOfMean) or [N, R, K] (kMeanProbs, kLogMeanProbs); grad_out and out contiguous.

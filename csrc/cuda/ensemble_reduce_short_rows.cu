@@ -38,7 +38,7 @@ struct ShortParams {
   float inv_k;
   A inv_n, log_n;
   A* out;            // [R, K]
-  A* lse;            // [N, R] (mean_probs, log_mean_probs)
+  A* aux;            // [2, N, R] (mean_probs, log_mean_probs): member row max, then sum of exp(x - max)
   A *entropy, *expected_entropy, *mutual_info, *confidence, *disagreement;
   int64_t* prediction;
 };
@@ -169,7 +169,10 @@ __global__ void __launch_bounds__(kRowsPerBlock) short_rows_kernel(const ShortPa
       entropy_sum += part.s == A(0) ? A(0) : log_s - part.e / part.s;
       counts[part.idx * kRowsPerBlock + t] += 1;  // idx < K: the first NaN or the first of the largest values
     } else {
-      if (row_ok) p.lse[n * p.R + r] = part.m + log_s;
+      if (row_ok) {
+        p.aux[n * p.R + r] = part.m;
+        p.aux[(p.N + n) * p.R + r] = part.s;
+      }
     }
     if constexpr (MODE == ShortMode::kLogMeanProbs) {
       // Per column online log-sum-exp over members of the member log-probabilities (as the row kernel).
@@ -272,13 +275,13 @@ bool short_rows_kernel_applies(const at::Tensor& x) {
   return K >= 1 && K <= kMaxK && R >= 1 && (K == 1 || x.stride(2) == 1) && (R == 1 || x.stride(1) == K);
 }
 
-void launch_short_rows_forward(const at::Tensor& x, Reduction reduction, at::Tensor& out, at::Tensor& lse) {
+void launch_short_rows_forward(const at::Tensor& x, Reduction reduction, at::Tensor& out, at::Tensor& aux) {
   switch (reduction) {
     case Reduction::kMeanProbs:
-      run_short_rows<ShortMode::kMeanProbs>(x, out, [&](auto& p) { p.lse = lse.data_ptr<acc_of<decltype(p)>>(); });
+      run_short_rows<ShortMode::kMeanProbs>(x, out, [&](auto& p) { p.aux = aux.data_ptr<acc_of<decltype(p)>>(); });
       return;
     case Reduction::kLogMeanProbs:
-      run_short_rows<ShortMode::kLogMeanProbs>(x, out, [&](auto& p) { p.lse = lse.data_ptr<acc_of<decltype(p)>>(); });
+      run_short_rows<ShortMode::kLogMeanProbs>(x, out, [&](auto& p) { p.aux = aux.data_ptr<acc_of<decltype(p)>>(); });
       return;
     case Reduction::kSoftmaxOfMean:
       run_short_rows<ShortMode::kSoftmaxOfMean>(x, out, [](auto&) {});

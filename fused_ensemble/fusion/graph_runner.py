@@ -33,7 +33,7 @@ from fused_ensemble.fusion.op_kinds import (
     function_kind,
     module_kind,
 )
-from fused_ensemble.fusion.rules import FusionContext, LayerCall, rule_for, unsupported_reason
+from fused_ensemble.fusion.rules import FusionContext, LayerCall, member_shape, rule_for, unsupported_reason
 
 try:
     from torchvision.ops import stochastic_depth as _stochastic_depth
@@ -41,6 +41,9 @@ except ImportError:  # torchvision is optional for the runner
     _stochastic_depth = None
 
 Step = Callable[[list, FusionContext], tuple[Any, Layout]]
+# The error types a layer's step re-raises with the layer's path (exactly these: not their subclasses, such as
+# torch.OutOfMemoryError, whose constructors and handlers expect their own messages).
+_NAMED_ERRORS = (ValueError, TypeError, IndexError, RuntimeError, AssertionError)
 
 _SHAPE_METHODS = {"size", "dim", "numel", "nelement", "ndimension"}
 _SHAPE_ATTRIBUTES = {"shape", "ndim", "dtype", "device", "is_cuda", "requires_grad", "layout"}
@@ -143,7 +146,32 @@ class FusedGraph:
         return run
 
     def _compile_layer(self, path: str, module: nn.Module, args, kwargs) -> Step:
-        where = f"layer '{path}' ({type(module).__name__})"
+        where = f"layer '{path}' ({type(module).__name__})" if path else f"the member layer ({type(module).__name__})"
+        return self._naming_the_layer(where, self._layer_step(where, module, args, kwargs), args, kwargs)
+
+    def _naming_the_layer(self, where: str, step: Step, args, kwargs) -> Step:
+        """``step`` whose errors name the layer, as the member would meet it: the rules check shapes per member
+        (channels, features), and torch's own errors from a fused op or vmap get the members' input shapes."""
+        def run(env, ctx):
+            try:
+                return step(env, ctx)
+            except _NAMED_ERRORS as error:
+                if type(error) not in _NAMED_ERRORS or where in str(error):
+                    raise  # (OutOfMemoryError, NotImplementedError, ...) as they are; or named already
+                detail = ""
+                if type(error) in (RuntimeError, AssertionError):
+                    detail = f" on member inputs of shape {self._member_shapes(env, (args, kwargs))}"
+                raise type(error)(f"{where}{detail}: {error}") from error
+        return run
+
+    def _member_shapes(self, env, refs) -> list[tuple[int, ...]]:
+        (values, keywords), (layouts, keyword_layouts) = self._resolve(env, refs)
+        leaves, _ = tree_flatten((values, keywords))
+        leaf_layouts, _ = tree_flatten((layouts, keyword_layouts))
+        return [member_shape(leaf, layout, self.num_members) for leaf, layout in zip(leaves, leaf_layouts)
+                if isinstance(leaf, torch.Tensor) and isinstance(layout, Layout)]
+
+    def _layer_step(self, where: str, module: nn.Module, args, kwargs) -> Step:
         reason = unsupported_reason(module)
         if reason is not None:
             raise TypeError(f"cannot fuse {where}: {reason}")
@@ -168,10 +196,7 @@ class FusedGraph:
             else:
                 (values, keywords), (layouts, keyword_layouts) = self._resolve(env, (args, kwargs))
                 call = LayerCall(tuple(values), keywords, tuple(layouts), keyword_layouts)
-            try:
-                output = rule(module, call, ctx)
-            except (ValueError, TypeError) as error:
-                raise type(error)(f"{where}: {error}") from error
+            output = rule(module, call, ctx)
             if output is not None:
                 return output
             if generic is None:

@@ -107,7 +107,7 @@ def refuse_hooks_on(modules: list[tuple[str, nn.Module]], why: str) -> None:
     run."""
     for path, module in modules:
         if has_hooks(module):
-            name = f"'{path}'" if path else "the stacked root module"
+            name = _named(path)
             raise TypeError(f"a hook is registered on {name} ({type(module).__name__}) of a FusedEnsemble: {why}")
 
 
@@ -129,11 +129,16 @@ def run_hooked(module: nn.Module, path: str, step: Callable, env: list, refs, re
     return _run_forward_hooks(module, args, kwargs, to_member_tree(value, layout, n)), Layout.MEMBER
 
 
+def _named(path: str) -> str:
+    """A module of the stacked tree in an error message (the root of a single-layer member has the path "")."""
+    return f"'{path}'" if path else "the stacked root module"
+
+
 def _refuse_backward_hooks(module: nn.Module, path: str) -> None:
     if module._backward_hooks or module._backward_pre_hooks:
-        raise TypeError(f"a backward hook is registered on '{path}' ({type(module).__name__}) of a FusedEnsemble, "
-                        f"whose fused modules never run as modules; register a forward hook that calls "
-                        f"register_hook on the member-first output instead")
+        raise TypeError(f"a backward hook is registered on {_named(path)} ({type(module).__name__}) of a "
+                        f"FusedEnsemble, whose fused modules never run as modules; register a forward hook that "
+                        f"calls register_hook on the member-first output instead")
 
 
 def _run_forward_hooks(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
@@ -174,10 +179,10 @@ def _with_new_input(env: list, refs, args: tuple, kwargs: dict, path: str) -> li
     # (a graph value is a reference to a slot of the graph: it has the slot's index)
     single_value = len(ref_args) == 1 and not ref_kwargs and hasattr(ref_args[0], "index")
     if not single_value or len(args) != 1 or kwargs:
-        raise TypeError(f"a forward pre-hook on '{path}' changed its inputs: the fused network takes new inputs "
+        raise TypeError(f"a forward pre-hook on {_named(path)} changed its inputs: the fused network takes new inputs "
                         f"only for layers called with one tensor (and returned as one)")
     if not isinstance(args[0], torch.Tensor):
-        raise TypeError(f"a forward pre-hook on '{path}' returned a {type(args[0]).__name__}, not a tensor")
+        raise TypeError(f"a forward pre-hook on {_named(path)} returned a {type(args[0]).__name__}, not a tensor")
     env = list(env)
     env[ref_args[0].index] = (args[0], Layout.MEMBER)
     return env

@@ -60,7 +60,8 @@ def to_channel(x: torch.Tensor, layout: Layout, num_members: int) -> torch.Tenso
     if member.dim() < 3:
         raise ValueError(f"a member tensor needs a batch and a channel dim to be channel-packed, got member shape "
                          f"{tuple(member.shape[1:])}")
-    return member.movedim(0, 1).reshape(member.shape[1], -1, *member.shape[3:])
+    # The packed size written out: with an empty batch, -1 would be ambiguous.
+    return member.movedim(0, 1).reshape(member.shape[1], member.shape[0] * member.shape[2], *member.shape[3:])
 
 
 def convert(x: torch.Tensor, source: Layout, target: Layout, num_members: int) -> torch.Tensor:

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import copy
 import math
+from collections import OrderedDict
 from collections.abc import Iterable
 
 import torch
 from torch import nn
+
+from fused_ensemble.fusion.configuration import MemberIndex, first_difference
 
 
 def check_members(members: Iterable[nn.Module]) -> list[nn.Module]:
@@ -27,24 +30,33 @@ def check_members(members: Iterable[nn.Module]) -> list[nn.Module]:
         if not isinstance(member, nn.Module):
             raise TypeError(f"member {i} is a {type(member).__name__}, not an nn.Module")
         _check_no_reparametrization(i, member)
+        _check_no_hooks(i, member)
     _check_no_tied_tensors(members[0])
     reference = members[0]
+    reference_index = MemberIndex(reference)
     for i, member in enumerate(members[1:], start=1):
         if type(member) is not type(reference):
             raise TypeError(f"member {i} is a {type(member).__qualname__}, member 0 is a "
                             f"{type(reference).__qualname__}; all members must share one architecture")
-        # Structure first, then tensors (the most precise message for a size mismatch), then configuration.
+        # Structure first, then tensors (the most precise message for a size mismatch), then mode and configuration.
         _check_same_structure(i, member, reference)
         _check_same_tensors(i, "parameter", dict(member.named_parameters()), dict(reference.named_parameters()))
         _check_same_tensors(i, "buffer", dict(member.named_buffers()), dict(reference.named_buffers()))
-        _check_same_configuration(i, member, reference)
+        _check_same_mode(i, member, reference)
+        _check_same_configuration(i, member, reference, reference_index)
     return members
+
+
+def _where(path: str, module: nn.Module) -> str:
+    """How an error names a module of a member: ``'encoder.layers.0' (TransformerEncoderLayer)``."""
+    return f"'{path}' ({type(module).__name__})" if path else f"the root module ({type(module).__name__})"
 
 
 def _check_no_reparametrization(index: int, member: nn.Module) -> None:
     """Weights computed from other tensors at each call (torch.nn.utils.parametrize, the old weight_norm hook)
     cannot be stacked: the computation would run on the [N, ...] stacks, with the wrong dims for its norms."""
     from torch.nn.utils import parametrize
+    from torch.nn.utils.spectral_norm import SpectralNorm
     from torch.nn.utils.weight_norm import WeightNorm
 
     for path, module in member.named_modules():
@@ -56,6 +68,39 @@ def _check_no_reparametrization(index: int, member: nn.Module) -> None:
         if any(isinstance(hook, WeightNorm) for hook in module._forward_pre_hooks.values()):
             raise TypeError(f"member {index}: {where} uses torch.nn.utils.weight_norm, which FusedEnsemble cannot "
                             f"stack; bake the weights in first with torch.nn.utils.remove_weight_norm(layer)")
+        if any(isinstance(hook, SpectralNorm) for hook in module._forward_pre_hooks.values()):
+            raise TypeError(f"member {index}: {where} uses torch.nn.utils.spectral_norm, which FusedEnsemble cannot "
+                            f"stack; bake the weights in first with torch.nn.utils.remove_spectral_norm(layer)")
+
+
+_HOOK_KINDS = (("_forward_hooks", "forward hook"), ("_forward_pre_hooks", "forward pre-hook"),
+               ("_backward_hooks", "backward hook"), ("_backward_pre_hooks", "backward pre-hook"))
+
+
+_HOOK_STATE = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+               "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
+
+
+def _check_no_hooks(index: int, member: nn.Module) -> None:
+    """The fused network runs one module tree for all members: hooks on the members would either run member 0's
+    for everyone or be dropped. The fused module's own modules take hooks, seeing every member's values."""
+    for path, module in member.named_modules():
+        for attribute, kind in _HOOK_KINDS:
+            if getattr(module, attribute):
+                target = f"fused.stacked.get_submodule({path!r})" if path else "fused.stacked"
+                raise TypeError(f"member {index}: {_where(path, module)} has a {kind}, which FusedEnsemble would not "
+                                f"run for each member; remove the members' hooks and register them on the fused "
+                                f"module's {target} instead (they then see every member's values stacked, "
+                                f"[N, B, ...]; see fused_ensemble.fusion.hooks)")
+
+
+def _check_same_mode(index: int, member: nn.Module, reference: nn.Module) -> None:
+    theirs = dict(reference.named_modules())
+    for path, module in member.named_modules():
+        if module.training != theirs[path].training:
+            mode, other = ("train", "eval") if module.training else ("eval", "train")
+            raise ValueError(f"member {index}: {_where(path, module)} is in {mode} mode, member 0 is in {other} "
+                             f"mode; put every member in one mode (.train() or .eval()) before fusing")
 
 
 def _check_no_tied_tensors(member: nn.Module) -> None:
@@ -86,15 +131,15 @@ def _check_same_structure(index: int, member: nn.Module, reference: nn.Module) -
                             f"{type(other).__qualname__}")
 
 
-def _check_same_configuration(index: int, member: nn.Module, reference: nn.Module) -> None:
-    theirs = dict(reference.named_modules())
+def _check_same_configuration(index: int, member: nn.Module, reference: nn.Module, reference_index: MemberIndex,
+                              theirs: str = "member 0 has", ignore: frozenset[str] = frozenset()) -> None:
+    """Every module's non-tensor state equal to the same module's in ``reference`` (see configuration.py)."""
+    references = dict(reference.named_modules())
+    member_index = MemberIndex(member)
     for path, module in member.named_modules():
-        other = theirs[path]
-        where = path or "<root>"
-        # extra_repr holds the configuration that is not a tensor (stride, eps, momentum, ...).
-        if module.extra_repr() != other.extra_repr():
-            raise ValueError(f"member {index}: {where} is configured as {type(module).__name__}"
-                             f"({module.extra_repr()}), member 0 has ({other.extra_repr()})")
+        difference = first_difference(module, references[path], member_index, reference_index, ignore)
+        if difference is not None:
+            raise ValueError(f"member {index}: {_where(path, module)} {difference.describe(theirs)}")
 
 
 def _check_same_tensors(index: int, kind: str, ours: dict, theirs: dict) -> None:
@@ -118,6 +163,7 @@ def check_replacement(stacked: nn.Module, member: nn.Module, index: int) -> None
     if type(member) is not type(stacked):
         raise TypeError(f"member {index}: the replacement is a {type(member).__qualname__}, the members are "
                         f"{type(stacked).__qualname__}s")
+    _check_no_hooks(index, member)
     _check_no_tied_tensors(member)
     _check_same_structure(index, member, stacked)
     for kind, ours, theirs in (("parameter", dict(member.named_parameters()), dict(stacked.named_parameters())),
@@ -129,7 +175,8 @@ def check_replacement(stacked: nn.Module, member: nn.Module, index: int) -> None
                 raise ValueError(f"member {index}: the replacement's {name} is {tensor.dtype} of shape "
                                  f"{tuple(tensor.shape)}, the members' are {expected.dtype} of shape "
                                  f"{tuple(expected.shape[1:])}")
-    _check_same_configuration(index, member, stacked)
+    _check_same_configuration(index, member, stacked, MemberIndex(stacked), "the members have",
+                              ignore=_STACKING_STATE)
 
 
 def _owner(root: nn.Module, qualified_name: str) -> tuple[nn.Module, str]:
@@ -156,6 +203,10 @@ def stack_members(members: list[nn.Module]) -> nn.Module:
             module.flatten_parameters = _keep_weights_unpacked
             module._init_flat_weights()
     return stacked
+
+
+_STACKING_STATE = frozenset({"flatten_parameters"})
+"""What stack_members adds to the stacked modules' state (and unstack_member takes away)."""
 
 
 def _keep_weights_unpacked() -> None:
@@ -186,8 +237,13 @@ def unstack_member(stacked: nn.Module, index: int) -> nn.Module:
             memo[id(buffer)] = buffer[index].clone()
     member = copy.deepcopy(stacked, memo)
     for module in member.modules():
+        # Hooks registered on the fused module's modules see [N, B, ...] values: they are not the member's.
+        for attribute in _HOOK_STATE:
+            setattr(module, attribute, OrderedDict())
+        module._is_full_backward_hook = None
         if isinstance(module, nn.RNNBase):  # an ordinary layer again: its own flatten_parameters, its own weights
-            module.__dict__.pop("flatten_parameters", None)
+            for name in _STACKING_STATE:
+                module.__dict__.pop(name, None)
             module._init_flat_weights()
     return member
 

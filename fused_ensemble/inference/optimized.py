@@ -49,7 +49,7 @@ _GRAPH_WORTH_TRYING_BELOW_MS = 20.0
 def _replace_convolutions(graph, stacked: nn.Module, memory_format) -> list[PreparedConv]:
     prepared = []
     for node in graph.nodes:
-        if node.op != "call_module":
+        if node.op != "call_module" or not node.target:  # a member that is one layer: the root stays itself
             continue
         module = stacked.get_submodule(node.target)
         if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):

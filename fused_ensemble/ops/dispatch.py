@@ -7,13 +7,18 @@ Backends: ``"torch"`` (``fused_ensemble.ops.reference``, autograd through PyTorc
 ``ensemble_linear_reduce`` one GEMM and then the C++ reduction kernels).
 
 - Each backend says why it cannot run an input (``unavailable_reason``): the package, the device, the dtype, the
-  op, or an input that needs a gradient the kernels do not have.
+  op, or a call it does not implement (``input_problem``: a reduction the kernels lack, such as ``"vote"``, or an
+  input that needs a gradient the kernels do not have).
 - ``"auto"`` walks a priority list per device (``auto_priority``): on CPU tensors cpp, then torch (never triton,
   even interpreted); on CUDA tensors triton, then cpp, then torch, except where the CUDA C++ kernels measured
   faster (``CUDA_CPP_FIRST``, ``CUDA_CPP_FIRST_ANY_K``, ``CUDA_CPP_MANY_ROWS``), which then come first.
-- A kernel backend that raised under ``"auto"`` is remembered (``note_auto_failure``, with a warning, the way
-  xformers remembers a failed Triton kernel) and not chosen again for that op and device in this process. An
-  explicitly named backend is never second-guessed: if it cannot run, the error gives every backend's reason.
+- The public functions check their inputs before they call ``run`` (layout, dtype, shapes, devices), so that a
+  caller's mistake raises its own clear error and never reaches a kernel. Under ``"auto"``, a kernel backend that
+  still raises has failed by itself: it is remembered (``note_auto_failure``, with one warning, the way xformers
+  remembers a failed Triton kernel), not chosen again for that op and device in this process, and the next backend
+  answers. An out-of-memory error (``torch.OutOfMemoryError``, or the CPU allocator's ``RuntimeError``) says
+  nothing about the kernel: it passes through and disables nothing (``is_out_of_memory``). An explicitly named
+  backend is never second-guessed: if it cannot run, the error gives every backend's reason.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import torch
 import torch.utils.checkpoint
 
 from fused_ensemble import config, extension
+from fused_ensemble.ops.reductions import KERNEL_REDUCTIONS
 
 BACKENDS = ("auto", "torch", "triton", "cpp")
 KERNEL_BACKENDS = ("triton", "cpp")
@@ -124,9 +130,15 @@ def unavailable_reason(backend: str, device_type: str, dtype: torch.dtype, op: s
     return None
 
 
-def input_problem(backend: str, op: str, requires_grad: bool) -> str | None:
-    """Why ``backend`` cannot run this call of ``op`` although it runs such tensors: a gradient it cannot give."""
-    if not requires_grad or backend == "torch":
+def input_problem(backend: str, op: str, requires_grad: bool, reduction: str | None = None) -> str | None:
+    """Why ``backend`` cannot run this call of ``op`` although it runs such tensors: a ``reduction`` its kernels do
+    not implement, or a gradient it cannot give."""
+    if backend == "torch":
+        return None
+    if op in ("reduce", "linear_reduce") and reduction is not None and reduction not in KERNEL_REDUCTIONS:
+        return (f"the {backend} kernels do not implement reduction {reduction!r} (they implement "
+                f"{', '.join(map(repr, KERNEL_REDUCTIONS))}; the torch backend runs every reduction)")
+    if not requires_grad:
         return None
     if op == "stats":
         return f"ensemble_stats on the {backend} backend is not differentiable but the logits require grad"
@@ -181,10 +193,10 @@ def resolve_backend(backend: str, device_type: str, dtype: torch.dtype, op: str 
     check_op(op)
     if backend == "auto":
         priority = tuple(name for name in auto_priority(device_type, op, reduction, classes, rows, device_index)
-                         if input_problem(name, op, requires_grad) is None)
+                         if input_problem(name, op, requires_grad, reduction) is None)
         return _first_runnable(priority, device_type, dtype, op)
-    reasons = {name: unavailable_reason(name, device_type, dtype, op) or input_problem(name, op, requires_grad)
-               for name in BACKENDS[1:]}
+    reasons = {name: unavailable_reason(name, device_type, dtype, op)
+               or input_problem(name, op, requires_grad, reduction) for name in BACKENDS[1:]}
     if reasons[backend] is not None:
         others = "; ".join(f"{name}: {reason or 'can run it'}" for name, reason in reasons.items()
                            if name != backend)
@@ -205,22 +217,37 @@ def _not_kernel_failures() -> tuple[type[BaseException], ...]:
 NOT_KERNEL_FAILURES = _not_kernel_failures()
 """Exceptions that pass through ``"auto"``'s fallback: they say nothing about the kernel, which must not be dropped."""
 
+_CPU_OUT_OF_MEMORY = ("DefaultCPUAllocator: can't allocate memory", "DefaultCPUAllocator: not enough memory")
+"""What the CPU allocator's plain ``RuntimeError`` says when an allocation fails."""
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` reports an allocation that failed: ``torch.OutOfMemoryError`` (a CUDA device, or any
+    allocator that raises it), or the CPU allocator's ``RuntimeError``."""
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and any(words in str(exc) for words in _CPU_OUT_OF_MEMORY)
+
 
 def note_auto_failure(backend: str, device_type: str, op: str, exc: BaseException) -> None:
     """Remembers that ``backend`` raised ``exc`` running ``op`` under ``"auto"`` so that ``"auto"`` stops choosing
-    it for that op and device type."""
-    _failed_under_auto.add((backend, device_type, op))
+    it for that op and device type, and says so once, with a warning."""
+    key = (backend, device_type, op)
+    if key in _failed_under_auto:
+        return
+    _failed_under_auto.add(key)
     warnings.warn(f"fused_ensemble: the {backend} kernels of {op} failed on a {device_type} tensor "
-                  f"({type(exc).__name__}: {exc}); backend='auto' falls back to the next backend from now on",
-                  RuntimeWarning, stacklevel=4)
+                  f"({type(exc).__name__}: {exc}); backend='auto' uses the next backend for {op} on {device_type} "
+                  f"tensors from now on in this process", RuntimeWarning, stacklevel=4)
 
 
 def run(backend: str, op: str, x: torch.Tensor, run_backend: Callable[[str], T], *,
         reduction: str | None = None, classes: int | None = None, rows: int | None = None,
         requires_grad: bool = False) -> T:
-    """``run_backend(name)`` with the backend ``backend`` resolves to for ``op`` on tensors like ``x``. Under
-    ``"auto"`` a kernel backend that raises is remembered (with a warning) and the next one is tried, down to
-    ``"torch"``, which always runs."""
+    """``run_backend(name)`` with the backend ``backend`` resolves to for ``op`` on tensors like ``x`` (which the
+    caller has checked). Under ``"auto"`` a kernel backend that raises is remembered (with one warning) and the next
+    one is tried, down to ``"torch"``, which always runs; an out-of-memory error passes through and disables
+    nothing."""
     device_type = x.device.type
     while True:
         chosen = resolve_backend(backend, device_type, x.dtype, op, reduction, classes, rows, x.device.index,
@@ -232,4 +259,6 @@ def run(backend: str, op: str, x: torch.Tensor, run_backend: Callable[[str], T],
         except NOT_KERNEL_FAILURES:
             raise
         except Exception as exc:
+            if is_out_of_memory(exc):
+                raise
             note_auto_failure(chosen, device_type, op, exc)

@@ -47,12 +47,18 @@ def ensemble_reduce(logits: Tensor, reduction: str = "mean_probs", dim: int = 0,
             strides: non-contiguous and expanded (zero-stride) views are read in place.
         reduction: ``"mean"`` (mean of the raw outputs), ``"mean_probs"`` (mean over members of
             ``softmax(logits)``, the deep-ensemble predictive distribution), ``"softmax_of_mean"`` (softmax of
-            the averaged logits) or ``"log_mean_probs"`` (``log(mean_probs)``, computed stably).
+            the averaged logits), ``"log_mean_probs"`` (``log(mean_probs)``, computed stably) or ``"vote"`` (hard
+            voting: the one-hot of the class most members predict, not differentiable; see
+            ``fused_ensemble.REDUCTIONS``). Non-finite logits follow one rule on every backend: ``-inf`` is a
+            probability of 0, and a row in which some member's logits hold a NaN or ``+inf`` (or are all ``-inf``)
+            is NaN in every class, for every reduction but ``"mean"``, which averages element by element.
         dim: the member dim; any dim but the last (class) one, negative values count from the end.
         backend: ``"auto"``: the fastest backend that can run this input (``fused_ensemble.ops.dispatch``): on CPU
             tensors the C++ kernels if the extension is built, else PyTorch; on CUDA tensors Triton or the CUDA C++
-            kernels, whichever measured faster for this reduction and shape, else PyTorch. A kernel that fails
-            under ``"auto"`` is reported once with a warning and not used again in the process. ``"torch"``
+            kernels, whichever measured faster for this reduction and shape, else PyTorch (``"vote"`` always runs on
+            PyTorch). Inputs are checked first, so a caller's mistake raises and disables nothing; a kernel that
+            fails by itself under ``"auto"`` is reported once with a warning and not used again for this op and
+            device in the process, while an out-of-memory error passes through and disables nothing. ``"torch"``
             (``fused_ensemble.ops.reference``, autograd through PyTorch ops), ``"triton"`` (CUDA tensors, or CPU
             tensors under ``TRITON_INTERPRET=1``) or ``"cpp"`` (C++ kernels for CPU tensors, CUDA C++ kernels for
             CUDA tensors) insist on that backend.
@@ -60,16 +66,18 @@ def ensemble_reduce(logits: Tensor, reduction: str = "mean_probs", dim: int = 0,
             dtype: accumulation is always in float32 (float64).
 
     Returns:
-        Tensor of shape ``logits.shape`` without ``dim``, e.g. [B, K]. Differentiable: the kernel backends run
-        fused backward kernels (for ``"mean"`` and ``"softmax_of_mean"`` every member's gradient is one [.., K]
-        tensor expanded over the members with a zero stride).
+        Tensor of shape ``logits.shape`` without ``dim``, e.g. [B, K]. Differentiable (but for ``"vote"``, whose
+        result never requires grad): the kernel backends run fused backward kernels (for ``"mean"`` and
+        ``"softmax_of_mean"`` every member's gradient is one [.., K] tensor expanded over the members with a zero
+        stride).
 
     Raises:
-        TypeError: ``logits`` is not a floating-point tensor, or ``out_dtype`` is not a floating-point dtype.
+        TypeError: ``logits`` is not a dense (strided) floating-point tensor, or ``out_dtype`` is not a
+            floating-point dtype.
         ValueError: unknown ``reduction`` or ``backend``, ``dim`` out of range or equal to the class dim, no
             members or no classes.
         RuntimeError: an explicitly named backend cannot run here (the message gives every backend's reason:
-            extension not built, no CUDA tensor, triton not installed, unsupported dtype).
+            extension not built, no CUDA tensor, triton not installed, unsupported dtype or reduction).
 
     Example::
 
@@ -108,9 +116,11 @@ def ensemble_stats(logits: Tensor, dim: int = 0, backend: str = "auto") -> Ensem
         :class:`~fused_ensemble.EnsembleStats` with, per row (``logits.shape`` without ``dim`` and
         the class dim): ``probs`` (mean of member softmaxes, with the class dim), ``entropy`` (predictive
         entropy of ``probs``, nats), ``expected_entropy`` (mean of member entropies), ``mutual_info``
-        (``entropy - expected_entropy``), ``confidence`` (max of ``probs``), ``prediction`` (argmax of
-        ``probs``, int64, first index on ties) and ``disagreement`` (fraction of members whose own argmax
-        differs from ``prediction``). Floats are float32 (float64 for float64 logits).
+        (``max(entropy - expected_entropy, 0)``), ``confidence`` (max of ``probs``), ``prediction`` (argmax of
+        ``probs``, int64, first index on ties) and ``disagreement`` (the share of members whose own argmax
+        differs from ``prediction``: the variation ratio). Floats are float32 (float64 for float64 logits). A
+        row in which some member's logits hold a NaN or ``+inf`` (or are all ``-inf``) is NaN in every float
+        field and predicts 0, on every backend (see :class:`~fused_ensemble.EnsembleStats`).
 
     The kernel backends are not differentiable: when ``logits`` requires grad (and grad mode is on),
     ``backend="auto"`` uses the PyTorch reference and an explicit ``"triton"``/``"cpp"`` raises.

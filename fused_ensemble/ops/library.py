@@ -14,8 +14,8 @@ calls: the custom ops, or, where the custom op would only call its kernel (see `
 itself. Each op has a fake (meta) implementation, and ``reduce`` an autograd formula whose backward is the kernels'
 own backward, so ``torch.compile(fullgraph=True)`` sees one opaque node per op and ``torch.library.opcheck`` passes.
 The shapes and dtypes follow the kernel contract (fused_ensemble.ops.reductions, and the kernel modules' docstrings):
-``reduce_forward(x, reduction) -> (out [R, K], aux)``, ``reduce_backward(grad_out, x, out, aux, reduction) -> grad``
-and ``stats_forward(x) -> 7 tensors``.
+``reduce_forward(x, reduction) -> (out [R, K], aux)`` (``aux`` as ``reductions.aux_shape`` says),
+``reduce_backward(grad_out, x, out, aux, reduction) -> grad`` and ``stats_forward(x) -> 7 tensors``.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from torch import Tensor
 from torch.utils import _python_dispatch
 
 from fused_ensemble import config
-from fused_ensemble.ops.reductions import MEMBER_INDEPENDENT_GRAD, SAVES_MEMBER_LSE, compute_dtype
+from fused_ensemble.ops.reductions import MEMBER_INDEPENDENT_GRAD, aux_shape, compute_dtype
 
 
 class _CppKernels:
@@ -71,8 +71,7 @@ def _reduce_fake(x: Tensor, reduction: str, backend: str) -> tuple[Tensor, Tenso
     members, rows, classes = x.shape
     dtype = compute_dtype(x.dtype)
     out = x.new_empty((rows, classes), dtype=dtype)
-    aux_shape = (members, rows) if reduction in SAVES_MEMBER_LSE else (0,)
-    return out, x.new_empty(aux_shape, dtype=dtype)
+    return out, x.new_empty(aux_shape(reduction, members, rows), dtype=dtype)
 
 
 @torch.library.custom_op("fused_ensemble::reduce_backward", mutates_args=())

@@ -24,11 +24,31 @@ def reduce_reference(logits: torch.Tensor, reduction: str = "mean_probs", dim: i
         return torch.softmax(x, -1).mean(dim)
     if reduction == "softmax_of_mean":
         return torch.softmax(x.mean(dim), -1)
+    if reduction == "vote":
+        return vote_reference(x.detach(), dim)
     return torch.logsumexp(torch.log_softmax(x, -1), dim) - math.log(x.shape[dim])
 
 
+def undefined_rows(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """The rows of logits ``x`` (member dim ``dim``, class dim last; shape ``x.shape`` without both) in which some
+    member has no softmax: its logits hold a NaN or a ``+inf``, or are ``-inf`` in every class."""
+    no_softmax = (torch.isnan(x) | (x == math.inf)).any(-1) | (x == -math.inf).all(-1)
+    return no_softmax.any(dim)
+
+
+def vote_reference(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Hard vote: the one-hot of the class most members pick as their argmax (first index on ties; the lowest
+    class on tied counts), NaN in the rows that ``undefined_rows`` names; ``x``'s dtype, never requiring grad."""
+    classes = x.shape[-1]
+    votes = torch.nn.functional.one_hot(x.argmax(-1), classes).sum(dim)
+    winner = votes.argmax(-1)  # torch.argmax takes the first of equal maxima: the lowest class
+    one_hot = torch.nn.functional.one_hot(winner, classes).to(x.dtype)
+    return one_hot.masked_fill(undefined_rows(x, dim).unsqueeze(-1), math.nan)
+
+
 def stats_reference(logits: torch.Tensor, dim: int = 0) -> EnsembleStats:
-    """Reference for ``ensemble_stats`` (materializes the member softmaxes; the kernels do not)."""
+    """Reference for ``ensemble_stats`` (materializes the member softmaxes; the kernels do not). Rows in which some
+    member has no softmax are NaN in every float field and predict 0 (see ``EnsembleStats``)."""
     dim = normalize_member_dim(logits, dim)
     x = logits.to(compute_dtype(logits.dtype))
     member_log_probs = torch.log_softmax(x, -1)
@@ -41,8 +61,14 @@ def stats_reference(logits: torch.Tensor, dim: int = 0) -> EnsembleStats:
     confidence, prediction = probs.max(-1)
     member_prediction = x.argmax(-1)
     disagreement = (member_prediction != prediction.unsqueeze(dim)).to(x.dtype).mean(dim)
-    return EnsembleStats(probs, entropy, expected_entropy, entropy - expected_entropy, confidence,
-                         prediction, disagreement)
+    undefined = undefined_rows(x, dim)
+    nan = torch.tensor(math.nan, dtype=x.dtype, device=x.device)
+    probs = torch.where(undefined.unsqueeze(-1), nan, probs)
+    entropy, expected_entropy, confidence, disagreement = (
+        torch.where(undefined, nan, t) for t in (entropy, expected_entropy, confidence, disagreement))
+    prediction = prediction.masked_fill(undefined, 0)
+    mutual_info = (entropy - expected_entropy).clamp_min(0)  # clamp_min keeps NaN
+    return EnsembleStats(probs, entropy, expected_entropy, mutual_info, confidence, prediction, disagreement)
 
 
 def member_logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, int]:

@@ -10,7 +10,8 @@ import math
 import pytest
 import torch
 
-from fused_ensemble import REDUCTIONS, extension
+from fused_ensemble import extension
+from fused_ensemble.ops.reductions import KERNEL_REDUCTIONS, SAVES_MEMBER_SOFTMAX
 from fused_ensemble.ops.reference import reduce_reference, stats_reference
 
 if not extension.load_extension():
@@ -37,10 +38,15 @@ def check_forward(x, reduction):
     N, R, K = x.shape
     assert out.shape == (R, K) and out.is_contiguous()
     assert_matches(out, reduce_reference(x.double(), reduction), K, out_dtype=out_dtype, what=reduction)
-    if reduction in ("mean_probs", "log_mean_probs"):
-        assert aux.shape == (N, R) and aux.dtype == out_dtype
-        lse = torch.logsumexp(x.double(), -1)
-        assert_matches(aux, lse, K, out_dtype=out_dtype, what=f"{reduction} lse")
+    if reduction in SAVES_MEMBER_SOFTMAX:
+        # [2, N, R]: each member row's max (exactly) and its sum of exp(x - max), what the backward rebuilds the
+        # member softmax from.
+        assert aux.shape == (2, N, R) and aux.dtype == out_dtype and aux.is_contiguous()
+        row_max = x.double().amax(-1)
+        torch.testing.assert_close(aux[0].double(), row_max, rtol=0, atol=0, equal_nan=True, msg="row max")
+        finite = torch.isfinite(row_max)  # rows without a softmax save unspecified sums
+        sums = (x.double() - row_max.unsqueeze(-1)).exp().sum(-1)
+        assert_matches(aux[1][finite], sums[finite], K, out_dtype=out_dtype, what=f"{reduction} sum of exp")
     else:
         assert aux.shape == (0,) and aux.dtype == out_dtype
 
@@ -59,7 +65,7 @@ def check_stats(x):
 
 
 def check_all(x):
-    for reduction in REDUCTIONS:
+    for reduction in KERNEL_REDUCTIONS:
         check_forward(x, reduction)
     check_stats(x)
 
@@ -145,7 +151,7 @@ def test_large_magnitude_logits(dtype):
 
 def test_empty_batch():
     x = torch.randn(3, 0, 11)
-    for reduction in REDUCTIONS:
+    for reduction in KERNEL_REDUCTIONS:
         out, aux = ops.reduce_forward(x, reduction)
         assert out.shape == (0, 11)
         grad = ops.reduce_backward(torch.randn(0, 11), x, out, aux, reduction)
@@ -180,13 +186,13 @@ def check_backward(x, reduction):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("reduction", KERNEL_REDUCTIONS)
 def test_backward_matches_autograd_of_reference(reduction, dtype):
     for shape in [(3, 7, 41), (1, 1, 1), (4, 3, 1000)]:
         check_backward(torch.randn(shape, dtype=torch.float64).mul(2).to(dtype), reduction)
 
 
-@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("reduction", KERNEL_REDUCTIONS)
 def test_backward_strided_and_infinite_inputs(reduction):
     x = torch.randn(5, 3, 4, 60).movedim(1, 0)[:, :, 1, ::2]  # [3, 5, 30], member dim moved, class stride 2
     check_backward(x, reduction)
@@ -212,6 +218,69 @@ def test_log_mean_probs_backward_class_ruled_out_by_every_member():
     assert torch.equal(grad[:, :, 5], torch.zeros(3, 4, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("classes", [10, 41], ids=["short-rows", "rows"])
+@pytest.mark.parametrize("scale, offset", [(1.0, 1e4), (30.0, 1e3)], ids=["1e4+", "30*1e3+"])
+@pytest.mark.parametrize("reduction", ["mean_probs", "log_mean_probs"])
+def test_backward_at_large_logit_offsets_is_exact(reduction, scale, offset, classes):
+    # The backward rebuilds each member softmax from the saved row max and sum of exp(x - max): exact to fp32
+    # rounding at any offset (from a float32 log-sum-exp, rounded to the logits' magnitude, it erred by ~1e-3).
+    x = (torch.randn(4, 37, classes, dtype=torch.float64) * scale + offset).float()
+    out, aux = ops.reduce_forward(x, reduction)
+    grad_out = torch.randn_like(out)
+    grad = ops.reduce_backward(grad_out, x, out, aux, reduction)
+    want = reference_grad(x, reduction, grad_out)
+    torch.testing.assert_close(grad.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+def test_log_mean_probs_backward_where_member_probabilities_underflow():
+    # exp(-110) underflows float32; the gradient's ratio s / p is taken in log space and stays right.
+    x = torch.tensor([[[0.0, 0.0, -110.0]], [[0.0, -110.0, 0.0]]])
+    for classes in (3, 20):  # the short-row and the row path
+        padded = torch.cat([x, torch.full((2, 1, classes - 3), -math.inf)], -1)
+        out, aux = ops.reduce_forward(padded, "log_mean_probs")
+        grad_out = torch.zeros(1, classes)
+        grad_out[0, 2] = 1.0
+        grad = ops.reduce_backward(grad_out, padded, out, aux, "log_mean_probs")
+        torch.testing.assert_close(grad[..., :3], torch.tensor([[[0.0, 0.0, 0.0]], [[-0.5, 0.0, 0.5]]]), rtol=0,
+                                   atol=1e-7)
+    for classes in (10, 41):  # random logits of scale 30: many member probabilities underflow
+        x = torch.randn(4, 6, classes) * 30
+        out, aux = ops.reduce_forward(x, "log_mean_probs")
+        grad_out = torch.randn_like(out)
+        grad = ops.reduce_backward(grad_out, x, out, aux, "log_mean_probs")
+        want = reference_grad(x, "log_mean_probs", grad_out)
+        torch.testing.assert_close(grad.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("classes", [10, 41], ids=["short-rows", "rows"])
+def test_stats_rows_without_a_member_softmax_are_nan(classes):
+    # A NaN or +inf logit in one member, or a member row of -inf: NaN in every field of that row, prediction 0.
+    x = torch.randn(3, 8, classes)
+    x[1, 1, 5] = math.nan
+    x[0, 2, 3] = math.inf
+    x[2, 3, :] = -math.inf
+    x[0, 4, 2], x[1, 4, 2] = math.inf, -math.inf
+    x[1, 5][torch.rand(classes) < 0.5] = -math.inf  # -inf entries alone are probabilities of 0
+    x[1, 5, 0] = 1.0
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        y = x.to(dtype)
+        check_stats(y)
+        probs, entropy, expected_entropy, mutual_info, confidence, prediction, disagreement = ops.stats_forward(y)
+        undefined = torch.tensor([False, True, True, True, True, False, False, False])
+        assert torch.equal(probs.isnan().all(-1), undefined) and not probs[~undefined].isnan().any()
+        for field in (entropy, expected_entropy, mutual_info, confidence, disagreement):
+            assert torch.equal(field.isnan(), undefined)
+        assert (prediction[undefined] == 0).all()
+
+
+@pytest.mark.parametrize("classes", [10, 41], ids=["short-rows", "rows"])
+def test_stats_mutual_information_is_never_negative(classes):
+    # Every member the same: the mutual information is 0 exactly, where entropy - expected_entropy rounds either way.
+    x = torch.randn(1, 300, classes).mul(5).expand(6, 300, classes)
+    mutual_info = ops.stats_forward(x)[3]
+    assert (mutual_info >= 0).all() and mutual_info.max() < 1e-5
+
+
 class ExtensionReduce(torch.autograd.Function):
     """The forward and backward ops, wired as autograd does it in the op layer."""
 
@@ -231,7 +300,7 @@ class ExtensionReduce(torch.autograd.Function):
         return grad, None
 
 
-@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("reduction", KERNEL_REDUCTIONS)
 def test_gradcheck_float64(reduction):
     x = torch.randn(3, 4, 7, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: ExtensionReduce.apply(t, reduction), (x,))
@@ -249,12 +318,14 @@ def test_errors():
         ops.reduce_forward(x.to(torch.int32), "mean")
     with pytest.raises(RuntimeError, match="unknown reduction 'median'"):
         ops.reduce_forward(x, "median")
+    with pytest.raises(RuntimeError, match="unknown reduction 'vote'"):  # the dispatch never sends it here
+        ops.reduce_forward(x, "vote")
     with pytest.raises(RuntimeError, match="no members"):
         ops.reduce_forward(x[:0], "mean")
     with pytest.raises(RuntimeError, match="no classes"):
         ops.stats_forward(x[:, :, :0])
     out, aux = ops.reduce_forward(x, "mean_probs")
-    with pytest.raises(RuntimeError, match=r"aux \(member log-sum-exp\) must have shape \[2, 3\]"):
+    with pytest.raises(RuntimeError, match=r"aux \(member row max and sum of exp\) must have shape \[2, 2, 3\]"):
         ops.reduce_backward(torch.randn(3, 5), x, out, aux[:1], "mean_probs")
     with pytest.raises(RuntimeError, match="grad_out must be Float"):
         ops.reduce_backward(torch.randn(3, 5, dtype=torch.float64), x, out, aux, "mean_probs")

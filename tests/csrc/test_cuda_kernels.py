@@ -19,10 +19,10 @@ import sysconfig
 import pytest
 import torch
 
-from fused_ensemble import REDUCTIONS
+from fused_ensemble.ops.reductions import KERNEL_REDUCTIONS, SAVES_MEMBER_SOFTMAX
 from fused_ensemble.ops.reference import reduce_reference, stats_reference
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CUDA_SOURCES = sorted(glob.glob(os.path.join(REPO, "csrc", "cuda", "*.cu")))
 
 
@@ -132,11 +132,15 @@ def _check_forward(x, reduction, short_rows=False):
         x_max = float(finite.abs().max()) if finite.numel() else 0.0
         tol["atol"] = max(tol["atol"], 4 * torch.finfo(out.dtype).eps * x_max)
     _assert_matches(out, reduce_reference(x64, reduction, dim=0), **tol)
-    if reduction in ("mean_probs", "log_mean_probs"):
-        assert aux.shape == (n, r) and aux.dtype == acc_dtype
-        lse = torch.logsumexp(x64, -1)
-        # lse is m + log(sum): rounded to the magnitude of the logits.
-        _assert_matches(aux, lse, rtol=_tol(x.dtype)["rtol"], atol=1e-5 if x.dtype != torch.float64 else 1e-10)
+    if reduction in SAVES_MEMBER_SOFTMAX:
+        # [2, N, R]: each member row's max (exactly) and its sum of exp(x - max).
+        assert aux.shape == (2, n, r) and aux.dtype == acc_dtype
+        row_max = x64.amax(-1)
+        torch.testing.assert_close(aux[0].double(), row_max, rtol=0, atol=0, equal_nan=True)
+        finite = torch.isfinite(row_max)  # rows without a softmax save unspecified sums
+        sums = (x64 - row_max.unsqueeze(-1)).exp().sum(-1)
+        _assert_matches(aux[1][finite], sums[finite], rtol=_tol(x.dtype)["rtol"],
+                        atol=1e-5 if x.dtype != torch.float64 else 1e-10)
     else:
         assert aux.shape == (0,) and aux.dtype == acc_dtype
     return out
@@ -161,6 +165,7 @@ def _check_stats(x, short_rows=False):
     assert bool((agree | near_tie).all()), "prediction differs from the reference's argmax"
     member_pred = x.double().argmax(-1)
     expected_dis = (member_pred != prediction.unsqueeze(0)).double().mean(0)
+    expected_dis[ref.confidence.isnan()] = math.nan  # rows without a member softmax: NaN in every field
     _assert_matches(disagreement, expected_dis, rtol=0, atol=1e-6)
     return outs
 
@@ -170,7 +175,7 @@ def _check_stats(x, short_rows=False):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("reduction", KERNEL_REDUCTIONS)
 @pytest.mark.gpu
 @needs_cuda_kernels
 def test_reduce_forward(reduction, shape, dtype):
@@ -240,7 +245,7 @@ def test_neg_inf_logits(shape):
     x[torch.rand_like(x) < 0.3] = -math.inf  # scattered -inf entries, finite rows
     x[:, :, 1] = -math.inf  # a class that is -inf in every member
     x[:, :, 0] = torch.randn(n, r, device="cuda")  # keep every member row finite so far
-    for reduction in REDUCTIONS:
+    for reduction in KERNEL_REDUCTIONS:
         out = _check_forward(x, reduction)
         if reduction != "mean":
             assert not bool(torch.isnan(out).any()), "finite rows must stay free of NaN"
@@ -261,7 +266,7 @@ def test_large_magnitude_logits(k):
 @needs_cuda_kernels
 def test_empty_batch():
     x = torch.randn(3, 0, 17, device="cuda")
-    for reduction in REDUCTIONS:
+    for reduction in KERNEL_REDUCTIONS:
         out, aux = _ops().reduce_forward(x, reduction)
         assert out.shape == (0, 17)
         grad = _ops().reduce_backward(torch.zeros(0, 17, device="cuda"), x, out, aux, reduction)
@@ -315,26 +320,24 @@ def test_bad_shape_raises(case):
 @pytest.mark.parametrize("k", [10, 50, 5000])
 @pytest.mark.gpu
 @needs_cuda_kernels
-def test_stats_nan_member_argmax(k):
-    # A member's own prediction is torch.argmax's: the first NaN of its row if it has one (as the CPU kernel).
-    # Only the outputs where the reference and the kernels agree on NaN rows are compared (the reference's
-    # expected_entropy counts a NaN member as 0, the kernels propagate the NaN).
-    x = _logits(3, 4, k, torch.float32)
+def test_stats_rows_without_a_member_softmax(k):
+    # A NaN or +inf logit in one member, or a member row of -inf, gives NaN in every field of that row and
+    # prediction 0, as the reference (and the CPU and Triton kernels) do; -inf entries alone are probabilities 0.
+    x = _logits(3, 6, k, torch.float32)
     x[0, 1, 7] = math.nan
-    x[2, 1, k - 3] = math.nan  # two NaNs in one member row: the first one is its argmax
-    x[2, 1, 3] = math.nan
-    x[1, 2, k - 1] = math.nan
-    probs, entropy, _, _, confidence, prediction, disagreement = _ops().stats_forward(x)
-    ref = stats_reference(x.double(), dim=0)
-    _assert_matches(probs, ref.probs, **_tol(x.dtype))
-    _assert_matches(confidence, ref.confidence, **_tol(x.dtype))
-    assert torch.equal(torch.isnan(entropy), torch.isnan(ref.entropy))
-    nan_rows = torch.tensor([False, True, True, False], device="cuda")
-    assert torch.equal(prediction[nan_rows], ref.prediction[nan_rows])
-    member_pred = x.double().argmax(-1)
-    assert member_pred[2, 1] == 3 and member_pred[1, 2] == k - 1
-    expected_dis = (member_pred != prediction.unsqueeze(0)).double().mean(0)
-    _assert_matches(disagreement, expected_dis, rtol=0, atol=1e-6)
+    x[2, 1, k - 3] = math.nan
+    x[1, 2, k - 1] = math.inf
+    x[2, 3, :] = -math.inf
+    x[0, 4, 2], x[1, 4, 2] = math.inf, -math.inf
+    x[1, 5, : k // 2] = -math.inf
+    for short_rows in (False, True):
+        outs = _check_stats(x, short_rows)
+        ref = stats_reference(x.double(), dim=0)
+        undefined = torch.tensor([False, True, True, True, True, False], device="cuda")
+        for field in outs[1:5] + outs[6:]:
+            assert torch.equal(field.isnan(), undefined)
+        assert torch.equal(outs[5], ref.prediction) and bool((outs[5][undefined] == 0).all())
+        assert bool(((outs[3] >= 0) | outs[3].isnan()).all())
 
 
 # Rows of K <= 16 classes, each member's [R, K] dense, take the short-row kernel (ensemble_reduce_short_rows.cu;
@@ -355,8 +358,9 @@ def test_short_rows_kernel(shape, dtype):
     x[0, r // 2, k // 2] = -math.inf
     _check_every_op(x, backward=False, short_rows=True)
     # The row kernel (the short-row kernel not asked for) gives the same results, NaN rows included.
-    short = [_ops().reduce_forward(x, red, True)[0] for red in REDUCTIONS[1:]] + list(_ops().stats_forward(x, True))
-    rows = [_ops().reduce_forward(x, red)[0] for red in REDUCTIONS[1:]] + list(_ops().stats_forward(x))
+    softmax_reductions = KERNEL_REDUCTIONS[1:]
+    short = [_ops().reduce_forward(x, red, True)[0] for red in softmax_reductions] + list(_ops().stats_forward(x, True))
+    rows = [_ops().reduce_forward(x, red)[0] for red in softmax_reductions] + list(_ops().stats_forward(x))
     for a, b in zip(short, rows):
         if a.dtype == torch.int64:
             assert torch.equal(a, b)
@@ -415,7 +419,7 @@ def _reference_grad(x, grad_out, reduction):
 
 def _check_every_op(x, backward=True, short_rows=False):
     """Every reduction forward (and backward), and the statistics, against the reference."""
-    for reduction in REDUCTIONS:
+    for reduction in KERNEL_REDUCTIONS:
         _check_forward(x, reduction, short_rows)
         if backward:
             _check_backward(x, reduction)
@@ -447,7 +451,7 @@ def _check_backward(x, reduction, grad_tol=None):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES[:-1], ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("reduction", KERNEL_REDUCTIONS)
 @pytest.mark.gpu
 @needs_cuda_kernels
 def test_reduce_backward(reduction, shape, dtype):
@@ -456,14 +460,14 @@ def test_reduce_backward(reduction, shape, dtype):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("reduction", KERNEL_REDUCTIONS)
 @pytest.mark.gpu
 @needs_cuda_kernels
 def test_backward_layouts(reduction, layout):
     _check_backward(_logits(3, 5, 1000, torch.float32, layout=layout), reduction)
 
 
-@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("reduction", KERNEL_REDUCTIONS)
 @pytest.mark.gpu
 @needs_cuda_kernels
 def test_backward_neg_inf_in_some_members(reduction):
@@ -492,7 +496,7 @@ def test_log_mean_probs_backward_class_neg_inf_in_every_member():
     _assert_matches(grad, expected, **_grad_tol(torch.float32))
 
 
-@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("reduction", KERNEL_REDUCTIONS)
 @pytest.mark.gpu
 @needs_cuda_kernels
 def test_backward_large_magnitude_logits(reduction):

@@ -7,7 +7,7 @@ and on CUDA, where the tests marked ``gpu`` add float16/bfloat16 inputs and real
 import pytest
 import torch
 
-from fused_ensemble import REDUCTIONS
+from fused_ensemble.ops.reductions import KERNEL_REDUCTIONS, SAVES_MEMBER_SOFTMAX
 from fused_ensemble.ops.reference import reduce_reference, stats_reference
 
 from interpreter_warnings import IGNORE_INTERPRETER_WARNINGS
@@ -64,6 +64,16 @@ def _logits(shape, layout="contiguous", scale=3.0):
     return (x * scale).to(DEVICE)
 
 
+def _assert_saved_softmax(aux, x):
+    """aux is [2, N, R]: each member row's max (exactly) and its sum of exp(x - max), against float64."""
+    n, r, _ = x.shape
+    assert aux.shape == (2, n, r) and aux.dtype == torch.float32 and aux.is_contiguous()
+    x64 = x.double().cpu()
+    row_max = x64.amax(-1)
+    torch.testing.assert_close(aux[0].double().cpu(), row_max, rtol=0, atol=0)
+    _assert_matches(aux[1], (x64 - row_max.unsqueeze(-1)).exp().sum(-1), **FP32_TOL)
+
+
 def _reference_grad(x, grad_out, reduction):
     x64 = x.detach().double().cpu().requires_grad_(True)
     reduce_reference(x64, reduction).backward(grad_out.double().cpu())
@@ -77,14 +87,14 @@ def _reference_grad(x, grad_out, reduction):
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("reduction", KERNEL_REDUCTIONS)
 def test_reduce_forward_matches_reference(reduction, shape, path):
     x = _logits(shape)
     out, aux = er.reduce_forward(x, reduction, **PATHS[path])
     assert out.shape == shape[1:] and out.dtype == torch.float32 and out.is_contiguous()
     _assert_matches(out, reduce_reference(x.double(), reduction), **FP32_TOL)
-    if reduction in ("mean_probs", "log_mean_probs"):
-        _assert_matches(aux, torch.logsumexp(x.double(), -1), **FP32_TOL)
+    if reduction in SAVES_MEMBER_SOFTMAX:
+        _assert_saved_softmax(aux, x)
     else:
         assert aux.shape == (0,) and aux.dtype == torch.float32
 
@@ -92,7 +102,7 @@ def test_reduce_forward_matches_reference(reduction, shape, path):
 @pytest.mark.parametrize("path", ["short", "long", "split"])
 @pytest.mark.parametrize("layout", ["member_middle", "class_strided", "sliced", "expanded_members",
                                     "expanded_rows"])
-@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("reduction", KERNEL_REDUCTIONS)
 def test_reduce_forward_any_strides(reduction, layout, path):
     x = _logits((3, 6, 23), layout)
     out, _ = er.reduce_forward(x, reduction, **PATHS[path])
@@ -112,7 +122,7 @@ def _logits_with_neg_inf(shape=(3, 7, 41)):
 
 
 @pytest.mark.parametrize("path", ["short", "long", "split"])
-@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("reduction", KERNEL_REDUCTIONS)
 def test_reduce_forward_neg_inf(reduction, path):
     x = _logits_with_neg_inf()
     out, _ = er.reduce_forward(x, reduction, **PATHS[path])
@@ -121,8 +131,48 @@ def test_reduce_forward_neg_inf(reduction, path):
     _assert_matches(out, expected, **FP32_TOL)
 
 
+def _logits_non_finite(shape=(3, 8, 41)):
+    """Rows with a NaN, a +inf, both in different members, -inf scattered in one member, a member row of -inf, and
+    finite rows around them (rows 0 and 7)."""
+    x = _logits(shape)
+    x[1, 1, 30] = float("nan")
+    x[0, 2, 3] = float("inf")
+    x[2, 3, 20] = float("nan")
+    x[0, 3, 7] = float("inf")
+    x[1, 4][torch.rand(shape[2], device=DEVICE) < 0.5] = float("-inf")  # still finite: -inf is probability 0
+    x[2, 5, :] = float("-inf")
+    x[0, 6, 9] = float("inf")
+    x[1, 6, 9] = float("-inf")
+    return x
+
+
 @pytest.mark.parametrize("path", ["short", "long", "split"])
-@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("reduction", KERNEL_REDUCTIONS)
+def test_reduce_forward_non_finite_rows(reduction, path):
+    # A NaN or +inf in one member (or a member row of -inf) makes the row NaN in every class, as the reference
+    # says; "mean" averages element by element.
+    x = _logits_non_finite()
+    out, _ = er.reduce_forward(x, reduction, **PATHS[path])
+    expected = reduce_reference(x.double(), reduction)
+    if reduction != "mean":
+        assert expected[1:4].isnan().all() and expected[5:7].isnan().all() and expected[[0, 4, 7]].isfinite().any()
+    _assert_matches(out, expected, **FP32_TOL)
+
+
+@pytest.mark.parametrize("path", ["short", "long", "split"])
+def test_stats_non_finite_rows(path):
+    x = _logits_non_finite()
+    stats = er.stats_forward(x, **PATHS[path])
+    _assert_stats_match(stats, x, **FP32_TOL)
+    undefined = torch.tensor([False, True, True, True, False, True, True, False])
+    for name, field in zip(("entropy", "expected_entropy", "mutual_info", "confidence", "disagreement"),
+                           (stats[1], stats[2], stats[3], stats[4], stats[6])):
+        assert torch.equal(field.isnan().cpu(), undefined), name
+    assert (stats[5].cpu()[undefined] == 0).all()
+
+
+@pytest.mark.parametrize("path", ["short", "long", "split"])
+@pytest.mark.parametrize("reduction", KERNEL_REDUCTIONS)
 def test_reduce_forward_large_logits(reduction, path):
     # Logits of magnitude 1e4 are exact to fp32 rounding only if the max is subtracted before exp.
     x = _logits((3, 5, 37), scale=1e4)
@@ -132,17 +182,17 @@ def test_reduce_forward_large_logits(reduction, path):
     _assert_matches(out, expected, **FP32_TOL)
 
 
-@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("reduction", KERNEL_REDUCTIONS)
 def test_reduce_forward_empty_batch(reduction):
     x = torch.randn(3, 0, 5, device=DEVICE)
     out, aux = er.reduce_forward(x, reduction)
     assert out.shape == (0, 5)
-    assert aux.shape == ((3, 0) if reduction in ("mean_probs", "log_mean_probs") else (0,))
+    assert aux.shape == ((2, 3, 0) if reduction in SAVES_MEMBER_SOFTMAX else (0,))
     grad = er.reduce_backward(torch.randn(0, 5, device=DEVICE), x, out, aux, reduction)
     assert grad.shape == ((3, 0, 5) if reduction in ("mean_probs", "log_mean_probs") else (0, 5))
 
 
-@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("reduction", KERNEL_REDUCTIONS)
 def test_reduce_vocabulary_sized_rows(reduction):
     # K = 131072 takes the long-row kernels by the launcher's own choice (32 chunks of 4096).
     x = _logits((2, 2, 131072))
@@ -160,7 +210,7 @@ def test_reduce_vocabulary_sized_rows(reduction):
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("shape", [(3, 7, 41), (1, 2, 1), (2, 5, 10)], ids=str)
-@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("reduction", KERNEL_REDUCTIONS)
 def test_reduce_backward_matches_autograd(reduction, shape, path):
     x = _logits(shape)
     out, aux = er.reduce_forward(x, reduction, **PATHS[path])
@@ -199,6 +249,43 @@ def test_reduce_backward_neg_inf_entries(reduction, path):
     _assert_matches(grad, expected, **FP32_TOL)
 
 
+@pytest.mark.parametrize("path", ["short", "long", "split"])
+@pytest.mark.parametrize("scale, offset", [(1.0, 1e4), (30.0, 1e3)], ids=["1e4+", "30*1e3+"])
+@pytest.mark.parametrize("reduction", ["mean_probs", "log_mean_probs"])
+def test_reduce_backward_large_logits_are_exact(reduction, scale, offset, path):
+    # The member softmax is rebuilt from the saved row max and sum of exp(x - max): exact to fp32 rounding however
+    # large the logits (from a saved fp32 log-sum-exp, rounded to the logits' magnitude, it was off by ~1e-3).
+    x = (torch.randn(3, 5, 37, dtype=torch.float64) * scale + offset).float().to(DEVICE)
+    out, aux = er.reduce_forward(x, reduction, **PATHS[path])
+    _assert_saved_softmax(aux, x)
+    grad_out = torch.randn(5, 37, device=DEVICE)
+    grad = er.reduce_backward(grad_out, x, out, aux, reduction, **_backward_tiles(path))
+    expected = _reference_grad(x, grad_out, reduction)
+    _assert_matches(grad, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("path", ["short", "long"])
+def test_log_mean_probs_backward_where_member_probabilities_underflow(path):
+    # exp(-110) underflows float32: the ratio s / p of the log_mean_probs gradient must be taken in log space.
+    # Member 0 puts 1e-48 on class 2, member 1 one half: d out_2 / d x_1 = [-0.5, 0, 0.5] up to 1e-48.
+    x = torch.tensor([[[0.0, 0.0, -110.0]], [[0.0, -110.0, 0.0]]], device=DEVICE)
+    grad_out = torch.tensor([[0.0, 0.0, 1.0]], device=DEVICE)
+    out, aux = er.reduce_forward(x, "log_mean_probs", **PATHS[path])
+    grad = er.reduce_backward(grad_out, x, out, aux, "log_mean_probs", **_backward_tiles(path))
+    torch.testing.assert_close(grad.cpu(), torch.tensor([[[0.0, 0.0, 0.0]], [[-0.5, 0.0, 0.5]]]), rtol=0, atol=1e-7)
+    one = torch.tensor([[[0.0, 0.0, -110.0]]], device=DEVICE)  # one member: d out_2 / d x = [-0.5, -0.5, 1]
+    out, aux = er.reduce_forward(one, "log_mean_probs", **PATHS[path])
+    grad = er.reduce_backward(grad_out, one, out, aux, "log_mean_probs", **_backward_tiles(path))
+    torch.testing.assert_close(grad.cpu(), torch.tensor([[[-0.5, -0.5, 1.0]]]), rtol=0, atol=1e-7)
+    # Random logits of scale 30: many member probabilities underflow.
+    x = _logits((4, 6, 41), scale=30.0)
+    out, aux = er.reduce_forward(x, "log_mean_probs", **PATHS[path])
+    grad_out = torch.randn(6, 41, device=DEVICE)
+    grad = er.reduce_backward(grad_out, x, out, aux, "log_mean_probs", **_backward_tiles(path))
+    expected = _reference_grad(x, grad_out, "log_mean_probs")
+    _assert_matches(grad, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Statistics
 # ---------------------------------------------------------------------------------------------------------
@@ -214,11 +301,9 @@ def _assert_stats_match(stats, x, **tol):
         else:
             assert actual.dtype == torch.float32, name
         assert actual.shape == want.shape, name
-    # Prediction and disagreement are only defined where the ensemble distribution is.
-    defined = torch.isfinite(expected.probs).all(-1)
     for name, actual, want in zip(expected._fields, stats, expected):
-        if name in ("prediction", "disagreement"):
-            assert torch.equal(actual[defined], want.to(actual.dtype)[defined]), name
+        if name in ("prediction", "disagreement"):  # exact, NaN rows included
+            torch.testing.assert_close(actual, want.to(actual.dtype), rtol=0, atol=0, equal_nan=True, msg=name)
         else:
             try:
                 _assert_matches(actual, want, **tol)
@@ -284,6 +369,8 @@ def test_bad_input_raises():
     x = torch.randn(2, 3, 4, device=DEVICE)
     with pytest.raises(ValueError, match="unknown reduction 'median'"):
         er.reduce_forward(x, "median")
+    with pytest.raises(ValueError, match="do not implement reduction 'vote'"):
+        er.reduce_forward(x, "vote")
     with pytest.raises(ValueError, match=r"shape \[N, R, K\]"):
         er.reduce_forward(x[0], "mean")
     with pytest.raises(ValueError, match=r"shape \[N, R, K\]"):
@@ -315,7 +402,7 @@ GRAD_TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=str)
-@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("reduction", KERNEL_REDUCTIONS)
 def test_gpu_reduce(reduction, shape, dtype):
     # The math is fp32 whatever the input dtype, so outputs match the fp64 reference of the same
     # (rounded) inputs to fp32 accuracy; only gradients stored in x's dtype carry its rounding.
@@ -338,7 +425,7 @@ def test_gpu_stats(shape, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("reduction", KERNEL_REDUCTIONS)
 def test_gpu_neg_inf_and_strides(reduction):
     x = _logits_with_neg_inf()
     _assert_matches(er.reduce_forward(x, reduction)[0], reduce_reference(x.double(), reduction), **FP32_TOL)

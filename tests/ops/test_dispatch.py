@@ -185,3 +185,103 @@ def test_a_failed_fused_head_falls_back_to_the_gemm(monkeypatch):
         torch.testing.assert_close(ensemble_linear_reduce(x, weight, bias), expected)
     torch.testing.assert_close(ensemble_linear_reduce(x, weight, bias), expected)
     assert len(calls) == 1 and ("triton", "cpu", "linear_reduce") in dispatch._failed_under_auto
+
+
+# ---- what may disable a kernel under "auto": only the kernel's own failure ----------------------------------
+
+needs_cpp = pytest.mark.skipif(dispatch.unavailable_reason("cpp", "cpu", torch.float32) is not None,
+                               reason="needs the C++ extension")
+
+
+@pytest.fixture
+def cpp_calls(monkeypatch):
+    """A fresh failure memory, and the names of the kernel backends that library.kernels is asked for."""
+    calls = []
+    real = library.kernels
+    monkeypatch.setattr(dispatch, "_failed_under_auto", set())
+    monkeypatch.setattr(library, "kernels", lambda backend: calls.append(backend) or real(backend))
+    return calls
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta state")
+@needs_cpp
+def test_a_caller_mistake_raises_a_clear_error_and_disables_nothing(cpp_calls):
+    x = torch.randn(3, 4, 5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no "kernel failed" warning either
+        for sparse in (x.to_sparse(), x[0].to_sparse_csr()):
+            with pytest.raises(TypeError, match=r"logits must be a dense \(strided\) tensor, got layout torch.sparse"):
+                ensemble_reduce(sparse)
+            with pytest.raises(TypeError, match=r"logits must be a dense \(strided\) tensor"):
+                ensemble_stats(sparse)
+        with pytest.raises(TypeError, match=r"weight must be a dense \(strided\) tensor"):
+            ensemble_linear_reduce(torch.randn(2, 5), torch.randn(3, 4, 5).to_sparse(), None)
+        with pytest.raises(TypeError, match="logits must be a floating-point tensor"):
+            ensemble_reduce(torch.ones(3, 4, 5, dtype=torch.int32))
+        with pytest.raises(ValueError, match="the member dim must be another dim"):
+            ensemble_reduce(x, dim=-1)
+        meta = ensemble_reduce(torch.empty(3, 4, 5, device="meta"))  # the kernels take no meta tensor: torch does
+        assert meta.shape == (4, 5) and meta.device.type == "meta"
+    assert not dispatch._failed_under_auto and cpp_calls == []
+    torch.testing.assert_close(ensemble_reduce(x), reduce_reference(x))
+    assert cpp_calls == ["cpp"]  # the kernel still runs
+
+
+def _fail_with(monkeypatch, exc):
+    class FailingKernels:
+        calls = 0
+
+        def reduce_forward(self, x, reduction):
+            FailingKernels.calls += 1
+            raise exc
+
+    monkeypatch.setattr(dispatch, "_failed_under_auto", set())
+    monkeypatch.setattr(dispatch, "unavailable_reason", lambda backend, device_type, dtype, op="reduce": None)
+    monkeypatch.setattr(library, "kernels", lambda backend: FailingKernels())
+    return FailingKernels
+
+
+@pytest.mark.parametrize("exc", [
+    RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried "
+                 "to allocate 80000000000 bytes. Error code 12 (Cannot allocate memory)"),
+    RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate 80000000000 bytes."),
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 74.51 GiB"),
+], ids=["cpu-allocator", "cpu-allocator-older-words", "torch.OutOfMemoryError"])
+def test_out_of_memory_passes_through_and_disables_nothing(monkeypatch, exc):
+    kernels = _fail_with(monkeypatch, exc)
+    x = torch.randn(3, 4, 5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        for _ in range(2):
+            with pytest.raises(type(exc), match="memory"):
+                ensemble_reduce(x, "mean_probs")
+    assert kernels.calls == 2 and not dispatch._failed_under_auto  # asked again: still enabled
+    assert dispatch.is_out_of_memory(exc)
+
+
+@needs_cpp
+def test_a_real_cpu_out_of_memory_passes_through(cpp_calls):
+    # 2^58 rows of one class: the 2^60-byte output cannot be allocated (more than any address space).
+    x = torch.zeros(2, 1, 1).expand(2, 1 << 58, 1)
+    with pytest.raises(RuntimeError, match="DefaultCPUAllocator"):
+        ensemble_reduce(x, "mean_probs")
+    assert cpp_calls == ["cpp"] and not dispatch._failed_under_auto
+    ensemble_reduce(torch.randn(3, 4, 5), "mean_probs")
+    assert cpp_calls == ["cpp", "cpp"]
+
+
+def test_a_kernel_failure_disables_it_once_with_one_warning(monkeypatch):
+    kernels = _fail_with(monkeypatch, RuntimeError("no kernel image is available for execution on the device"))
+    x = torch.randn(3, 4, 5)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            torch.testing.assert_close(ensemble_reduce(x, "mean_probs"), reduce_reference(x, "mean_probs"))
+    assert kernels.calls == 1
+    assert [str(w.message) for w in seen if issubclass(w.category, RuntimeWarning)] == [
+        "fused_ensemble: the cpp kernels of reduce failed on a cpu tensor (RuntimeError: no kernel image is available "
+        "for execution on the device); backend='auto' uses the next backend for reduce on cpu tensors from now on in "
+        "this process"]
+    assert dispatch._failed_under_auto == {("cpp", "cpu", "reduce")}
+    dispatch.note_auto_failure("cpp", "cpu", "reduce", RuntimeError("again"))  # said once: no second warning
+    assert not dispatch.is_out_of_memory(RuntimeError("no kernel image is available"))

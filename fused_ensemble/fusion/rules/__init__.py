@@ -21,10 +21,11 @@ from fused_ensemble.fusion.rules.registry import (
     OneInputRule,
     Rule,
     layer_rule,
+    member_shape,
     register,
     rule_for,
     unsupported_reason,
 )
 
-__all__ = ["FusionContext", "LayerCall", "OneInputRule", "Rule", "layer_rule", "register", "rule_for",
-           "unsupported_reason"]
+__all__ = ["FusionContext", "LayerCall", "OneInputRule", "Rule", "layer_rule", "member_shape", "register",
+           "rule_for", "unsupported_reason"]

@@ -14,7 +14,7 @@ from torch import nn
 
 from fused_ensemble.fusion.layout import Layout, to_channel
 from fused_ensemble.fusion.rules.conv_backward import grouped_conv_with_per_member_backward
-from fused_ensemble.fusion.rules.registry import FusionContext, expect_batched, layer_rule
+from fused_ensemble.fusion.rules.registry import FusionContext, expect_batched, expect_channels, layer_rule
 
 
 @layer_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -22,6 +22,7 @@ def convolution(module: nn.modules.conv._ConvNd, x: torch.Tensor, layout: Layout
     n = ctx.num_members
     spatial = len(module.kernel_size)
     expect_batched(module, x, layout, spatial + 2)
+    expect_channels(x, layout, n, module.in_channels)
     functional = (F.conv1d, F.conv2d, F.conv3d)[spatial - 1]
     weight = module.weight.flatten(0, 1)  # [N * C_out, C_in / groups, *kernel]
     bias = module.bias.flatten() if module.bias is not None else None
@@ -47,6 +48,7 @@ def transposed_convolution(module: nn.modules.conv._ConvTransposeNd, x: torch.Te
     members' weights along C_in is the grouped weight. (Calls with ``output_size`` take the generic path.)"""
     spatial = len(module.kernel_size)
     expect_batched(module, x, layout, spatial + 2)
+    expect_channels(x, layout, ctx.num_members, module.in_channels)
     functional = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[spatial - 1]
     weight = module.weight.flatten(0, 1)  # [N * C_in, C_out / groups, *kernel]
     bias = module.bias.flatten() if module.bias is not None else None

@@ -8,11 +8,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from fused_ensemble.fusion.layout import Layout, to_member
-from fused_ensemble.fusion.rules.registry import FusionContext, layer_rule
+from fused_ensemble.fusion.rules.registry import FusionContext, layer_rule, member_shape
 
 
 @layer_rule(nn.Linear)
 def linear(module: nn.Linear, x: torch.Tensor, layout: Layout, ctx: FusionContext):
+    shape = member_shape(x, layout, ctx.num_members)
+    if not shape or shape[-1] != module.in_features:
+        raise ValueError(f"expected input with {module.in_features} features (last dim) per member, got "
+                         f"{shape[-1] if shape else 'a 0-dim input'}")
     return member_linear(x, layout, module.weight, module.bias, ctx.num_members), Layout.MEMBER
 
 

@@ -9,12 +9,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from fused_ensemble.fusion.layout import Layout, to_channel, to_member
-from fused_ensemble.fusion.rules.registry import FusionContext, expect_batched, layer_rule
+from fused_ensemble.fusion.rules.registry import (
+    FusionContext,
+    expect_batched,
+    expect_channels,
+    layer_rule,
+    member_shape,
+)
 
 
 @layer_rule(nn.modules.batchnorm._BatchNorm)
 def batch_norm(module: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, layout: Layout, ctx: FusionContext):
     # Mirrors nn.BatchNorm's forward over N * C channels; each member's statistics are its own channels.
+    expect_channels(x, layout, ctx.num_members, module.num_features)
     x = to_channel(x, layout, ctx.num_members)
     momentum = 0.0 if module.momentum is None else module.momentum
     if module.training and module.track_running_stats and module.num_batches_tracked is not None:
@@ -37,6 +44,7 @@ def batch_norm(module: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, layout:
 
 @layer_rule(nn.GroupNorm)
 def group_norm(module: nn.GroupNorm, x: torch.Tensor, layout: Layout, ctx: FusionContext):
+    expect_channels(x, layout, ctx.num_members, module.num_channels)
     x = to_channel(x, layout, ctx.num_members)
     weight = module.weight.flatten() if module.weight is not None else None
     bias = module.bias.flatten() if module.bias is not None else None
@@ -49,6 +57,8 @@ def instance_norm(module: nn.modules.instancenorm._InstanceNorm, x: torch.Tensor
     # Per sample and channel: the N * C packed channels are each member's own. Running statistics (when tracked)
     # are updated in place through views of the stacked [N, C] buffers.
     expect_batched(module, x, layout, module._get_no_batch_dim() + 1)
+    if module.affine or module.track_running_stats:  # (nn.InstanceNorm only warns about the others)
+        expect_channels(x, layout, ctx.num_members, module.num_features)
     x = to_channel(x, layout, ctx.num_members)
     running_mean = module.running_mean.view(-1) if module.running_mean is not None else None
     running_var = module.running_var.view(-1) if module.running_var is not None else None
@@ -59,6 +69,14 @@ def instance_norm(module: nn.modules.instancenorm._InstanceNorm, x: torch.Tensor
     return y, Layout.CHANNEL
 
 
+def _expect_last_dims(normalized_shape, x: torch.Tensor, layout: Layout, n: int) -> None:
+    shape = member_shape(x, layout, n)
+    expected = tuple(normalized_shape)
+    got = shape[len(shape) - len(expected):] if len(shape) >= len(expected) else shape
+    if got != expected:
+        raise ValueError(f"expected input whose last dims are {expected} per member, got {got}")
+
+
 def _broadcast_member(t: torch.Tensor, ndim: int) -> torch.Tensor:
     """``t`` of shape [N, *s] viewed as [N, 1, ..., 1, *s] with ``ndim`` dims in all."""
     return t.view(t.shape[0], *([1] * (ndim - t.dim())), *t.shape[1:])
@@ -66,6 +84,7 @@ def _broadcast_member(t: torch.Tensor, ndim: int) -> torch.Tensor:
 
 @layer_rule(nn.LayerNorm)
 def layer_norm(module: nn.LayerNorm, x: torch.Tensor, layout: Layout, ctx: FusionContext):
+    _expect_last_dims(module.normalized_shape, x, layout, ctx.num_members)
     if layout is Layout.CHANNEL:
         x, layout = to_member(x, layout, ctx.num_members), Layout.MEMBER
     y = F.layer_norm(x, module.normalized_shape, None, None, module.eps)
@@ -83,6 +102,7 @@ def layer_norm(module: nn.LayerNorm, x: torch.Tensor, layout: Layout, ctx: Fusio
 
 @layer_rule(nn.RMSNorm)
 def rms_norm(module: nn.RMSNorm, x: torch.Tensor, layout: Layout, ctx: FusionContext):
+    _expect_last_dims(module.normalized_shape, x, layout, ctx.num_members)
     if layout is Layout.CHANNEL:
         x, layout = to_member(x, layout, ctx.num_members), Layout.MEMBER
     y = F.rms_norm(x, module.normalized_shape, None, module.eps)

@@ -134,6 +134,25 @@ def unsupported_reason(module: nn.Module) -> str | None:
     return None
 
 
+def member_shape(x: torch.Tensor, layout: Layout, n: int) -> tuple[int, ...]:
+    """The shape of one member's value of ``x`` (in ``layout``)."""
+    if layout is Layout.SHARED:
+        return tuple(x.shape)
+    if layout is Layout.MEMBER:
+        return tuple(x.shape[1:])
+    return (x.shape[0], x.shape[1] // n, *x.shape[2:])
+
+
+def expect_channels(x: torch.Tensor, layout: Layout, n: int, channels: int) -> None:
+    """Raises a ValueError unless each member's ``x`` has ``channels`` channels (dim 1 of its ``[B, C, ...]``):
+    the member's mismatch, where the fused op would report the N members' channels side by side."""
+    shape = member_shape(x, layout, n)
+    got = shape[1] if len(shape) > 1 else None
+    if got != channels:
+        raise ValueError(f"expected input with {channels} channels per member, got "
+                         f"{got if got is not None else f'an input of shape {shape}'}")
+
+
 def expect_batched(module: nn.Module, x: torch.Tensor, layout: Layout, batched_dims: int) -> None:
     """Raises a ValueError unless ``x`` has ``batched_dims`` dims per member (a batch dim included)."""
     member_dims = x.dim() - (1 if layout is Layout.MEMBER else 0)
