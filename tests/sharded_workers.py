@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import socket
 import time
 import traceback
@@ -22,7 +23,15 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from fused_ensemble import REDUCTIONS, FusedEnsemble, ensemble_stats, member_batches, optim
+from fused_ensemble import (
+    REDUCTIONS,
+    FusedEnsemble,
+    ensemble_reduce,
+    ensemble_stats,
+    member_batches,
+    optim,
+    shared,
+)
 from fused_ensemble.cli.workloads import randomize_state
 from fused_ensemble.distributed import (
     CollectiveLog,
@@ -133,6 +142,50 @@ def dataset(examples: int = 24, seed: int = 1) -> tuple[torch.Tensor, torch.Tens
             torch.randint(0, CLASSES, (examples,), generator=generator))
 
 
+def awkward_logits() -> torch.Tensor:
+    """Logits ``[5, 11, 4]`` of 5 members with the rows the reductions' contract singles out: a member with no softmax
+    (a NaN, a ``+inf``, ``-inf`` in every class, ``+inf`` in every class), a class no member gives any probability,
+    ``+inf`` and ``-inf`` in one class, members whose own argmax is a tie, vote counts that tie across ranks, members
+    that agree exactly, and ordinary rows."""
+    logits = torch.randn(5, 11, 4, generator=torch.Generator().manual_seed(11)) * 3
+    inf = math.inf
+    logits[1, 0, 2] = math.nan
+    logits[4, 1, 0] = inf
+    logits[3, 2, :] = -inf
+    logits[:, 3, 1] = -inf
+    logits[0, 4, :] = inf
+    logits[2, 5, 0], logits[3, 5, 0] = -inf, inf
+    logits[:, 6, :] = 1.0
+    logits[:, 7, :] = torch.tensor([0.0, 0.0, 1.0, 1.0])  # each member's argmax: class 2 (first of the tie)
+    logits[:2, 8, :] = torch.tensor([0.0, 0.0, 0.0, 1.0])  # class 3 twice, class 2 twice, class 1 once: class 2
+    logits[2:4, 8, :] = torch.tensor([0.0, 0.0, 1.0, 0.0])
+    logits[4, 8, :] = torch.tensor([0.0, 1.0, 0.0, 0.0])
+    logits[:, 9, :] = logits[0, 9, :].clone()
+    return logits
+
+
+class PairMember(nn.Module):
+    """A member of two inputs: a pair of images (per member) and an offset of the logits (shared)."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(25, CLASSES)
+
+    def forward(self, pair, offset):
+        first, second = pair
+        return self.linear((first + second).flatten(1)) + offset
+
+
+def build_pair_member(index: int) -> nn.Module:
+    torch.manual_seed(500 + index)
+    return PairMember()
+
+
+def identity_member(index: int) -> nn.Module:
+    """A member that returns its input: with ``member_inputs=True`` the inputs are the members' logits."""
+    return nn.Identity()
+
+
 def assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
 
@@ -198,6 +251,28 @@ def _forward_checks(world: int) -> dict[str, Callable[[], None]]:
                     assert_close(getattr(got, field), getattr(expected, field))
         checks[f"stats N={n}"] = stats
 
+    for reduction in REDUCTIONS:
+        def awkward(reduction=reduction):
+            logits = awkward_logits()
+            got = ShardedEnsemble(identity_member, logits.shape[0], reduction=reduction, member_inputs=True)(logits)
+            want = ensemble_reduce(logits, reduction)
+            assert torch.equal(got.isnan(), want.isnan())
+            if reduction == "vote":
+                assert torch.equal(got.nan_to_num(), want.nan_to_num())
+            else:
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, equal_nan=True)
+        checks[f"non-finite and ties {reduction}"] = awkward
+
+    def awkward_stats():
+        logits = awkward_logits()
+        got = ShardedEnsemble(identity_member, logits.shape[0], member_inputs=True).stats(logits)
+        want = ensemble_stats(logits)
+        assert torch.equal(got.prediction, want.prediction)
+        for field in want._fields:
+            torch.testing.assert_close(getattr(got, field), getattr(want, field), rtol=1e-5, atol=1e-6,
+                                       equal_nan=True)
+    checks["non-finite stats"] = awkward_stats
+
     def member_inputs():
         xs = images(5, 6, seed=3)
         sharded = ShardedEnsemble(build_cnn, 5, reduction="log_mean_probs", member_inputs=True)
@@ -206,6 +281,18 @@ def _forward_checks(world: int) -> dict[str, Callable[[], None]]:
         block = sharded.member_indices
         assert_close(sharded(xs[block.start:block.stop]), expected)
     checks["member_inputs"] = member_inputs
+
+    def tuple_and_shared_inputs():
+        pair = (images(5, 6, seed=4), images(5, 6, seed=5))
+        offset = torch.randn(CLASSES, generator=torch.Generator().manual_seed(6))
+        sharded = ShardedEnsemble(build_pair_member, 5, reduction="mean_probs", member_inputs=True)
+        fused = FusedEnsemble([build_pair_member(i) for i in range(5)], reduction="mean_probs", member_inputs=True)
+        with torch.no_grad():
+            expected = fused(pair, shared(offset))
+        assert_close(sharded(pair, shared(offset)), expected)
+        block = sharded.member_indices
+        assert_close(sharded(tuple(x[block.start:block.stop] for x in pair), offset=shared(offset)), expected)
+    checks["tuple and shared inputs"] = tuple_and_shared_inputs
 
     def bytes_sent():
         batch = x.shape[0]

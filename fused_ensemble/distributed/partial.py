@@ -13,11 +13,15 @@ reduction          rank r contributes                             combined by   
 ``log_mean_probs`` ``A_r = logsumexp_n log_softmax(L)``           max, giving ``M``;    ``M + log E - log N``
                                                                   then the sum ``E`` of
                                                                   ``exp(A_r - M)``
-``vote``           ``C_r``: per class, the members whose argmax   sum                   one-hot of ``argmax C``
-                   it is
+``vote``           ``C_r``: per class, the members whose argmax   sum                   one-hot of ``argmax C`` (the
+                   it is                                                                lowest class on tied counts)
 stats              ``[P_r, H_r, C_r]``, ``H_r`` the sum of the    sum (one all-reduce)  see ``finish_stats``
                    members' entropies
 ================== ============================================== ===================== ==============================
+
+Non-finite logits follow ``fused_ensemble.REDUCTIONS``' rule: a row in which some member has no softmax (a NaN or
+``+inf`` logit, or ``-inf`` in every class) is NaN on the rank that holds that member (in the vote counts as well),
+and the sums carry the NaN to every rank's result; ``"mean"`` sums raw outputs element by element.
 
 ``log_mean_probs`` takes two rounds so that it stays exact: the maximum first, then sums of exponentials shifted by
 it, as ``torch.logsumexp`` does over all N members at once (summing the probabilities and taking their log would
@@ -39,6 +43,7 @@ from torch import Tensor
 
 from fused_ensemble.ops.ensemble_reduce import ensemble_reduce, ensemble_stats
 from fused_ensemble.ops.reductions import EnsembleStats, compute_dtype
+from fused_ensemble.ops.reference import undefined_rows
 
 __all__ = ["AllReduce", "ONE_ROUND", "sum_statistics", "finish_reduce", "log_probability_maxima",
            "shifted_exponential_sums", "finish_log_mean_probs", "stats_statistics", "finish_stats", "reduce_sharded",
@@ -51,20 +56,13 @@ ONE_ROUND = ("mean", "softmax_of_mean", "mean_probs", "vote")
 """The reductions whose statistics combine in one summing all-reduce (``log_mean_probs`` takes two rounds)."""
 
 
-def _undefined_rows(local: Tensor) -> Tensor:
-    """The rows (all but the member and class dims) in which some member has no softmax: a NaN or ``+inf`` logit,
-    or ``-inf`` in every class."""
-    no_softmax = (torch.isnan(local) | (local == math.inf)).any(-1) | (local == -math.inf).all(-1)
-    return no_softmax.any(0)
-
-
 def vote_counts(local: Tensor) -> Tensor:
     """Per row and class, how many of the members ``local [n, ..., K]`` have that class as their argmax (first index
     on ties), in the reductions' float dtype; NaN in every class of a row where some member has no softmax."""
     counts = torch.zeros(local.shape[1:], dtype=compute_dtype(local.dtype), device=local.device)
     member_argmax = local.argmax(-1).movedim(0, -1)  # [..., n]
     counts.scatter_add_(-1, member_argmax, torch.ones(member_argmax.shape, dtype=counts.dtype, device=counts.device))
-    return counts.masked_fill(_undefined_rows(local).unsqueeze(-1), math.nan)
+    return counts.masked_fill(undefined_rows(local, 0).unsqueeze(-1), math.nan)
 
 
 def sum_statistics(local: Tensor, reduction: str) -> Tensor:
@@ -140,8 +138,8 @@ def finish_stats(total: Tensor, num_members: int) -> EnsembleStats:
     prediction = prediction.masked_fill(undefined, 0)
     agreeing = votes.gather(-1, prediction.unsqueeze(-1)).squeeze(-1)
     disagreement = (num_members - agreeing) / num_members
-    return EnsembleStats(probs, entropy, expected_entropy, entropy - expected_entropy, confidence, prediction,
-                         disagreement)
+    mutual_info = (entropy - expected_entropy).clamp_min(0)  # as ensemble_stats: never below 0; NaN stays NaN
+    return EnsembleStats(probs, entropy, expected_entropy, mutual_info, confidence, prediction, disagreement)
 
 
 def reduce_sharded(local: Tensor, reduction: str, num_members: int, all_reduce: AllReduce) -> Tensor:

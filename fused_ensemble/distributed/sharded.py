@@ -8,11 +8,13 @@ from collections.abc import Callable
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
+from torch.utils._pytree import tree_map
 
 from fused_ensemble.distributed.collectives import all_gather, all_reduce
 from fused_ensemble.distributed.mesh import member_blocks, member_mesh, mesh_groups
 from fused_ensemble.distributed.partial import reduce_sharded, stats_sharded
 from fused_ensemble.fused import FusedEnsemble
+from fused_ensemble.fusion.inputs import SharedInput
 from fused_ensemble.ops.reductions import EnsembleStats, check_reduction
 from fused_ensemble.training.member_values import MemberValue, per_member
 
@@ -33,17 +35,19 @@ class ShardedEnsemble(nn.Module):
         mesh: a ``DeviceMesh`` with a ``"member"`` dimension and optionally a ``"data"`` one (``member_mesh``); the
             ranks along ``"data"`` hold copies of the same block and split its batches. Default: every process of
             the default group along ``"member"``.
-        reduction: as ``FusedEnsemble``'s: ``"none"`` (every member's output, all-gathered), ``"mean"``,
-            ``"mean_probs"``, ``"softmax_of_mean"``, ``"log_mean_probs"`` (and every reduction of
-            ``fused_ensemble.REDUCTIONS``). ``stats()`` gives ``ensemble_stats``.
+        reduction: as ``FusedEnsemble``'s: ``"none"`` (every member's output, all-gathered) or one of
+            ``fused_ensemble.REDUCTIONS``: ``"mean"``, ``"mean_probs"``, ``"softmax_of_mean"``,
+            ``"log_mean_probs"``, ``"vote"`` (the vote counts are all-reduced; ties go to the lowest class), with the
+            same rule for non-finite logits. ``stats()`` gives ``ensemble_stats``.
         member_inputs: as ``FusedEnsemble``'s: if True the inputs are ``[N, B, ...]`` (every member's own batch: this
-            rank reads its block's rows) or already this rank's ``[n_local, B, ...]``.
+            rank reads its block's rows) or already this rank's ``[n_local, B, ...]``; an input wrapped in
+            ``fused_ensemble.shared(...)`` is every member's, whole.
 
     The forward runs the local members and returns the whole ensemble's result on every rank of the member
-    dimension, equal (to float32 rounding) to one process's ``FusedEnsemble`` of all N members. Each rank reduces its
-    members' outputs to statistics of the result's size, ``[B, K]``, that one all-reduce combines (two for
-    ``"log_mean_probs"``; ``fused_ensemble.distributed.partial`` says how for each reduction). Only ``"none"``
-    gathers member outputs. The ranks along ``"data"`` each reduce their own inputs.
+    dimension, equal (to float32 rounding; ``"vote"`` and ``"none"`` exactly) to one process's ``FusedEnsemble`` of
+    all N members. Each rank reduces its members' outputs to statistics of the result's size, ``[B, K]``, that one
+    all-reduce combines (two for ``"log_mean_probs"``; ``fused_ensemble.distributed.partial`` says how for each
+    reduction). Only ``"none"`` gathers member outputs. The ranks along ``"data"`` each reduce their own inputs.
 
     The forward and ``stats()`` run without autograd (their results never require grad): train the members on
     their own losses through ``member_outputs`` (see ``fused_ensemble.distributed.train_epoch``), as independent
@@ -97,7 +101,7 @@ class ShardedEnsemble(nn.Module):
         block = self.member_indices
         local_count = len(block)
 
-        def local(name, x):
+        def local_tensor(name, x):
             if not isinstance(x, torch.Tensor):
                 return x
             if x.dim() > 0 and x.shape[0] == self.num_members:
@@ -106,7 +110,14 @@ class ShardedEnsemble(nn.Module):
                 return x
             raise ValueError(f"member_inputs=True expects input {name} of shape [N, B, ...] with N={self.num_members} "
                              f"members, or this rank's [{local_count}, B, ...] (members {block.start}-{block.stop - 1})"
-                             f", got {tuple(x.shape)}")
+                             f", got {tuple(x.shape)}; pass an input that every member sees whole as "
+                             f"fused_ensemble.shared(value)")
+
+        def local(name, x):
+            if isinstance(x, SharedInput):
+                return x  # every member's, whole: the local ensemble passes it on as it is
+            # Every tensor of a tuple, list or dict input is per member, as FusedEnsemble reads it.
+            return tree_map(lambda leaf: local_tensor(name, leaf), x)
 
         return (tuple(local(repr(i), x) for i, x in enumerate(inputs)),
                 {name: local(name, x) for name, x in keyword_inputs.items()})

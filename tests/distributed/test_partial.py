@@ -1,6 +1,7 @@
 """The per-rank statistics of the sharded reductions, without any process group: random logits split over simulated
 ranks (even and uneven blocks, one member per rank, one rank), each rank's statistics computed from its block and
-combined by hand as the all-reduces combine them, against the float64 reference of all members."""
+combined by hand as the all-reduces combine them, against the float64 reference of all members, and against the
+single-process ops on non-finite logits and ties (equal, NaN rows included; "vote" bit for bit)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import math
 
 import pytest
 import torch
+from sharded_workers import awkward_logits
 
-from fused_ensemble import REDUCTIONS, metrics
+from fused_ensemble import REDUCTIONS, ensemble_reduce, ensemble_stats, metrics
 from fused_ensemble.distributed import member_blocks
 from fused_ensemble.distributed.collectives import CollectiveRecord
 from fused_ensemble.distributed.evaluation import pairwise_disagreement_from_votes
@@ -40,17 +42,7 @@ def simulated(logits: torch.Tensor, ranks: int, reduction: str) -> torch.Tensor:
     return finish_reduce(sum(sum_statistics(block, reduction) for block in blocks), reduction, logits.shape[0])
 
 
-def vote_oracle(logits: torch.Tensor) -> torch.Tensor:
-    """Hard vote from the member loop: the one-hot of the class most members pick (first index on ties, the lowest
-    class on tied counts)."""
-    classes = logits.shape[-1]
-    counts = torch.nn.functional.one_hot(logits.argmax(-1), classes).sum(0)
-    return torch.nn.functional.one_hot(counts.argmax(-1), classes).to(torch.float32)
-
-
 def expected(logits: torch.Tensor, reduction: str) -> torch.Tensor:
-    if reduction == "vote":
-        return vote_oracle(logits)
     return reduce_reference(logits.double(), reduction).float()
 
 
@@ -59,17 +51,14 @@ def assert_matches(got: torch.Tensor, want: torch.Tensor) -> None:
     torch.testing.assert_close(got, want, rtol=1.3e-6 * 8, atol=1e-6, equal_nan=True)
 
 
-ALL_REDUCTIONS = tuple(dict.fromkeys((*REDUCTIONS, "vote")))
-
-
 @pytest.mark.parametrize("members, ranks", SPLITS)
-@pytest.mark.parametrize("reduction", ALL_REDUCTIONS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_statistics_of_simulated_ranks_combine_to_the_reference(members, ranks, reduction):
     logits = torch.randn(members, 9, 13) * 3
     assert_matches(simulated(logits, ranks, reduction), expected(logits, reduction))
 
 
-@pytest.mark.parametrize("reduction", ALL_REDUCTIONS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("case", ["large", "minus-inf", "tiny-probabilities", "rows-3d", "bf16", "non-contiguous",
                                   "empty-batch", "one-class", "large-k"])
 def test_weird_inputs(reduction, case):
@@ -96,6 +85,40 @@ def test_weird_inputs(reduction, case):
     reference = expected(logits.float() if case == "bf16" else logits, reduction)
     for ranks in (2, 3):
         assert_matches(simulated(logits, ranks, reduction), reference)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("ranks", [2, 3, 5])
+def test_non_finite_rows_and_ties_give_the_single_process_result(reduction, ranks):
+    logits = awkward_logits()
+    got, want = simulated(logits, ranks, reduction), ensemble_reduce(logits, reduction)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    assert torch.equal(got.isnan(), want.isnan())
+    if reduction == "vote":
+        assert torch.equal(got.nan_to_num(), want.nan_to_num())  # bit for bit, ties to the lowest class included
+    else:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
+def test_vote_ties_across_ranks_go_to_the_lowest_class():
+    logits = torch.zeros(4, 2, 5)
+    logits[:2, 0, 3] = 1.0  # rank 0 of 2 votes class 3 twice
+    logits[2:, 0, 1] = 1.0  # rank 1 votes class 1 twice: a tie the sum of counts decides
+    logits[:, 1, [2, 4]] = 1.0  # every member's own argmax is a tie: its first index, class 2
+    got = simulated(logits, 2, "vote")
+    assert got.tolist() == [[0.0, 1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0, 0.0]]
+    assert torch.equal(got, ensemble_reduce(logits, "vote"))
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_stats_of_non_finite_rows_give_the_single_process_result(ranks):
+    logits = awkward_logits()
+    total = sum(stats_statistics(logits[b.start:b.stop]) for b in member_blocks(logits.shape[0], ranks))
+    got, want = finish_stats(total, logits.shape[0]), ensemble_stats(logits)
+    assert torch.equal(got.prediction, want.prediction)
+    for field in want._fields:
+        torch.testing.assert_close(getattr(got, field), getattr(want, field), rtol=1e-5, atol=1e-6, equal_nan=True)
+    assert (got.mutual_info[~got.mutual_info.isnan()] >= 0).all()
 
 
 def test_log_mean_probs_stays_exact_where_summed_probabilities_underflow():

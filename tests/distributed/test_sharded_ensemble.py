@@ -33,7 +33,8 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
                                 reason="needs torch.distributed with gloo")
 
 FORWARD_CHECKS = ([f"forward N={n} {r}" for n in (4, 5, 8) for r in (*REDUCTIONS, "none")]
-                  + [f"stats N={n}" for n in (4, 5, 8)] + ["member_inputs", "bytes sent"])
+                  + [f"stats N={n}" for n in (4, 5, 8)] + [f"non-finite and ties {r}" for r in REDUCTIONS]
+                  + ["non-finite stats", "member_inputs", "tuple and shared inputs", "bytes sent"])
 
 
 @pytest.fixture(scope="module")
