@@ -2,14 +2,16 @@
 rank sends per forward and per step, against gathering the member logits (and against data parallelism of the whole
 ensemble), as a function of N, B and K, with an estimate for 8 GPUs from published NCCL bus bandwidths.
 
-Every process runs one thread, in a gloo group started here (torch.multiprocessing); "one process, no group" is a
-FusedEnsemble of all members in this process, with one thread and with torch's default threads (every core). A
-forward ends in an all-reduce, so its time is the slowest rank's; a training step (members only, no gradient
-traffic) is timed on every rank after a barrier and the slowest rank's time counts. The bytes are computed from the
-collectives' sizes (``bytes_formula``) and checked against what the code sends
-(``fused_ensemble.distributed.CollectiveLog`` around the measured calls): a mismatch stops the run.
+Every process runs one thread, in a gloo group started here (torch.multiprocessing); the single-process points are a
+FusedEnsemble of all members in this process, with no group, one thread and torch's default threads (every core). A
+forward ends in an all-reduce and a training step in FailTogether's flag (members only, no gradient crosses the
+member dimension): each is started on every rank after a barrier, and per repetition the slowest rank's time counts.
+The bytes are computed from the collectives' sizes (``bytes_formula``) and checked against what the code sends
+(``fused_ensemble.distributed.CollectiveLog`` around one call of each): a mismatch stops the run. ``bench/report.py``
+makes the Performance page's "Scaling out" tables from the file.
 
     python bench/sharded_ensemble.py --json bench/results/cpu-2core/sharded-<date>.json
+    python bench/sharded_ensemble.py --bytes-only --json bench/results/cpu-2core/sharded-bytes-<date>.json
     python bench/sharded_ensemble.py --smoke --json /tmp/sharded.json     # seconds: tiny sizes, a check
 """
 
@@ -29,7 +31,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from fused_ensemble import FusedEnsemble, member_cross_entropy
+from fused_ensemble import FusedEnsemble
 from fused_ensemble.cli.environment import environment_info
 from fused_ensemble.cli.models import small_cnn
 from fused_ensemble.distributed import CollectiveLog, FailTogether, ShardedEnsemble, member_blocks
@@ -55,8 +57,8 @@ NCCL_FIGURES = {
     "busbw_sources": {
         "8x H100 SXM (NVLink 4, NVSwitch)": (
             "https://github.com/NVIDIA/nccl-tests/issues/212 (an NCCL maintainer: about 480 GB/s peak all-reduce busbw "
-            "on 8 H100 with NVLink SHARP; about 370 GB/s effective NVLink bandwidth, the busbw of the other "
-            "collectives, of the 450 GB/s line rate)"),
+            "on 8 H100 with NVLink SHARP, and about 370 GB/s for the other collectives: the effective NVLink "
+            "bandwidth, the 450 GB/s line rate less the protocol's overhead)"),
         "8x H100 PCIe (no NVSwitch)": (
             "https://docs.alayanew.com/en/docs/tech-blog/2026-05-06-nccl-tests (a cloud provider's reference table "
             "of nccl-tests all_reduce_perf: 35-45 GB/s busbw at large sizes; the low end is used)"),
@@ -76,6 +78,7 @@ def bytes_formula(members: int, batch: int, classes: int, processes: int, member
     payload = {
         "forward_mean_probs": result_bytes,  # one all-reduce of [B, K]
         "forward_log_mean_probs": 2 * result_bytes,  # the maxima, then the shifted sums
+        "forward_vote": result_bytes,  # the vote counts
         "forward_stats": batch * (2 * classes + 1) * FLOAT_BYTES,
         "forward_gather_logits": largest * batch * classes * FLOAT_BYTES,  # reduction="none": one all-gather
         "train_step_members_only": processes * 4,  # FailTogether's int32 flag per rank (a side channel)
@@ -92,16 +95,26 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _build(index: int) -> torch.nn.Module:
+def _build(index: int, classes: int) -> torch.nn.Module:
     torch.manual_seed(index)
-    return small_cnn(1, 10)
+    return small_cnn(1, classes)
 
 
-def _slowest(times: list[float]) -> list[float]:
-    """Per repetition, the slowest rank's time (ms)."""
-    tensor = torch.tensor(times, dtype=torch.float64)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return tensor.tolist()
+def _timed(call, config: dict) -> list[float]:
+    """ms of each of ``config["reps"]`` calls after ``config["warmup"]`` untimed ones, every call started together on
+    every rank (a barrier), then per repetition the slowest rank's time; empty when the run is not timed."""
+    if not config["reps"]:
+        return []
+    times = []
+    for rep in range(config["warmup"] + config["reps"]):
+        dist.barrier()
+        start = time.perf_counter()
+        call()
+        if rep >= config["warmup"]:
+            times.append((time.perf_counter() - start) * 1e3)
+    slowest = torch.tensor(times, dtype=torch.float64)
+    dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+    return slowest.tolist()
 
 
 def _rank(rank: int, world: int, port: int, config: dict, out: str) -> None:
@@ -109,89 +122,87 @@ def _rank(rank: int, world: int, port: int, config: dict, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=TIMEOUT)
     try:
-        n, batch, image = config["members"], config["batch"], config["image"]
+        n, batch, classes, image = config["members"], config["batch"], config["classes"], config["image"]
+
+        def build(index):
+            return _build(index, classes)
+
         x = torch.randn(batch, 1, image, image, generator=torch.Generator().manual_seed(0))
-        logged, forward_ms = {}, []
+        logged = {}
         with torch.no_grad():
-            for reduction in ("mean_probs", "log_mean_probs", "none"):
-                sharded = ShardedEnsemble(_build, n, reduction=reduction).eval()
+            for reduction in ("mean_probs", "log_mean_probs", "vote", "none"):
+                sharded = ShardedEnsemble(build, n, reduction=reduction).eval()
                 with CollectiveLog() as log:
                     sharded(x)
                 logged["forward_gather_logits" if reduction == "none" else f"forward_{reduction}"] = log
-            sharded = ShardedEnsemble(_build, n, reduction="mean_probs").eval()
+            sharded = ShardedEnsemble(build, n, reduction="mean_probs").eval()
             with CollectiveLog() as log:
                 sharded.stats(x)
             logged["forward_stats"] = log
-            for rep in range(config["warmup"] + config["reps"]):
-                dist.barrier()
-                start = time.perf_counter()
-                sharded(x)
-                if rep >= config["warmup"]:
-                    forward_ms.append((time.perf_counter() - start) * 1e3)
+            forward_ms = _timed(lambda: sharded(x), config)
 
-        trained = ShardedEnsemble(_build, n, member_inputs=True).train()
+        trained = ShardedEnsemble(build, n, member_inputs=True).train()
         optimizer = trained.optimizer(SGD, lr=0.05, momentum=0.9)
         guard = FailTogether(timeout=TIMEOUT)
         local = len(trained.member_indices)
         xb = torch.randn(local, batch, 1, image, image, generator=torch.Generator().manual_seed(1 + rank))
-        yb = torch.randint(0, 10, (local, batch), generator=torch.Generator().manual_seed(2 + rank))
-        step_ms = []
-        for rep in range(config["warmup"] + config["reps"]):
-            dist.barrier()
-            with CollectiveLog() as log:
-                start = time.perf_counter()
-                with guard:
-                    train_step(trained.local, optimizer, xb, yb)
-                elapsed = (time.perf_counter() - start) * 1e3
-            if rep >= config["warmup"]:
-                step_ms.append(elapsed)
+        yb = torch.randint(0, classes, (local, batch), generator=torch.Generator().manual_seed(2 + rank))
+
+        def step():
+            with guard:
+                train_step(trained.local, optimizer, xb, yb)
+
+        with CollectiveLog() as log:
+            step()
         logged["train_step_members_only"] = log
-        forward_ms, step_ms = _slowest(forward_ms), _slowest(step_ms)
+        step_ms = _timed(step, config)
         if rank == 0:
-            member_parameters = sum(p.numel() for p in _build(0).parameters())
-            formula = bytes_formula(n, batch, config["classes"], world, member_parameters)
-            measured = {name: {"payload_bytes": log.payload_bytes, "sent_bytes": log.sent_bytes,
-                               "collectives": len(log.records)} for name, log in logged.items()}
-            for name, counted in measured.items():
-                if counted["payload_bytes"] != formula["payload_bytes"][name]:
-                    raise AssertionError(f"{name}: the code sent {counted['payload_bytes']} bytes, the formula says "
+            member_parameters = sum(p.numel() for p in build(0).parameters())
+            formula = bytes_formula(n, batch, classes, world, member_parameters)
+            counted = {name: {"payload_bytes": log.payload_bytes, "sent_bytes": log.sent_bytes,
+                              "collectives": len(log.records)} for name, log in logged.items()}
+            for name, entry in counted.items():
+                if entry["payload_bytes"] != formula["payload_bytes"][name]:
+                    raise AssertionError(f"{name}: the code sent {entry['payload_bytes']} bytes, the formula says "
                                          f"{formula['payload_bytes'][name]}")
-            Path(out).write_text(json.dumps({
-                "processes": world, "member_blocks": [len(block) for block in trained.blocks],
-                "forward_ms": statistics.median(forward_ms), "train_step_ms": statistics.median(step_ms),
-                "forward_ms_all": forward_ms, "train_step_ms_all": step_ms,
-                "bytes_counted": measured, "bytes_formula": formula}))
+            point = {"processes": world, "group": True, "threads": 1,
+                     "member_blocks": [len(block) for block in trained.blocks],
+                     "bytes_counted": counted, "bytes_formula": formula}
+            if forward_ms:
+                point.update(forward_ms=statistics.median(forward_ms), train_step_ms=statistics.median(step_ms),
+                             forward_ms_all=forward_ms, train_step_ms_all=step_ms)
+            Path(out).write_text(json.dumps(point))
     finally:
         dist.destroy_process_group()
 
 
 def one_process(config: dict, threads: int) -> dict:
-    """A FusedEnsemble of every member in this process with ``threads`` threads, no process group."""
+    """A FusedEnsemble of every member in this process with ``threads`` threads, no process group: the same forward
+    and training step as the ranks run."""
     torch.set_num_threads(threads)
-    n, batch, image = config["members"], config["batch"], config["image"]
+    n, batch, classes, image = config["members"], config["batch"], config["classes"], config["image"]
     x = torch.randn(batch, 1, image, image, generator=torch.Generator().manual_seed(0))
-    fused = FusedEnsemble([_build(i) for i in range(n)], reduction="mean_probs").eval()
-    forward_ms = []
-    with torch.no_grad():
-        for rep in range(config["warmup"] + config["reps"]):
-            start = time.perf_counter()
-            fused(x)
-            if rep >= config["warmup"]:
-                forward_ms.append((time.perf_counter() - start) * 1e3)
-    trained = FusedEnsemble([_build(i) for i in range(n)], reduction="none", member_inputs=True).train()
+    fused = FusedEnsemble([_build(i, classes) for i in range(n)], reduction="mean_probs").eval()
+    trained = FusedEnsemble([_build(i, classes) for i in range(n)], reduction="none", member_inputs=True).train()
     optimizer = SGD(trained.parameters(), lr=0.05, momentum=0.9)
     xb = torch.randn(n, batch, 1, image, image, generator=torch.Generator().manual_seed(1))
-    yb = torch.randint(0, 10, (n, batch), generator=torch.Generator().manual_seed(2))
-    step_ms = []
-    for rep in range(config["warmup"] + config["reps"]):
-        start = time.perf_counter()
-        optimizer.zero_grad()
-        member_cross_entropy(trained(xb), yb).backward()
-        optimizer.step()
-        if rep >= config["warmup"]:
-            step_ms.append((time.perf_counter() - start) * 1e3)
-    return {"processes": "one process, no group", "threads": torch.get_num_threads(),
-            "forward_ms": statistics.median(forward_ms), "train_step_ms": statistics.median(step_ms)}
+    yb = torch.randint(0, classes, (n, batch), generator=torch.Generator().manual_seed(2))
+
+    def repeat(call) -> list[float]:
+        times = []
+        for rep in range(config["warmup"] + config["reps"]):
+            start = time.perf_counter()
+            call()
+            if rep >= config["warmup"]:
+                times.append((time.perf_counter() - start) * 1e3)
+        return times
+
+    with torch.no_grad():
+        forward_ms = repeat(lambda: fused(x))
+    step_ms = repeat(lambda: train_step(trained, optimizer, xb, yb))
+    return {"processes": 1, "group": False, "threads": torch.get_num_threads(), "member_blocks": [n],
+            "forward_ms": statistics.median(forward_ms), "train_step_ms": statistics.median(step_ms),
+            "forward_ms_all": forward_ms, "train_step_ms_all": step_ms}
 
 
 def bytes_versus_size(processes: int = 8) -> list[dict]:
@@ -210,15 +221,17 @@ def bytes_versus_size(processes: int = 8) -> list[dict]:
 
 # What each quantity of ``bytes_formula`` is on the wire: the collective and how many calls.
 COLLECTIVES = {"forward_mean_probs": ("all_reduce", 1), "forward_log_mean_probs": ("all_reduce", 2),
+               "forward_vote": ("all_reduce", 1),
                "forward_stats": ("all_reduce", 1), "forward_gather_logits": ("all_gather", 1),
                "train_step_members_only": ("all_reduce", 1),
                "train_step_data_parallel_whole_ensemble": ("all_reduce", 1)}
 
 
 def estimate_8_gpus() -> list[dict]:
-    """Communication time per forward and per training step on one node of 8 GPUs, from NCCL_FIGURES: the fixed time
-    per collective plus the bytes each rank sends over the bus bandwidth of that collective. The members are too many
-    for one GPU (64 ResNet-50 hold 6.5 GB of float32 parameters, four times that with gradients and Adam's state)."""
+    """Communication time per forward and per data-parallel training step on one node of 8 GPUs, from NCCL_FIGURES:
+    the fixed time per collective plus the bytes each rank sends over the bus bandwidth of that collective. The
+    members are too many for one GPU (64 ResNet-50 hold 6.5 GB of float32 parameters, four times that with gradients
+    and Adam's state). A sharded training step sends no gradient: only FailTogether's flag, over gloo on the host."""
     import torchvision
 
     resnet50 = sum(p.numel() for p in torchvision.models.resnet50(weights=None).parameters())
@@ -238,7 +251,6 @@ def estimate_8_gpus() -> list[dict]:
                          "forward_sharded_ms": ms("forward_mean_probs"),
                          "forward_log_mean_probs_ms": ms("forward_log_mean_probs"),
                          "forward_gather_logits_ms": ms("forward_gather_logits"),
-                         "train_step_sharded_ms": ms("train_step_members_only"),
                          "train_step_data_parallel_ms": ms("train_step_data_parallel_whole_ensemble"),
                          "whole_ensemble_parameters_GB": members * parameters * FLOAT_BYTES / 1e9})
     return rows
@@ -247,31 +259,41 @@ def estimate_8_gpus() -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", required=True, help="write the results here")
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes, 1 and 2 processes (a check, not a benchmark)")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes and 3 repetitions (a check, not a benchmark)")
+    parser.add_argument("--processes", type=int, nargs="+", default=None,
+                        help=f"the group sizes to run (default: {FULL['processes']})")
+    parser.add_argument("--bytes-only", action="store_true",
+                        help="count and check the bytes each rank sends, time nothing (quick; any machine)")
     args = parser.parse_args(argv)
-    config = SMOKE if args.smoke else FULL
+    config = dict(SMOKE if args.smoke else FULL)
+    if args.processes:
+        config["processes"] = args.processes
+    if args.bytes_only:
+        config.update(warmup=0, reps=0)
     all_threads = torch.get_num_threads()
-    points = [one_process(config, 1), one_process(config, all_threads)]
+    points = [] if args.bytes_only else [one_process(config, 1), one_process(config, all_threads)]
     torch.set_num_threads(all_threads)
     with tempfile.TemporaryDirectory() as folder:
         for world in config["processes"]:
             out = str(Path(folder, f"{world}.json"))
             mp.start_processes(_rank, args=(world, _free_port(), config, out), nprocs=world, start_method="spawn")
             points.append(json.loads(Path(out).read_text()))
-            print(f"{world} processes: forward {points[-1]['forward_ms']:.2f} ms, "
-                  f"step {points[-1]['train_step_ms']:.2f} ms", file=sys.stderr)
+            if "forward_ms" in points[-1]:
+                print(f"{world} processes: forward {points[-1]['forward_ms']:.2f} ms, "
+                      f"step {points[-1]['train_step_ms']:.2f} ms", file=sys.stderr)
     result = {
         "environment": environment_info("cpu"),
-        "config": {**config, "model": "small_cnn (digits member)", "reduction": "mean_probs", "optimizer": "SGD",
-                   "threads_per_process": 1},
-        "note": ("Times are medians over the repetitions of the slowest rank's time, one thread per process. The "
-                 "bytes are per rank: payload is the tensor a rank contributes to each collective, sent the ring "
-                 "algorithms' count; the counted bytes equal the formula's (the run stops otherwise)."),
+        "config": {**config, "model": "small_cnn (digits member)", "forward_reduction": "mean_probs",
+                   "optimizer": "SGD", "timed": not args.bytes_only},
+        "note": ("Times are medians over the repetitions of the slowest rank's time, one thread per process in a gloo "
+                 "group. The bytes are per rank: payload is the tensor a rank contributes to each collective, sent "
+                 "the ring algorithms' count; the counted bytes equal the formula's (the run stops otherwise)."),
         "points": points,
         "bytes_versus_size": bytes_versus_size(),
         "nccl_figures": NCCL_FIGURES,
         "estimate_8_gpus": estimate_8_gpus(),
     }
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=1))
     return 0
 
