@@ -1,4 +1,4 @@
-"""Helpers for the sharded-ensemble tests: gloo process groups started by the tests, tiny seeded members, and the
+"""What the sharded-ensemble tests share: gloo process groups started by the tests, tiny seeded members, and the
 workers that run in each rank.
 
 ``run_ranks(worker, world, *args)`` starts ``world`` processes (torch.multiprocessing, spawn), each in a gloo group

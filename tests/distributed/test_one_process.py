@@ -1,5 +1,5 @@
 """ShardedEnsemble in a process group of one process (what a script does before it is started with torchrun): it holds
-every member and equals FusedEnsemble; its training, evaluation and checkpoint helpers equal the single-process ones;
+every member and equals FusedEnsemble; its training, evaluation and checkpoint functions equal the single-process ones;
 mistakes get clear errors."""
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def test_per_member_values_and_the_optimizer_factory(one_process_group):
     assert optimizer.param_groups[0]["betas"] == (0.9, [0.99, 0.98, 0.97])
 
 
-def test_member_batches_training_and_evaluation_equal_the_single_process_helpers(one_process_group):
+def test_member_batches_training_and_evaluation_equal_the_single_process_functions(one_process_group):
     x, y = dataset()
     expected = list(member_batches(x, y, 3, 4, "bootstrap", torch.Generator().manual_seed(1)))
     sharded = ShardedEnsemble(build_training_cnn, 3, member_inputs=True)
