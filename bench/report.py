@@ -506,6 +506,120 @@ def section_cpu_allocator(results: list[dict]) -> str:
     return "\n\n".join(parts) if len(parts) > 1 else ""
 
 
+# ---- scaling out: a sharded ensemble ---------------------------------------------------------------------------
+
+def fmt_bytes(value) -> str:
+    """Bytes with three significant figures and a decimal unit (B, kB, MB, GB)."""
+    if not isinstance(value, (int, float)):
+        return DASH
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(value) >= scale:
+            return f"{fmt_ms(value / scale)} {unit}"
+    return f"{value:.0f} B"
+
+
+SHARDED_CALLS = (("forward_mean_probs", "forward, `mean_probs` (also `mean`, `softmax_of_mean`)"),
+                 ("forward_log_mean_probs", "forward, `log_mean_probs`"),
+                 ("forward_vote", "forward, `vote`"),
+                 ("forward_stats", "`stats()`"),
+                 ("forward_gather_logits", "forward, `none` (gathers the logits)"),
+                 ("train_step_members_only", "training step (members only)"),
+                 ("train_step_data_parallel_whole_ensemble", "training step, data parallel over the whole ensemble"))
+
+
+def _counted(count, noun: str, plural: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count if isinstance(count, int) else DASH} {plural}"
+
+
+def _run_name(point: dict) -> str:
+    if point.get("group") is False:
+        return f"1 process, no group, {_counted(point.get('threads'), 'thread', 'threads')}"
+    return f"{_counted(point.get('processes'), 'process', 'processes')} in a gloo group, 1 thread each"
+
+
+def sharded_time_table(result: dict) -> str:
+    """The timed points of one sharded_ensemble.py file: median ms of a forward and a training step per run."""
+    points = [p for p in result["data"].get("points", []) if "forward_ms" in p]
+    baseline = next((p for p in points if p.get("group") is False and p.get("threads") == 1), None)
+    rows = [[_run_name(p), " + ".join(map(str, p.get("member_blocks") or [])) or DASH, fmt_ms(p.get("forward_ms")),
+             fmt_ms(p.get("train_step_ms")),
+             fmt_ratio(_ratio(_get(baseline, "forward_ms"), p.get("forward_ms"))),
+             fmt_ratio(_ratio(_get(baseline, "train_step_ms"), p.get("train_step_ms")))] for p in points]
+    config = result["data"].get("config", {})
+    caption = (f"{source_line(result)} {config.get('members', DASH)} x {config.get('model', DASH)}, batch "
+               f"{config.get('batch', DASH)}, forward with `{config.get('forward_reduction', DASH)}`, "
+               f"{config.get('optimizer', DASH)} steps; median ms (a group's: the slowest rank's), and the speedup "
+               f"over one process with one thread.")
+    return caption + "\n\n" + table(["run", "members per rank", "forward (ms)", "training step (ms)",
+                                      "forward speedup", "step speedup"], rows)
+
+
+def sharded_bytes_table(result: dict) -> str:
+    """The bytes each rank sends per call, counted in every group of one sharded_ensemble.py file."""
+    groups = [p for p in result["data"].get("points", []) if p.get("group") and "bytes_counted" in p]
+    rows = []
+    for name, label in SHARDED_CALLS:
+        counted = [_get(p, "bytes_counted", name) for p in groups]
+        collectives = next((c.get("collectives") for c in counted if isinstance(c, dict)), None)
+        cells = []
+        for point, entry in zip(groups, counted):
+            if isinstance(entry, dict):
+                cells.append(f"{fmt_bytes(entry.get('payload_bytes'))} / {fmt_bytes(entry.get('sent_bytes'))}")
+            else:  # not run: the formula's bytes
+                cells.append(f"{fmt_bytes(_get(point, 'bytes_formula', 'payload_bytes', name))} / "
+                             f"{fmt_bytes(_get(point, 'bytes_formula', 'sent_bytes', name))} (formula)")
+        rows.append([label, collectives if collectives is not None else DASH] + cells)
+    config = result["data"].get("config", {})
+    caption = (f"{source_line(result)} Bytes per rank and call, {config.get('members', DASH)} members, batch "
+               f"{config.get('batch', DASH)}, {config.get('classes', DASH)} classes: payload (the tensor a rank "
+               f"contributes) / sent (by the ring algorithms' count), counted around each call.")
+    return caption + "\n\n" + table(["call", "collectives"] + [_counted(p.get("processes"), "process", "processes")
+                                                                for p in groups], rows)
+
+
+def sharded_size_table(result: dict) -> str:
+    """Bytes each rank sends per forward, sharded against gathering the logits, per N, B and K."""
+    entries = result["data"].get("bytes_versus_size", [])
+    rows = [[e.get("members", DASH), e.get("batch", DASH), e.get("classes", DASH), fmt_bytes(e.get("sharded_bytes")),
+             fmt_bytes(e.get("gather_logits_bytes")), fmt_ratio(e.get("ratio"))] for e in entries]
+    processes = entries[0].get("processes", DASH) if entries else DASH
+    caption = (f"{source_line(result)} Bytes each of {processes} ranks sends per forward, by the formula the counts "
+               f"above check: the sharded `mean_probs` (one all-reduce of [B, K]) against gathering every member's "
+               f"logits (`reduction=\"none\"`, one all-gather).")
+    return caption + "\n\n" + table(["N", "B", "K", "sharded", "gathering logits", "ratio"], rows)
+
+
+def sharded_estimate_table(result: dict) -> str:
+    """Communication per call on one node of 8 GPUs, estimated from cited NCCL bus bandwidths."""
+    data = result["data"]
+    rows = [[e.get("workload", DASH), e.get("fabric", DASH), fmt_ms(e.get("forward_sharded_ms")),
+             fmt_ms(e.get("forward_log_mean_probs_ms")), fmt_ms(e.get("forward_gather_logits_ms")),
+             fmt_ms(e.get("train_step_data_parallel_ms"))]
+            for e in data.get("estimate_8_gpus", [])]
+    figures = data.get("nccl_figures", {})
+    sources = "; ".join(f"{fabric}: {source}" for fabric, source in (figures.get("busbw_sources") or {}).items())
+    caption = (f"{source_line(result)} Estimated communication ms per call on 8 GPUs: "
+               f"{figures.get('small_message_latency_us', DASH)} us per collective (an assumption) plus the bytes a "
+               f"rank sends over the bus bandwidth (nccl-tests' busbw, defined in "
+               f"{figures.get('busbw_definition', DASH)}). Bandwidths: {sources or DASH}. A sharded training step "
+               f"sends no gradient; data parallelism over the whole ensemble all-reduces every member's gradients.")
+    return caption + "\n\n" + table(["workload", "GPUs", "forward, sharded (ms)", "forward, `log_mean_probs` (ms)",
+                                      "forward, gathering logits (ms)", "step, data parallel (ms)"], rows)
+
+
+def section_scaling_out(results: list[dict]) -> str:
+    parts = [("A sharded ensemble (`fused_ensemble.distributed.ShardedEnsemble`, `bench/sharded_ensemble.py`): its "
+              "members split over processes, every reduction combined from per-rank statistics of the result's "
+              "size ([Scaling out](guides/scaling-out.md)).")]
+    for result in _select(results, "sharded"):
+        if any("forward_ms" in p for p in result["data"].get("points", [])):
+            parts.append(sharded_time_table(result))
+        parts.append(sharded_bytes_table(result))
+        parts.append(sharded_size_table(result))
+        parts.append(sharded_estimate_table(result))
+    return "\n\n".join(parts) if len(parts) > 1 else ""
+
+
 # ---- (f) headline --------------------------------------------------------------------------------------------------
 
 # The files the README's headline quotes: the latest runs timed with every method taking turns (earlier CPU runs timed
@@ -600,6 +714,7 @@ SECTION_BUILDERS = {
     "calibration": section_calibration,
     "deployment-cpu": section_deployment,
     "cpu-allocator": section_cpu_allocator,
+    "scaling-out": section_scaling_out,
 }
 
 

@@ -29,7 +29,8 @@ FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>`{3,}|~{3,})[ \t]*(?P<info>[^`
 # What the examples may import from the package: the top-level public names, and these public modules.
 PUBLIC_MODULES = {"fused_ensemble", "fused_ensemble.metrics", "fused_ensemble.data", "fused_ensemble.config",
                   "fused_ensemble.extension", "fused_ensemble.ops", "fused_ensemble.calibration",
-                  "fused_ensemble.conformal", "fused_ensemble.ood"}
+                  "fused_ensemble.conformal", "fused_ensemble.ood",
+                  "fused_ensemble.distributed"}
 BENCHMARK_ZOO = "fused_ensemble.cli.models"  # allowed when an example shows the benchmark model zoo as such
 
 

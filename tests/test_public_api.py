@@ -32,6 +32,14 @@ def test_training_modules_keep_their_import_names():
     from fused_ensemble.optim import SGD, AdamW  # noqa: F401
 
 
+def test_the_distributed_module_imports_without_a_process_group():
+    import fused_ensemble.distributed as distributed
+
+    for name in distributed.__all__:
+        assert getattr(distributed, name) is not None, name
+    assert {"ShardedEnsemble", "save", "load", "FailTogether", "CollectiveLog"} <= set(distributed.__all__)
+
+
 def test_help_lists_the_commands():
     done = subprocess.run([sys.executable, "-m", "fused_ensemble", "--help"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr

@@ -20,6 +20,7 @@ import platform
 import sys
 import time
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -49,7 +50,7 @@ from fused_ensemble.training.lr_scheduler import CosineAnnealingLR
 from fused_ensemble.training.member_values import MemberValue
 from fused_ensemble.training.optim import SGD, Adam, AdamW
 
-__all__ = ["add_train_arguments", "run_train", "format_table", "CHECKPOINT_FILE"]
+__all__ = ["add_train_arguments", "run_train", "format_table", "seeded_member", "CHECKPOINT_FILE"]
 
 
 DEFAULTS = {  # per dataset: model, epochs, batch size, learning rate
@@ -239,6 +240,13 @@ def _build_member(name: str, in_channels: int, num_classes: int) -> nn.Module:
     return build_model(name, num_classes)
 
 
+def seeded_member(name: str, data: ImageData, seed: int, index: int) -> nn.Module:
+    """Member ``index`` of a run seeded ``seed``, initialized from a seed of its own (derived from both), so that it is
+    the same member whichever process builds it, and whichever members are built with it."""
+    torch.manual_seed(int(np.random.SeedSequence([seed, index]).generate_state(1)[0]))
+    return _build_member(name, data.train_x.shape[1], data.num_classes)
+
+
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -270,6 +278,12 @@ def run_train(args: argparse.Namespace) -> dict:
     if calibration is not None:  # the held-out examples change the training data
         config["calibration_fraction"] = calibration.fraction
     checkpoint_path = _check_outputs(args)
+    if torch.distributed.is_available() and torch.distributed.is_torchelastic_launched():
+        from fused_ensemble.cli.train_sharded import run_sharded_train  # the members sharded over the processes
+
+        data = _load(args, config)
+        return run_sharded_train(args, config, data, lambda index: seeded_member(config["model"], data, args.seed,
+                                                                                 index), format_table)
     device = _device(args.device)
     checkpoint = _resume_from(checkpoint_path, config) if args.resume else None
     data = _load(args, config)
@@ -281,8 +295,8 @@ def run_train(args: argparse.Namespace) -> dict:
             raise _exit(str(error)) from error
     model, n, epochs, batch_size = config["model"], config["members"], config["epochs"], config["batch_size"]
 
-    torch.manual_seed(args.seed)
-    members = [_build_member(model, data.train_x.shape[1], data.num_classes) for _ in range(n)]
+    members = [seeded_member(model, data, args.seed, index) for index in range(n)]
+    torch.manual_seed(args.seed)  # the stream after the members does not depend on which were built
     fused = FusedEnsemble(members, reduction="none", member_inputs=True).to(device)
     per_member = dict(lr=_one_or_per_member(config["lr"]), weight_decay=_one_or_per_member(args.weight_decay))
     if args.optimizer == "adamw":

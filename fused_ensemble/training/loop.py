@@ -8,6 +8,7 @@ as one network.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -22,7 +23,7 @@ from fused_ensemble.training.member_values import MemberValue
 if TYPE_CHECKING:
     from fused_ensemble.fused import FusedEnsemble
 
-__all__ = ["member_cross_entropy", "train_epoch", "member_logits", "member_probabilities", "evaluate"]
+__all__ = ["member_cross_entropy", "train_epoch", "train_step", "member_logits", "member_probabilities", "evaluate"]
 
 
 def member_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
@@ -67,27 +68,40 @@ def train_epoch(fused: FusedEnsemble, optimizer, x: torch.Tensor, y: torch.Tenso
     fused.train()
     steps = 0
     for xb, yb in member_batches(x, y, fused.num_members, batch_size, sampling, generator):
-        xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            logits = fused(xb)
-        losses = member_cross_entropy(logits.float(), yb, reduction="none")
-        (losses if scaler is None else scaler.scale(losses)).sum().backward()
-        if clip_grad_norm is not None:
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            clip_grad_norm_(fused.parameters(), clip_grad_norm)
-        if scaler is None:
-            optimizer.step()
-        else:
-            scaler.step(optimizer)
-            scaler.update()
+        losses = train_step(fused, optimizer, xb.to(device, non_blocking=True), yb.to(device, non_blocking=True),
+                            clip_grad_norm, autocast_dtype, scaler)
         steps += 1
         if progress is not None:
             progress.update(1)
             if steps % 10 == 1:  # .item() waits for the device: not every step
                 progress.set_postfix(loss=f"{losses.sum().item() / fused.num_members:.3f}", refresh=False)
     return steps
+
+
+def train_step(fused: FusedEnsemble, optimizer, xb: torch.Tensor, yb: torch.Tensor,
+               clip_grad_norm: MemberValue | None = None, autocast_dtype: torch.dtype | None = None,
+               scaler: MemberGradScaler | None = None,
+               reduce_gradients: Callable[[], None] | None = None) -> torch.Tensor:
+    """One step of ``train_epoch`` on every member's batch ``xb [N, B, ...]``, ``yb [N, B]`` (on the members' device);
+    returns the members' losses ``[N]`` (detached). ``reduce_gradients``: called after the backward pass, before the
+    gradients are unscaled, clipped or applied (a sharded ensemble averages them over its data-parallel copies)."""
+    optimizer.zero_grad(set_to_none=True)
+    with torch.autocast(xb.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        logits = fused(xb)
+    losses = member_cross_entropy(logits.float(), yb, reduction="none")
+    (losses if scaler is None else scaler.scale(losses)).sum().backward()
+    if reduce_gradients is not None:
+        reduce_gradients()
+    if clip_grad_norm is not None:
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        clip_grad_norm_(fused.parameters(), clip_grad_norm)
+    if scaler is None:
+        optimizer.step()
+    else:
+        scaler.step(optimizer)
+        scaler.update()
+    return losses.detach()
 
 
 @torch.no_grad()

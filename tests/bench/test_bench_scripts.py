@@ -189,3 +189,45 @@ def test_deployment_latency_smoke(tmp_path, bench_scripts):
         assert point["speedup_vs_fused"]["fused"] == 1.0
     assert result["exports"]["lenet"]["pt2_MB"] > 0 and result["onnx_opset"] == 18
     assert result["environment"]["machine"].startswith("cpu")
+
+
+def test_sharded_ensemble_smoke(tmp_path, bench_scripts):
+    import sharded_ensemble
+
+    path = tmp_path / "sharded.json"
+    assert sharded_ensemble.main(["--smoke", "--json", str(path)]) == 0
+    result = json.loads(path.read_text())
+    assert result["environment"]["machine"].startswith("cpu-") and result["config"]["timed"]
+    alone = [p for p in result["points"] if not p["group"]]
+    groups = [p for p in result["points"] if p["group"]]
+    assert [p["threads"] for p in alone][0] == 1 and [p["processes"] for p in groups] == [1, 2]
+    assert groups[1]["member_blocks"] == [2, 2]
+    for point in result["points"]:
+        assert point["forward_ms"] > 0 and point["train_step_ms"] > 0
+        assert len(point["forward_ms_all"]) == sharded_ensemble.SMOKE["reps"]
+    for point in groups:
+        # The script stops when a count differs from the formula; here the counts are also the formula's.
+        for name, counted in point["bytes_counted"].items():
+            assert counted["payload_bytes"] == point["bytes_formula"]["payload_bytes"][name], name
+    one, two = (point["bytes_counted"] for point in groups)
+    assert all(entry["sent_bytes"] == 0 for entry in one.values())  # a group of one sends nothing
+    result_bytes = 8 * 10 * 4  # [B, K] float32
+    assert two["forward_mean_probs"] == {"payload_bytes": result_bytes, "sent_bytes": result_bytes, "collectives": 1}
+    assert two["forward_gather_logits"]["payload_bytes"] == 2 * result_bytes  # 2 members per rank
+    assert {row["fabric"] for row in result["estimate_8_gpus"]} == set(result["nccl_figures"]["busbw_GB_per_s"])
+
+
+def test_sharded_ensemble_bytes_formula(bench_scripts):
+    import sharded_ensemble
+
+    # 5 members over 3 ranks (blocks of 2, 2, 1): the all-gather pads to the largest block.
+    formula = sharded_ensemble.bytes_formula(5, 4, 7, 3, member_parameters=100)
+    payload, sent = formula["payload_bytes"], formula["sent_bytes"]
+    assert payload["forward_mean_probs"] == 4 * 7 * 4 and payload["forward_log_mean_probs"] == 2 * 4 * 7 * 4
+    assert payload["forward_stats"] == 4 * (2 * 7 + 1) * 4
+    assert payload["forward_gather_logits"] == 2 * 4 * 7 * 4 and sent["forward_gather_logits"] == 2 * 2 * 4 * 7 * 4
+    assert sent["forward_mean_probs"] == pytest.approx(2 * 2 / 3 * 4 * 7 * 4)
+    assert payload["train_step_data_parallel_whole_ensemble"] == 5 * 100 * 4
+    # Gathering logits sends N / 2 times the bytes of the sharded all-reduce, whatever B and K.
+    for row in sharded_ensemble.bytes_versus_size(8):
+        assert row["ratio"] == pytest.approx(row["members"] / 2)

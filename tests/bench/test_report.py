@@ -13,7 +13,7 @@ MACHINES = {"h100", "cpu-2core"}
 ENVIRONMENT_KEYS = ("machine", "card", "torch", "commit", "command", "date")
 WORK_ORGANIZATION = re.compile(r"\bsessions?\d*\b|\blease\b|lent gpu|issue #\d|this machine today", re.IGNORECASE)
 SECTIONS = ("headline", "inference-h100", "reduction-h100", "training", "optimizer", "bench-cli-cpu", "calibration",
-            "deployment-cpu")
+            "deployment-cpu", "scaling-out")
 
 
 def _load_report():
@@ -165,6 +165,50 @@ def test_deployment_cells_equal_the_json():
     _assert_same(row["ONNX Runtime (ms)"], point["ms"]["onnxruntime"])
     _assert_same(row["AOTInductor vs fused"], point["speedup_vs_fused"]["aoti"])
     _assert_same(row["member loop (ms)"], point["ms"]["loop"])
+
+
+def test_scaling_out_cells_equal_the_json():
+    path = "cpu-2core/sharded-bytes-2026-12-06.json"
+    data = _json(path)
+    rows = _tables(report.sections()["scaling-out"])[f"bench/results/{path}"]
+    two = next(p for p in data["points"] if p["processes"] == 2)
+    row = _row(rows, call="forward, `log_mean_probs`")
+    counted = two["bytes_counted"]["forward_log_mean_probs"]
+    assert row["collectives"] == "2"
+    for cell, value in zip(row["2 processes"].split(" / "), (counted["payload_bytes"], counted["sent_bytes"])):
+        number, unit = cell.split()
+        _assert_same(number, value / {"B": 1, "kB": 1e3, "MB": 1e6}[unit])
+
+    entry = next(e for e in data["bytes_versus_size"] if (e["members"], e["batch"], e["classes"]) == (64, 256, 1000))
+    row = _row(rows, N=64, B=256, K=1000)
+    _assert_same(row["sharded"].split()[0], entry["sharded_bytes"] / 1e6)
+    _assert_same(row["ratio"], entry["ratio"])
+
+    estimate = next(e for e in data["estimate_8_gpus"] if e["fabric"].startswith("8x H100 SXM")
+                    and e["classes"] == 1000)
+    row = _row(rows, workload=estimate["workload"], GPUs=estimate["fabric"])
+    _assert_same(row["forward, gathering logits (ms)"], estimate["forward_gather_logits_ms"])
+    _assert_same(row["step, data parallel (ms)"], estimate["train_step_data_parallel_ms"])
+    assert "https://github.com/NVIDIA/nccl-tests" in report.sections()["scaling-out"]
+
+
+def test_scaling_out_times_and_speedups_of_a_timed_file(tmp_path):
+    (tmp_path / "cpu-2core").mkdir()
+    points = [{"processes": 1, "group": False, "threads": 1, "member_blocks": [8], "forward_ms": 4.0,
+               "train_step_ms": 10.0},
+              {"processes": 2, "group": True, "threads": 1, "member_blocks": [4, 4], "forward_ms": 2.5,
+               "train_step_ms": 5.0, "bytes_counted": {"forward_vote": {"payload_bytes": 2560, "sent_bytes": 2560.0,
+                                                                        "collectives": 1}}}]
+    with open(tmp_path / "cpu-2core" / "sharded-2026-01-02.json", "w") as f:
+        json.dump({"config": {"members": 8}, "points": points}, f)
+    rows = _tables(report.sections(tmp_path)["scaling-out"])["bench/results/cpu-2core/sharded-2026-01-02.json"]
+    alone = _row(rows, run="1 process, no group, 1 thread")
+    assert alone["forward (ms)"] == "4.00" and alone["forward speedup"] == "1.00x"
+    group = _row(rows, run="2 processes in a gloo group, 1 thread each")
+    assert group["members per rank"] == "4 + 4" and group["forward speedup"] == "1.60x"
+    assert group["step speedup"] == "2.00x"
+    assert _row(rows, call="forward, `vote`")["2 processes"] == "2.56 kB / 2.56 kB"
+    assert _row(rows, call="`stats()`")["2 processes"] == "- / - (formula)"  # missing keys show as dashes
 
 
 def test_headline_names_machine_date_and_source():
