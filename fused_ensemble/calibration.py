@@ -12,9 +12,12 @@ distribution by minimizing the negative log-likelihood of held-out examples (Guo
   distribution is ``mean_n softmax(logits_n / T_n)``; the N temperatures are fitted jointly, on the NLL of that
   average (not each on its own member's NLL: members calibrated one by one make an underconfident ensemble).
 
-Both reduce with ``fused_ensemble.ensemble_reduce``. Fitting minimizes the NLL exactly: on a calibration set whose
-every example is classified correctly, the NLL keeps falling as T goes to 0 and the fit sharpens without bound;
-hold out enough examples to contain mistakes.
+Both reduce with ``fused_ensemble.ensemble_reduce``. The NLL has a minimum at a finite temperature only if the
+held-out examples contain mistakes: where every example is classified correctly (mode ``"ensemble"``), or where a
+member classifies every example correctly (mode ``"member"``, that member's T), sharpening always lowers the NLL and
+its infimum lies at T -> 0. A fit there would return whatever tiny T the optimizer stopped at, an ensemble that is
+certain of every prediction and pays for it on the first mistake; ``fit`` raises ``NoFiniteTemperature`` instead.
+Hold out more examples, or do without temperature scaling.
 """
 
 from __future__ import annotations
@@ -25,10 +28,22 @@ from torch import Tensor
 
 from fused_ensemble.ops.ensemble_reduce import ensemble_reduce
 
-__all__ = ["TemperatureScaling", "MODES"]
+__all__ = ["TemperatureScaling", "NoFiniteTemperature", "MODES"]
 
 MODES = ("ensemble", "member")
 """What ``TemperatureScaling`` scales: the ensemble's log-probabilities (one T) or each member's logits (N)."""
+
+
+class NoFiniteTemperature(ValueError):
+    """The held-out NLL has no minimum at a finite temperature: it keeps falling as T -> 0 (no mistakes to
+    penalize sharpening)."""
+
+
+def _always_right(log_probs: Tensor, targets: Tensor) -> Tensor:
+    """Per leading index of ``log_probs [..., B, K]``: whether the target is an argmax in every one of the B rows
+    (then sharpening never lowers the target's probability: d log p_y / d(1/T) = z_y - E_p[z] >= 0)."""
+    target = log_probs.gather(-1, targets.expand(*log_probs.shape[:-1]).unsqueeze(-1)).squeeze(-1)
+    return (target >= log_probs.max(-1).values).all(-1)
 
 
 def _check_logits(logits, name: str = "logits") -> None:
@@ -87,10 +102,16 @@ class TemperatureScaling:
     def fit(self, logits: Tensor, targets: Tensor) -> TemperatureScaling:
         """Fits the temperature(s) on held-out member logits ``[N, B, K]`` and their targets ``[B]`` by minimizing
         the NLL of the calibrated ensemble distribution with LBFGS (strong Wolfe line search) over ``log T``,
-        starting from T = 1, in float64. Returns ``self``."""
+        starting from T = 1, in float64. Returns ``self``.
+
+        Raises:
+            NoFiniteTemperature: (a ``ValueError``) the NLL has no minimum at a finite temperature: every held-out
+                example is classified correctly by the ensemble (mode ``"ensemble"``) or by some member (mode
+                ``"member"``; the error names them). See the module doc."""
         _check_logits(logits)
         targets = _check_targets(logits, targets).to(logits.device)
         x = logits.detach().to(torch.float64)
+        self._check_finite_minimum(x, targets)
         if self.mode == "ensemble":
             log_mean_probs = ensemble_reduce(x, "log_mean_probs")  # does not depend on T: reduced once
             log_t = torch.zeros((), dtype=torch.float64, device=x.device, requires_grad=True)
@@ -117,6 +138,23 @@ class TemperatureScaling:
             raise RuntimeError(f"the temperature fit diverged (T = {temperature.tolist()}); are the logits finite?")
         self._temperature = temperature.cpu()
         return self
+
+    def _check_finite_minimum(self, x: Tensor, targets: Tensor) -> None:
+        examples = targets.shape[0]
+        if self.mode == "ensemble":
+            if _always_right(ensemble_reduce(x, "log_mean_probs"), targets):
+                raise NoFiniteTemperature(
+                    f"the ensemble classifies all {examples} held-out examples correctly, so its NLL keeps falling as "
+                    f"T -> 0 and has no minimum at a finite temperature; hold out more examples (the fit needs some "
+                    f"mistakes), or do without temperature scaling")
+            return
+        members = _always_right(x, targets).nonzero().flatten().tolist()
+        if members:
+            raise NoFiniteTemperature(
+                f"member(s) {members} classify all {examples} held-out examples correctly, so the NLL keeps falling "
+                f"as their temperatures go to 0 and has no minimum at finite temperatures; hold out more examples "
+                f"(the fit needs some mistakes of every member), use mode 'ensemble', or do without temperature "
+                f"scaling")
 
     def __call__(self, logits: Tensor) -> Tensor:
         """Calibrated ensemble probabilities of member logits ``[N, ..., K]`` (member dim first): ``[..., K]``,

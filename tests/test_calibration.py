@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from fused_ensemble import TemperatureScaling, ensemble_reduce
+from fused_ensemble.calibration import NoFiniteTemperature
 
 
 def _member_logits(n: int = 3, b: int = 6000, k: int = 10, seed: int = 0) -> torch.Tensor:
@@ -105,3 +106,29 @@ def test_bad_use_is_refused_with_a_reason():
         TemperatureScaling("member").load_state_dict({"temperature": [1.0, -2.0]})
     with pytest.raises(ValueError, match="the one key 'temperature'"):
         TemperatureScaling().load_state_dict({"temperature": 1.0, "mode": "ensemble"})
+
+
+def test_held_out_examples_without_mistakes_have_no_finite_temperature():
+    logits = _member_logits(b=200)
+    ensemble_right = ensemble_reduce(logits, "log_mean_probs").argmax(-1)
+    with pytest.raises(NoFiniteTemperature, match="classifies all 200 held-out examples correctly"):
+        TemperatureScaling("ensemble").fit(logits, ensemble_right)
+    # The same targets with one mistake: a finite minimum, fitted (sharper than T = 1: the ensemble is right on 199).
+    one_mistake = ensemble_right.clone()
+    one_mistake[0] = (one_mistake[0] + 1) % 10
+    assert 0 < TemperatureScaling("ensemble").fit(logits, one_mistake).temperature < 1
+
+    # Mode "member": member 1 is right on every example (its logits made to agree with the targets), the others not.
+    targets = torch.randint(0, 10, (200,), generator=torch.Generator().manual_seed(3))
+    logits[1].scatter_(-1, targets.unsqueeze(-1), 100.0)
+    with pytest.raises(NoFiniteTemperature, match=r"member\(s\) \[1\] classify all 200"):
+        TemperatureScaling("member").fit(logits, targets)
+
+
+def test_without_a_finite_temperature_nothing_is_fitted():
+    scaling = TemperatureScaling()
+    logits = _member_logits(b=50)
+    with pytest.raises(ValueError):  # NoFiniteTemperature is a ValueError
+        scaling.fit(logits, ensemble_reduce(logits, "mean_probs").argmax(-1))
+    with pytest.raises(RuntimeError, match="not fitted"):
+        print(scaling.temperature)

@@ -17,7 +17,7 @@ from typing import NamedTuple
 import torch
 
 from fused_ensemble import metrics
-from fused_ensemble.calibration import TemperatureScaling
+from fused_ensemble.calibration import NoFiniteTemperature, TemperatureScaling
 from fused_ensemble.conformal import SCORES, SplitConformal
 from fused_ensemble.data import ImageData
 from fused_ensemble.fused import FusedEnsemble
@@ -105,30 +105,38 @@ def calibrate(fused: FusedEnsemble, held_out: tuple[torch.Tensor, torch.Tensor],
     cal_x, cal_y = held_out
     cal_logits, test_logits = member_logits(fused, cal_x), member_logits(fused, test_x)
     test_y = test_y.cpu()
-    scaling = TemperatureScaling("ensemble").fit(cal_logits, cal_y.cpu())
-    calibrated = scaling(test_logits)
+    try:
+        scaling = TemperatureScaling("ensemble").fit(cal_logits, cal_y.cpu())
+    except NoFiniteTemperature as error:  # reported, not fatal: the training and the other results stand
+        scaling, temperature_note = None, str(error)
+    calibrated = None if scaling is None else scaling(test_logits)
     conformal = SplitConformal(options.score, alpha=options.alpha)
     conformal.fit(ensemble_reduce(cal_logits, "mean_probs"), cal_y.cpu())
     test_probs = ensemble_reduce(test_logits, "mean_probs")
     summary = {
         "calibration_examples": int(cal_y.shape[0]),
-        "temperature": scaling.temperature,
-        "ensemble_nll_calibrated": metrics.nll(calibrated, test_y).item(),
-        "ensemble_brier_calibrated": metrics.brier(calibrated, test_y).item(),
-        "ensemble_ece_calibrated": metrics.ece(calibrated, test_y, n_bins).item(),
+        "temperature": None if scaling is None else scaling.temperature,
+        "ensemble_nll_calibrated": None if scaling is None else metrics.nll(calibrated, test_y).item(),
+        "ensemble_brier_calibrated": None if scaling is None else metrics.brier(calibrated, test_y).item(),
+        "ensemble_ece_calibrated": None if scaling is None else metrics.ece(calibrated, test_y, n_bins).item(),
         "conformal_score": options.score, "alpha": options.alpha,
         "conformal_threshold": conformal.qhat,
         "conformal_coverage": conformal.coverage(test_probs, test_y),
         "conformal_mean_set_size": conformal.mean_set_size(test_probs),
     }
+    if scaling is None:
+        summary["temperature_note"] = temperature_note
     return summary, calibrated
 
 
 def format_calibration(summary: dict) -> str:
     """One paragraph on what ``--calibrate`` found."""
-    return (f"Calibrated on {summary['calibration_examples']} held-out examples: temperature "
-            f"{summary['temperature']:.3f}, ensemble ECE {summary['ensemble_ece']:.4f} -> "
-            f"{summary['ensemble_ece_calibrated']:.4f}, NLL {summary['ensemble_nll']:.4f} -> "
-            f"{summary['ensemble_nll_calibrated']:.4f}. Conformal {summary['conformal_score']} sets at alpha "
-            f"{summary['alpha']}: coverage {summary['conformal_coverage']:.4f}, mean size "
-            f"{summary['conformal_mean_set_size']:.3f}.")
+    if summary["temperature"] is None:
+        temperature = f"no temperature: {summary['temperature_note']}."
+    else:
+        temperature = (f"temperature {summary['temperature']:.3f}, ensemble ECE {summary['ensemble_ece']:.4f} -> "
+                       f"{summary['ensemble_ece_calibrated']:.4f}, NLL {summary['ensemble_nll']:.4f} -> "
+                       f"{summary['ensemble_nll_calibrated']:.4f}.")
+    return (f"Calibrated on {summary['calibration_examples']} held-out examples: {temperature} Conformal "
+            f"{summary['conformal_score']} sets at alpha {summary['alpha']}: coverage "
+            f"{summary['conformal_coverage']:.4f}, mean size {summary['conformal_mean_set_size']:.3f}.")

@@ -24,7 +24,7 @@ def _reliability_panel(top, bottom, probs: torch.Tensor, targets: torch.Tensor, 
 
 def plot_reliability(probs: torch.Tensor, targets: torch.Tensor, path: str, n_bins: int = 15,
                      title: str = "reliability diagram", calibrated_probs: torch.Tensor | None = None,
-                     calibrated_title: str = "calibrated") -> None:
+                     calibrated_title: str | None = "calibrated") -> None:
     """Writes a reliability diagram of ``probs`` as a PNG: per confidence bin, the accuracy (bars) against the
     mean confidence (dots; on the diagonal when calibrated), and below it how many examples each bin holds. With
     ``calibrated_probs``, a second panel beside it shows them (the same examples after calibration)."""

@@ -373,11 +373,12 @@ def run_train(args: argparse.Namespace) -> dict:
         with open(args.json, "w") as f:
             json.dump(summary, f, indent=2)
     if args.plot:
+        calibrated_title = None if calibrated_probs is None else (
+            f"after temperature scaling (T = {summary['temperature']:.3f}): "
+            f"ensemble ECE {summary['ensemble_ece_calibrated']:.4f}")
         plot_reliability(ensemble_probs, data.test_y, args.plot,
                          title=f"{n} x {model} on {data.name}: ensemble ECE {summary['ensemble_ece']:.4f}",
-                         calibrated_probs=calibrated_probs,
-                         calibrated_title=f"after temperature scaling (T = {summary.get('temperature', 1):.3f}): "
-                                          f"ensemble ECE {summary.get('ensemble_ece_calibrated', 0):.4f}")
+                         calibrated_probs=calibrated_probs, calibrated_title=calibrated_title)
     return summary
 
 

@@ -168,7 +168,7 @@ def test_deployment_cells_equal_the_json():
 
 
 def test_scaling_out_cells_equal_the_json():
-    path = "cpu-2core/sharded-bytes-2026-12-06.json"
+    path = "cpu-2core/sharded-2026-12-06.json"
     data = _json(path)
     rows = _tables(report.sections()["scaling-out"])[f"bench/results/{path}"]
     two = next(p for p in data["points"] if p["processes"] == 2)

@@ -107,3 +107,22 @@ def test_calibrate_reports_what_the_library_computes_on_the_held_out_and_test_ex
     assert summary["calibration_examples"] == 200 and summary["alpha"] == 0.2
     # Untrained members are far from calibrated; the fitted temperature repairs much of it.
     assert summary["ensemble_nll_calibrated"] < metrics.nll(test_probs, data.test_y).item()
+
+
+def test_held_out_examples_without_mistakes_are_reported_not_fatal(monkeypatch):
+    # Members that put all their mass on the right class of every held-out example: no finite temperature.
+    data = load_digits()
+    held_out = (data.train_x[:40], data.train_y[:40])
+    fused = FusedEnsemble([torch.nn.Flatten() for _ in range(2)], reduction="none", member_inputs=True)
+    right = torch.nn.functional.one_hot(held_out[1], 10).float() * 20
+
+    def logits(module, x):
+        return right.expand(2, -1, -1) if x is held_out[0] else torch.randn(2, x.shape[0], 10)
+    monkeypatch.setattr("fused_ensemble.cli.calibrate.member_logits", logits)
+    summary, calibrated = calibrate(fused, held_out, data.test_x, data.test_y,
+                                    CalibrationOptions(fraction=0.1, score="thr", alpha=0.2))
+    assert calibrated is None and summary["temperature"] is None and summary["ensemble_ece_calibrated"] is None
+    assert "classifies all 40 held-out examples correctly" in summary["temperature_note"]
+    assert summary["conformal_coverage"] is not None  # the conformal sets are fitted all the same
+    summary["ensemble_ece"], summary["ensemble_nll"] = 0.1, 0.2
+    assert "no temperature: the ensemble classifies all 40" in train_command.format_calibration(summary)
