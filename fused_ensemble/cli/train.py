@@ -279,6 +279,8 @@ def run_train(args: argparse.Namespace) -> dict:
         config["calibration_fraction"] = calibration.fraction
     checkpoint_path = _check_outputs(args)
     if torch.distributed.is_available() and torch.distributed.is_torchelastic_launched():
+        if calibration is not None:
+            raise _exit("--calibrate is not supported under torchrun: train in one process to calibrate")
         from fused_ensemble.cli.train_sharded import run_sharded_train  # the members sharded over the processes
 
         data = _load(args, config)

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from fused_ensemble.cli.environment import environment_info
 from fused_ensemble.cli.plots import plot_reliability
 from fused_ensemble.data import ImageData
 from fused_ensemble.distributed import (
@@ -215,6 +216,7 @@ def _train(args, config, data, build_member, format_table, device) -> dict:
         result = evaluate(sharded, data.test_x, data.test_y)
     ensemble_probs = result.pop("_ensemble_probs")
     summary = {
+        "environment": environment_info(str(device)),
         "dataset": data.name, "model": model, "members": n, "epochs": epochs, "batch_size": batch_size,
         "optimizer": args.optimizer, "lr": config["lr"], "weight_decay": args.weight_decay,
         "momentum": config["momentum"], "sampling": args.sampling,

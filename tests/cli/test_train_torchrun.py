@@ -156,3 +156,13 @@ def test_an_exception_in_one_process_stops_the_other_with_a_peer_failure(tmp_pat
     assert "ValueError: boom at step 5" in output
     assert "PeerFailure: step boundary 4: rank 1 failed (rank 1: ValueError: boom at step 5)" in output, output
     assert time.monotonic() - start < 300
+
+
+def test_calibrate_under_torchrun_stops_before_training(monkeypatch):
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")  # what torch.distributed.is_torchelastic_launched() reads
+
+    def train_epoch(*args, **kwargs):
+        pytest.fail("the command started training")
+    monkeypatch.setattr(train_command, "train_epoch", train_epoch)
+    with pytest.raises(SystemExit, match="--calibrate is not supported under torchrun"):
+        train_command.run_train(build_parser().parse_args(ARGV + ["--calibrate"]))
