@@ -16,7 +16,6 @@ import importlib.util
 import json
 import os
 import pickle
-import platform
 import sys
 import time
 
@@ -31,9 +30,9 @@ from fused_ensemble.cli.calibrate import (
     format_calibration,
     hold_out,
 )
-from fused_ensemble.cli.environment import environment_info
 from fused_ensemble.cli.models import MODELS, build_model, small_cnn
 from fused_ensemble.cli.plots import plot_reliability
+from fused_ensemble.cli.run_summary import run_summary
 from fused_ensemble.data import ImageData, load_cifar10, load_digits
 from fused_ensemble.fused import FusedEnsemble
 from fused_ensemble.training.amp import MemberGradScaler
@@ -346,28 +345,15 @@ def run_train(args: argparse.Namespace) -> dict:
                 "rng": rng_states(device, {"data_order": generator}),
                 "summary": {"train_steps": steps, "epoch_seconds": epoch_seconds}})
     progress.close()
-    train_seconds = sum(epoch_seconds)
 
     result = evaluate(fused, data.test_x, data.test_y)
     ensemble_probs = result.pop("_ensemble_probs")
     calibrated, calibrated_probs = ({}, None) if held_out is None else calibrate(
         fused, held_out, data.test_x, data.test_y, calibration)
-    summary = {
-        "environment": environment_info(str(device)),
-        "dataset": data.name, "model": model, "members": n, "epochs": epochs, "batch_size": batch_size,
-        "optimizer": args.optimizer, "lr": config["lr"], "weight_decay": args.weight_decay,
-        "momentum": config["momentum"], "sampling": args.sampling,
-        "clip_grad_norm": args.clip_grad_norm, "amp": args.amp,
-        "loss_scale": None if scaler is None else scaler.get_scale().tolist(),
-        "seed": args.seed, "device": str(device), "train_examples": int(data.train_x.shape[0]),
-        "test_examples": int(data.test_x.shape[0]), "train_steps": steps,
-        "train_seconds": train_seconds, "epoch_seconds": epoch_seconds,
-        "resumed_from_epoch": None if checkpoint is None else first_epoch,
-        # every member processes its own batch: N * B member-images per step
-        "train_member_images_per_s": steps * n * batch_size / train_seconds,
-        **result, **calibrated,
-        "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
-    }
+    summary = run_summary(args, config, data, device, steps=steps, epoch_seconds=epoch_seconds,
+                          resumed_from_epoch=None if checkpoint is None else first_epoch,
+                          loss_scale=None if scaler is None else scaler.get_scale().tolist(),
+                          metrics={**result, **calibrated})
     print(format_table(summary))
     if calibrated:
         print(format_calibration(summary))

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -29,8 +28,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fused_ensemble.cli.environment import environment_info
 from fused_ensemble.cli.plots import plot_reliability
+from fused_ensemble.cli.run_summary import run_summary
 from fused_ensemble.data import ImageData
 from fused_ensemble.distributed import (
     FailTogether,
@@ -210,27 +209,15 @@ def _train(args, config, data, build_member, format_table, device) -> dict:
                 for earlier in range(1, epoch + 1):
                     shutil.rmtree(os.path.join(args.checkpoint_dir, "sharded", f"epoch-{earlier}"), ignore_errors=True)
     progress.close()
-    train_seconds = sum(epoch_seconds)
 
     with guard:
         result = evaluate(sharded, data.test_x, data.test_y)
     ensemble_probs = result.pop("_ensemble_probs")
-    summary = {
-        "environment": environment_info(str(device)),
-        "dataset": data.name, "model": model, "members": n, "epochs": epochs, "batch_size": batch_size,
-        "optimizer": args.optimizer, "lr": config["lr"], "weight_decay": args.weight_decay,
-        "momentum": config["momentum"], "sampling": args.sampling,
-        "clip_grad_norm": args.clip_grad_norm, "amp": args.amp,
-        "loss_scale": None if scaler is None else _all_scales(sharded, scaler),
-        "seed": args.seed, "device": str(device), "train_examples": int(data.train_x.shape[0]),
-        "test_examples": int(data.test_x.shape[0]), "train_steps": steps,
-        "train_seconds": train_seconds, "epoch_seconds": epoch_seconds,
-        "resumed_from_epoch": None if pointer is None else first_epoch,
-        "train_member_images_per_s": steps * n * batch_size / train_seconds,
-        **result,
-        "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
-        "processes": processes, "member_blocks": [[block.start, block.stop - 1] for block in sharded.blocks],
-    }
+    summary = run_summary(args, config, data, device, steps=steps, epoch_seconds=epoch_seconds,
+                          resumed_from_epoch=None if pointer is None else first_epoch,
+                          loss_scale=None if scaler is None else _all_scales(sharded, scaler), metrics=result)
+    summary["processes"] = processes
+    summary["member_blocks"] = [[block.start, block.stop - 1] for block in sharded.blocks]
     if rank == 0:
         print(format_table(summary))
         if args.json:
