@@ -25,6 +25,7 @@ from fused_ensemble.deploy.member_tensors import (
     member_digest,
     member_specs,
     stacked_ensemble,
+    stacked_tensors,
 )
 from fused_ensemble.deploy.safetensors_files import header_specs, open_safetensors, write_safetensors
 from fused_ensemble.fused import FusedEnsemble
@@ -56,11 +57,7 @@ def save(fused: FusedEnsemble, path: str | os.PathLike) -> Path:
         raise TypeError(f"save() takes a FusedEnsemble, got a {type(fused).__name__}; an OptimizedEnsemble is tuned "
                         f"for one process: save the FusedEnsemble it was made from")
     path = Path(path)
-    stacks = fused.stacked.state_dict()
-    for name, value in stacks.items():
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(f"the members' state_dict holds {name!r}, a {type(value).__name__} (extra state), which "
-                            f"a safetensors file cannot store")
+    stacks = stacked_tensors(fused)
     tensors = {name: stack.detach().to("cpu").contiguous() for name, stack in stacks.items()}
     digests = [member_digest({name: stack[index] for name, stack in tensors.items()})
                for index in range(fused.num_members)]

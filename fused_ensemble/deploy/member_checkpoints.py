@@ -25,6 +25,7 @@ from fused_ensemble.deploy.member_tensors import (
     fill_member,
     member_specs,
     stacked_ensemble,
+    stacked_tensors,
 )
 from fused_ensemble.deploy.safetensors_files import (
     TensorSpec,
@@ -134,11 +135,7 @@ def save_members(fused: nn.Module, folder: str | os.PathLike) -> list[Path]:
     import fused_ensemble
 
     folder = Path(folder)
-    stacks = fused.stacked.state_dict()
-    for name, value in stacks.items():
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(f"the members' state_dict holds {name!r}, a {type(value).__name__} (extra state), which "
-                            f"a safetensors file cannot store")
+    stacks = stacked_tensors(fused)
     width = len(str(fused.num_members - 1))
     written = []
     for index in range(fused.num_members):

@@ -100,3 +100,14 @@ def member_digest(tensors: Mapping[str, torch.Tensor]) -> str:
         digest.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().data)
     return digest.hexdigest()
+
+
+def stacked_tensors(fused: nn.Module) -> dict[str, torch.Tensor]:
+    """The fused ensemble's stacks (``fused.stacked.state_dict()``: ``[N, ...]`` under each member tensor's name),
+    refusing extra state (``get_extra_state``), which a safetensors file cannot store."""
+    stacks = fused.stacked.state_dict()
+    for name, value in stacks.items():
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"the members' state_dict holds {name!r}, a {type(value).__name__} (extra state), which "
+                            f"a safetensors file cannot store")
+    return stacks
