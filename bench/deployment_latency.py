@@ -35,6 +35,7 @@ PRESETS = {
     "smoke": [("lenet", 2, (1, 4))],
 }
 METHODS = ("loop", "fused", "optimized", "onnxruntime", "aoti")
+ORT_ALLOW_SPINNING = "session.intra_op.allow_spinning"  # an onnxruntime config key
 TOLERANCE = 1e-4
 """Relative error allowed against the member loop before anything is timed (float32)."""
 
@@ -47,7 +48,7 @@ def onnx_runtime(path: Path):
     options.inter_op_num_threads = 1
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
     # Its threads would otherwise spin after each call, taking the cores from the method timed next.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry(ORT_ALLOW_SPINNING, "0")
     return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
