@@ -27,13 +27,6 @@ QUICK = ["train", "--dataset", "digits", "--members", "2", "--epochs", "2", "--b
          "--max-test", "64", "--device", "cpu", "--no-progress"]
 
 
-@pytest.fixture
-def no_training(monkeypatch):
-    def train_epoch(*args, **kwargs):
-        pytest.fail("the command started training")
-    monkeypatch.setattr(train_command, "train_epoch", train_epoch)
-
-
 @pytest.mark.parametrize("options, message", [
     (["--alpha", "0.05"], r"--alpha without --calibrate"),
     (["--calibration-fraction", "0.2", "--conformal-score", "thr"],

@@ -26,14 +26,6 @@ QUICK = ["train", "--dataset", "digits", "--members", "2", "--epochs", "2", "--b
          "--max-test", "64", "--device", "cpu", "--no-progress"]
 
 
-@pytest.fixture
-def no_training(monkeypatch):
-    """Fails the test if the command starts training."""
-    def train_epoch(*args, **kwargs):
-        pytest.fail("the command started training")
-    monkeypatch.setattr(train_command, "train_epoch", train_epoch)
-
-
 def _exits(argv) -> str:
     """The message of the SystemExit the command raises for ``argv``."""
     with pytest.raises(SystemExit) as exited:
